@@ -1,0 +1,14 @@
+//! What the agent and the aggregator share: the data model of the seed's specification, log
+//! levels and timestamps as real software writes them, entry ids, validation of what clients
+//! send, and the configuration loader.
+
+pub mod config;
+pub mod id;
+pub mod level;
+pub mod model;
+pub mod timestamp;
+pub mod validate;
+
+pub use level::LogLevel;
+pub use model::{Alert, AlertSeverity, AlertStatus, AuditEntry, Context, LogEntry};
+pub use timestamp::Timestamp;

@@ -1,0 +1,314 @@
+//! The data model of the seed's specification: log entries, audit entries and alerts.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::level::LogLevel;
+use crate::timestamp::Timestamp;
+
+/// A log entry as stored and returned (the seed's `LogEntry`).
+///
+/// Beyond the seed's fields it carries `environment` and `service_version`, which the
+/// aggregator's enrichment fills in. `created_at` is when the aggregator received the entry.
+/// `user_id` is any identifier string (a UUID is normalised to lowercase hyphenated form):
+/// real services log user ids that are not UUIDs, and refusing such a line would lose it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogEntry {
+    pub id: Uuid,
+    pub timestamp: Timestamp,
+    pub level: LogLevel,
+    pub service: String,
+    pub message: String,
+    #[serde(default)]
+    pub context: Context,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    #[serde(default)]
+    pub span_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub service_version: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// The free-form `context` object of a log entry, kept as the JSON text it arrived as.
+///
+/// Keeping the text (instead of a parsed tree) is what makes ingest cheap: the aggregator
+/// stores and returns it verbatim and only ever scans it for numeric fields.
+#[derive(Clone)]
+pub struct Context(Box<RawValue>);
+
+impl Context {
+    /// Wraps JSON text that must be an object.
+    pub fn from_object_json(json: Box<RawValue>) -> Result<Context, &'static str> {
+        if json.get().trim_start().starts_with('{') {
+            Ok(Context(json))
+        } else {
+            Err("expected a JSON object")
+        }
+    }
+
+    /// Builds a context from a parsed object.
+    pub fn from_map(map: &Map<String, Value>) -> Context {
+        let text = serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string());
+        Context(RawValue::from_string(text).unwrap_or_else(|_| empty_object()))
+    }
+
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        let text = self.0.get().trim();
+        text.len() <= 2 || text[1..text.len() - 1].trim().is_empty()
+    }
+
+    /// Parses the object (for the rare paths that must change or inspect it).
+    pub fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+
+    /// The top-level keys whose values are numbers, with those values, without building a
+    /// tree of the rest: what the embedded store indexes for percentiles and alert rules.
+    pub fn numeric_fields(&self) -> Vec<(String, f64)> {
+        serde_json::from_str::<NumericFields>(self.0.get())
+            .map(|n| n.0)
+            .unwrap_or_default()
+    }
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_string()).expect("\"{}\" is valid JSON")
+}
+
+impl Default for Context {
+    fn default() -> Context {
+        Context(empty_object())
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.get())
+    }
+}
+
+impl PartialEq for Context {
+    fn eq(&self, other: &Context) -> bool {
+        self.0.get() == other.0.get() || self.to_map() == other.to_map()
+    }
+}
+
+impl Serialize for Context {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Context {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        if raw.get() == "null" {
+            return Ok(Context::default());
+        }
+        Context::from_object_json(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Collects the numeric top-level values of an object, skipping everything else unparsed.
+struct NumericFields(Vec<(String, f64)>);
+
+impl<'de> Deserialize<'de> for NumericFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NumericFields;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<NumericFields, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if let MaybeNumber(Some(n)) = map.next_value()? {
+                        out.push((key.into_owned(), n));
+                    }
+                }
+                Ok(NumericFields(out))
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
+}
+
+struct MaybeNumber(Option<f64>);
+
+impl<'de> Deserialize<'de> for MaybeNumber {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MaybeNumber;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<MaybeNumber, E> {
+                Ok(MaybeNumber(Some(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<MaybeNumber, E> {
+                Ok(MaybeNumber(Some(v as f64)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<MaybeNumber, E> {
+                Ok(MaybeNumber(v.is_finite().then_some(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<MaybeNumber, E> {
+                Ok(MaybeNumber(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<MaybeNumber, E> {
+                Ok(MaybeNumber(None))
+            }
+            fn visit_unit<E>(self) -> Result<MaybeNumber, E> {
+                Ok(MaybeNumber(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MaybeNumber, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(MaybeNumber(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<MaybeNumber, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(MaybeNumber(None))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// An immutable record of a business or operator event (the seed's `AuditEntry`).
+///
+/// `sequence`, `prev_hash` and `hash` place it in the tamper-evident chain: each entry's hash
+/// covers its own fields and the previous entry's hash, so changing or removing any entry
+/// breaks every hash after it (`GET /api/audit/verify`). `entity_id` is any identifier string
+/// (UUIDs normalised), for the same reason as `LogEntry::user_id`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditEntry {
+    pub id: Uuid,
+    pub timestamp: Timestamp,
+    pub actor: Map<String, Value>,
+    pub action: String,
+    pub entity_type: String,
+    pub entity_id: String,
+    pub old_values: Option<Map<String, Value>>,
+    pub new_values: Option<Map<String, Value>>,
+    pub metadata: Map<String, Value>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+    pub trace_id: Option<String>,
+    pub created_at: Timestamp,
+    pub sequence: i64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// How bad an alert is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertSeverity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// Where an alert is in its lifecycle: pending → firing → resolved (acknowledged on the way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertStatus {
+    Pending,
+    /// The seed calls this state `active`; both spellings are read.
+    #[serde(alias = "active")]
+    Firing,
+    Acknowledged,
+    Resolved,
+}
+
+/// An alert raised by a rule (the seed's `Alert`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Alert {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub severity: AlertSeverity,
+    pub status: AlertStatus,
+    pub condition: String,
+    pub threshold: f64,
+    pub current_value: f64,
+    pub triggered_at: Option<Timestamp>,
+    pub resolved_at: Option<Timestamp>,
+    pub notification_sent: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_context_fields_are_found_without_parsing_the_rest() {
+        let raw: Box<RawValue> = serde_json::from_str(
+            r#"{"duration_ms": 12.5, "status": 500, "path": "/x", "nested": {"a": 1},
+                "list": [1, 2], "ok": true, "none": null, "neg": -3}"#,
+        )
+        .unwrap();
+        let ctx = Context::from_object_json(raw).unwrap();
+        assert_eq!(
+            ctx.numeric_fields(),
+            vec![
+                ("duration_ms".to_string(), 12.5),
+                ("status".to_string(), 500.0),
+                ("neg".to_string(), -3.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn context_must_be_an_object_and_null_means_empty() {
+        let raw: Box<RawValue> = serde_json::from_str("[1]").unwrap();
+        assert!(Context::from_object_json(raw).is_err());
+        let ctx: Context = serde_json::from_str("null").unwrap();
+        assert!(ctx.is_empty());
+        let ctx: Context = serde_json::from_str("{ }").unwrap();
+        assert!(ctx.is_empty());
+        let ctx: Context = serde_json::from_str(r#"{"a":1}"#).unwrap();
+        assert!(!ctx.is_empty());
+    }
+
+    #[test]
+    fn alert_status_reads_the_seeds_active_as_firing() {
+        let s: AlertStatus = serde_json::from_str("\"active\"").unwrap();
+        assert_eq!(s, AlertStatus::Firing);
+        assert_eq!(serde_json::to_string(&AlertStatus::Firing).unwrap(), "\"firing\"");
+    }
+}
