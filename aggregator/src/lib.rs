@@ -1,1 +1,17 @@
-pub fn x(){}
+//! The logging aggregator: durable ingest, the embedded log store, the audit trail and the
+//! operator API. `main.rs` only reads the configuration and calls [`app::start`], so tests run
+//! the whole service in-process.
+//!
+//! Follow one entry: [`api`] (`POST /api/logs`) → [`ingest`] (validate, enrich) → [`wal`]
+//! (dedup, group commit, fsync: now it is acknowledged) → [`index::indexer`] (the WAL
+//! consumer that feeds the day partitions of [`index`]) → reads through [`api`] again.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod index;
+pub mod ingest;
+pub mod wal;

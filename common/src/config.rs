@@ -125,7 +125,10 @@ fn coerce(name: &str, default: &Value, text: &str) -> Result<Value, ConfigError>
                 Value::from(n)
             } else if let Ok(n) = text.parse::<i64>() {
                 Value::from(n)
-            } else if let Some(n) = text.parse::<f64>().ok().and_then(serde_json::Number::from_f64)
+            } else if let Some(n) = text
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
             {
                 Value::Number(n)
             } else {
@@ -191,10 +194,18 @@ mod tests {
     fn environment_overrides_yaml_which_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "service_port: 9000\nname: from-yaml\nURL: http://x\n").unwrap();
+        std::fs::write(
+            &path,
+            "service_port: 9000\nname: from-yaml\nURL: http://x\n",
+        )
+        .unwrap();
         let c: Sample = load(
             Some(&path),
-            env(&[("NAME", "from-env"), ("CHANNELS", "email, sms"), ("PATH", "/bin")]),
+            env(&[
+                ("NAME", "from-env"),
+                ("CHANNELS", "email, sms"),
+                ("PATH", "/bin"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.service_port, 9000);
@@ -210,16 +221,26 @@ mod tests {
     #[test]
     fn errors_name_the_setting() {
         let err = load::<Sample>(None, env(&[("SERVICE_PORT", "eighty")])).unwrap_err();
-        assert_eq!(err.to_string(), "SERVICE_PORT: expected a number, got \"eighty\"");
+        assert_eq!(
+            err.to_string(),
+            "SERVICE_PORT: expected a number, got \"eighty\""
+        );
         let err = load::<Sample>(None, env(&[("SERVICE_PORT", "70000")])).unwrap_err();
         assert!(err.to_string().starts_with("SERVICE_PORT: "), "{err}");
         let err = load::<Sample>(None, env(&[("ENABLED", "maybe")])).unwrap_err();
-        assert!(err.to_string().starts_with("ENABLED: expected true or false"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("ENABLED: expected true or false"),
+            "{err}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, "servce_port: 1\n").unwrap();
         let err = load::<Sample>(Some(&path), env(&[])).unwrap_err();
-        assert!(err.to_string().ends_with("unknown setting `servce_port`"), "{err}");
+        assert!(
+            err.to_string().ends_with("unknown setting `servce_port`"),
+            "{err}"
+        );
         std::fs::write(&path, "service_port: [1\n").unwrap();
         assert!(matches!(
             load::<Sample>(Some(&path), env(&[])),

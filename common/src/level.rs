@@ -243,6 +243,9 @@ mod tests {
             assert_eq!(LogLevel::from_rank(u64::from(level.rank())), Some(level));
             assert_eq!(LogLevel::parse(level.as_str()), Some(level));
         }
-        assert_eq!(serde_json::to_string(&LogLevel::Warning).unwrap(), "\"warning\"");
+        assert_eq!(
+            serde_json::to_string(&LogLevel::Warning).unwrap(),
+            "\"warning\""
+        );
     }
 }

@@ -309,6 +309,9 @@ mod tests {
     fn alert_status_reads_the_seeds_active_as_firing() {
         let s: AlertStatus = serde_json::from_str("\"active\"").unwrap();
         assert_eq!(s, AlertStatus::Firing);
-        assert_eq!(serde_json::to_string(&AlertStatus::Firing).unwrap(), "\"firing\"");
+        assert_eq!(
+            serde_json::to_string(&AlertStatus::Firing).unwrap(),
+            "\"firing\""
+        );
     }
 }

@@ -109,15 +109,16 @@ impl Timestamp {
     /// Parses either form: RFC 3339 text or an epoch number written as text.
     pub fn parse(text: &str) -> Result<Timestamp, TimestampError> {
         let trimmed = text.trim();
-        if !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
-            if let Ok(n) = trimmed.parse::<i64>() {
-                return Timestamp::from_epoch_integer(n);
-            }
+        let integer_like =
+            !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+        if let (true, Ok(n)) = (integer_like, trimmed.parse::<i64>()) {
+            return Timestamp::from_epoch_integer(n);
         }
-        if let Ok(f) = trimmed.parse::<f64>() {
-            if trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') {
-                return Timestamp::from_epoch_number(f);
-            }
+        let number_like = trimmed
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-');
+        if let (true, Ok(f)) = (number_like, trimmed.parse::<f64>()) {
+            return Timestamp::from_epoch_number(f);
         }
         Timestamp::parse_rfc3339(trimmed)
     }
@@ -144,9 +145,9 @@ impl Timestamp {
         let mut len = 19;
         if nanos != 0 {
             buf[19] = b'.';
-            let (digits, value) = if nanos % 1_000_000 == 0 {
+            let (digits, value) = if nanos.is_multiple_of(1_000_000) {
                 (3, nanos / 1_000_000)
-            } else if nanos % 1_000 == 0 {
+            } else if nanos.is_multiple_of(1_000) {
                 (6, nanos / 1_000)
             } else {
                 (9, nanos)

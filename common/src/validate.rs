@@ -205,8 +205,9 @@ pub fn validate_log_entry(
             too_large: true,
         });
     }
-    let object: RawObject<'_> = serde_json::from_str(text)
-        .map_err(|e| EntryError::field("entry", format!("expected a JSON object ({})", clean(&e))))?;
+    let object: RawObject<'_> = serde_json::from_str(text).map_err(|e| {
+        EntryError::field("entry", format!("expected a JSON object ({})", clean(&e)))
+    })?;
 
     let mut errors = Vec::new();
     let mut id = None;
@@ -313,6 +314,132 @@ pub fn read_object(raw: &RawValue) -> Result<Map<String, Value>, String> {
     read::<Map<String, Value>>(raw).map_err(|_| "expected a JSON object".to_string())
 }
 
+/// An audit event as a client sends it (`POST /api/audit`), validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    pub id: Option<Uuid>,
+    /// When the audited event happened; the server's clock when absent.
+    pub timestamp: Option<Timestamp>,
+    pub actor: Map<String, Value>,
+    pub action: String,
+    pub entity_type: String,
+    pub entity_id: String,
+    pub old_values: Option<Map<String, Value>>,
+    pub new_values: Option<Map<String, Value>>,
+    pub metadata: Map<String, Value>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+fn read_nonempty(raw: &RawValue) -> Result<String, String> {
+    let value = read::<String>(raw)?;
+    if value.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > MAX_IDENTIFIER_BYTES {
+        return Err(format!("longer than {MAX_IDENTIFIER_BYTES} bytes"));
+    }
+    Ok(value)
+}
+
+fn read_optional_object(raw: &RawValue) -> Result<Option<Map<String, Value>>, String> {
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    read_object(raw).map(Some)
+}
+
+/// Validates an audit event. Required: `actor` (an object), `action`, `entity_type`,
+/// `entity_id`. Audit records are evidence, so unlike log entries an unknown field is an
+/// error rather than something to keep elsewhere.
+pub fn validate_audit_event(raw: &RawValue) -> Result<AuditEvent, EntryError> {
+    let object: RawObject<'_> = serde_json::from_str(raw.get()).map_err(|e| {
+        EntryError::field("body", format!("expected a JSON object ({})", clean(&e)))
+    })?;
+    let mut errors = Vec::new();
+    let mut event = AuditEvent {
+        id: None,
+        timestamp: None,
+        actor: Map::new(),
+        action: String::new(),
+        entity_type: String::new(),
+        entity_id: String::new(),
+        old_values: None,
+        new_values: None,
+        metadata: Map::new(),
+        ip_address: None,
+        user_agent: None,
+        trace_id: None,
+    };
+    let mut seen = [false; 4];
+    for (key, value) in object.0 {
+        let result: Result<(), String> = match &*key {
+            "id" => read::<Option<Uuid>>(value)
+                .map_err(|_| "expected a UUID".to_string())
+                .map(|v| event.id = v),
+            "timestamp" => read::<Timestamp>(value).map(|v| event.timestamp = Some(v)),
+            "actor" => read_object(value).map(|v| {
+                seen[0] = true;
+                event.actor = v;
+            }),
+            "action" => read_nonempty(value).map(|v| {
+                seen[1] = true;
+                event.action = v;
+            }),
+            "entity_type" => read_nonempty(value).map(|v| {
+                seen[2] = true;
+                event.entity_type = v;
+            }),
+            "entity_id" => read_identifier(value).and_then(|v| match v {
+                Some(v) if !v.trim().is_empty() => {
+                    seen[3] = true;
+                    event.entity_id = normalize_identifier(v);
+                    Ok(())
+                }
+                _ => Err("must not be empty".into()),
+            }),
+            "old_values" => read_optional_object(value).map(|v| event.old_values = v),
+            "new_values" => read_optional_object(value).map(|v| event.new_values = v),
+            "metadata" => {
+                read_optional_object(value).map(|v| event.metadata = v.unwrap_or_default())
+            }
+            "ip_address" => read_identifier(value).and_then(|v| match v {
+                Some(ip) => ip
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| event.ip_address = Some(ip.to_string()))
+                    .map_err(|_| format!("{ip:?} is not an IP address")),
+                None => Ok(()),
+            }),
+            "user_agent" => read::<Option<String>>(value).map(|v| event.user_agent = v),
+            "trace_id" => read_identifier(value).map(|v| event.trace_id = v),
+            "created_at" | "sequence" | "prev_hash" | "hash" => {
+                Err("is set by the server".to_string())
+            }
+            _ => Err("unknown field".to_string()),
+        };
+        if let Err(reason) = result {
+            errors.push(FieldError::new(key.into_owned(), reason));
+        }
+    }
+    for (i, field) in ["actor", "action", "entity_type", "entity_id"]
+        .into_iter()
+        .enumerate()
+    {
+        if !seen[i] && !errors.iter().any(|e| e.field == field) {
+            errors.push(FieldError::new(field, "is required"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(event)
+    } else {
+        Err(EntryError {
+            errors,
+            too_large: false,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,10 +466,17 @@ mod tests {
         assert_eq!(e.id.to_string(), "01937b2e-0000-7000-8000-000000000001");
         assert_eq!(e.level, LogLevel::Warning);
         assert_eq!(e.context.as_json(), r#"{"duration_ms":812}"#);
-        assert_eq!(e.user_id.as_deref(), Some("0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
+        assert_eq!(
+            e.user_id.as_deref(),
+            Some("0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6")
+        );
         assert_eq!(e.request_id.as_deref(), Some("17"));
         assert_eq!(e.tags, vec!["a", "b"]);
-        assert_eq!(e.created_at, Timestamp::from_nanos(42), "created_at is the server's");
+        assert_eq!(
+            e.created_at,
+            Timestamp::from_nanos(42),
+            "created_at is the server's"
+        );
     }
 
     #[test]
@@ -363,12 +497,24 @@ mod tests {
         )
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("timestamp: \"noon\" is not an RFC 3339 timestamp"), "{text}");
+        assert!(
+            text.contains("timestamp: \"noon\" is not an RFC 3339 timestamp"),
+            "{text}"
+        );
         assert!(text.contains("level: unknown level \"loud\""), "{text}");
-        assert!(text.contains("service: invalid type: integer `5`, expected a string"), "{text}");
-        assert!(text.contains("tags: expected an array of strings"), "{text}");
+        assert!(
+            text.contains("service: invalid type: integer `5`, expected a string"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tags: expected an array of strings"),
+            "{text}"
+        );
         assert!(text.contains("id: expected a UUID"), "{text}");
-        assert!(!text.contains("line 1"), "positions inside one value mislead: {text}");
+        assert!(
+            !text.contains("line 1"),
+            "positions inside one value mislead: {text}"
+        );
     }
 
     #[test]
@@ -404,18 +550,52 @@ mod tests {
             "entry",
             "an array is not an entry"
         );
-        let err = validate(r#"{"timestamp":1,"level":"info","service":"  ","message":"m"}"#)
-            .unwrap_err();
+        let err =
+            validate(r#"{"timestamp":1,"level":"info","service":"  ","message":"m"}"#).unwrap_err();
         assert_eq!(err.to_string(), "service: must not be empty");
-        let err = validate(r#"{"timestamp":1,"level":"info","service":"s","message":"m","context":[1]}"#)
-            .unwrap_err();
+        let err =
+            validate(r#"{"timestamp":1,"level":"info","service":"s","message":"m","context":[1]}"#)
+                .unwrap_err();
         assert_eq!(err.to_string(), "context: expected a JSON object");
+    }
+
+    fn audit(json: &str) -> Result<AuditEvent, EntryError> {
+        let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+        validate_audit_event(&raw)
+    }
+
+    #[test]
+    fn audit_events_need_actor_action_and_entity() {
+        let e = audit(
+            r#"{"actor":{"id":"u1"},"action":"user.login","entity_type":"user",
+                "entity_id":"5F0C5B4E-93A1-4B0E-9E55-0C3A4B1A2C3D","ip_address":"10.0.0.1",
+                "old_values":null,"new_values":{"a":1},"metadata":{"k":"v"}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.entity_id, "5f0c5b4e-93a1-4b0e-9e55-0c3a4b1a2c3d");
+        assert_eq!(e.new_values.unwrap()["a"], 1);
+        let err =
+            audit(r#"{"actor":"bob","entity_id":7,"ip_address":"nope","extra":1,"hash":"x"}"#)
+                .unwrap_err()
+                .to_string();
+        for part in [
+            "actor: expected a JSON object",
+            "ip_address: \"nope\" is not an IP address",
+            "extra: unknown field",
+            "hash: is set by the server",
+            "action: is required",
+            "entity_type: is required",
+        ] {
+            assert!(err.contains(part), "{part} missing from {err}");
+        }
     }
 
     #[test]
     fn a_generated_id_is_a_uuidv7_of_the_entry_time() {
-        let e = validate(r#"{"timestamp":"2026-11-27T06:00:00Z","level":"info","service":"s","message":"m"}"#)
-            .unwrap();
+        let e = validate(
+            r#"{"timestamp":"2026-11-27T06:00:00Z","level":"info","service":"s","message":"m"}"#,
+        )
+        .unwrap();
         assert_eq!(e.id.get_version_num(), 7);
         let (secs, _) = e.id.get_timestamp().unwrap().to_unix();
         assert_eq!(secs as i64, e.timestamp.as_nanos() / 1_000_000_000);

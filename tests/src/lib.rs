@@ -1,1 +1,144 @@
-pub fn x(){}
+//! Runs the real binaries as processes, for the end-to-end tests and the benchmark programs.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The token every process started here accepts as admin.
+pub const ADMIN_TOKEN: &str = "e2e-admin-token";
+
+/// A built binary of this workspace, next to the test executable's `deps` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo nextest run --workspace` (or cargo build first)",
+        path.display()
+    );
+    path
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An aggregator process on its own data directory.
+pub struct AggregatorProcess {
+    pub child: Child,
+    pub port: u16,
+    pub base: String,
+    data_dir: PathBuf,
+    extra_env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl AggregatorProcess {
+    /// Starts `logging-aggregator` on `data_dir` and waits until it is ready.
+    pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> AggregatorProcess {
+        let port = free_port();
+        let mut process = AggregatorProcess {
+            child: spawn(data_dir, port, extra_env, &data_dir.join("aggregator.log")),
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            data_dir: data_dir.to_path_buf(),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log: data_dir.join("aggregator.log"),
+        };
+        process.wait_ready();
+        process
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the aggregator exited with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "the aggregator did not start listening; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs, no buffer is flushed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Changes (or adds) a variable for the next restart.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.extra_env.retain(|(k, _)| k != name);
+        self.extra_env.push((name.to_string(), value.to_string()));
+    }
+
+    /// Starts again on the same data directory and settings.
+    pub fn restart(&mut self) {
+        self.kill();
+        let env: Vec<(&str, &str)> = self
+            .extra_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.port = free_port();
+        self.base = format!("http://127.0.0.1:{}", self.port);
+        self.child = spawn(&self.data_dir, self.port, &env, &self.log);
+        self.wait_ready();
+    }
+}
+
+impl Drop for AggregatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(data_dir: &Path, port: u16, extra_env: &[(&str, &str)], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut command = Command::new(binary("logging-aggregator"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATA_DIR", data_dir)
+        .env("SERVICE_PORT", port.to_string())
+        .env("PROMETHEUS_PORT", "0")
+        .env("BIND_ADDRESS", "127.0.0.1")
+        .env("API_TOKENS", format!("admin:{ADMIN_TOKEN}"))
+        .env("LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    command.spawn().expect("start logging-aggregator")
+}

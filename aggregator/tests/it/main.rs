@@ -1,1 +1,11 @@
+//! The aggregator's integration tests: the whole service in-process, over real HTTP, against
+//! SQLite and a real PostgreSQL.
 
+mod support;
+
+mod access;
+mod audit;
+mod errors;
+mod logs;
+mod operations;
+mod search;

@@ -1,0 +1,366 @@
+//! `/api/logs…` and `/api/search`: write, list, fetch, delete and search log entries.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use logging_common::validate::{AuditEvent, FieldError};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::params::{Params, decode_cursor, encode_cursor, log_filter};
+use super::{Admin, Body, Reader, SharedState, Writer, json as json_reply, json_response};
+use crate::db::deletion_actor;
+use crate::error::ApiError;
+use crate::index::query::{Order, Page};
+use crate::index::{Found, IndexError};
+use crate::ingest::{IngestError, IngestOutcome};
+
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> ApiError {
+        match error {
+            IngestError::Backpressure { .. } => ApiError::backpressure(error.to_string(), 1),
+            IngestError::Wal(e) => ApiError::internal("the write-ahead log refused the write", e),
+        }
+    }
+}
+
+impl From<IndexError> for ApiError {
+    fn from(error: IndexError) -> ApiError {
+        ApiError::internal("the embedded index failed", error)
+    }
+}
+
+/// Splits a body into its entries: one object, or an array of them.
+fn entries_of(body: &[u8]) -> Result<(Vec<&RawValue>, bool), ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => {
+            let entries: Vec<&RawValue> = serde_json::from_slice(body)
+                .map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+            if entries.is_empty() {
+                return Err(ApiError::field("body", "the array has no entries"));
+            }
+            Ok((entries, true))
+        }
+        Some(b'{') => {
+            let entry: &RawValue = serde_json::from_slice(body)
+                .map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+            Ok((vec![entry], false))
+        }
+        _ => Err(ApiError::field(
+            "body",
+            "expected a JSON object or an array of objects",
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct BatchCreated<'a> {
+    ids: &'a [Option<Uuid>],
+    accepted: usize,
+    duplicates: usize,
+    rejected: &'a [crate::ingest::Rejection],
+}
+
+fn wants_wait_for(params: &mut Params) -> Result<bool, ApiError> {
+    Ok(params
+        .take_parsed("refresh", |t| match t {
+            "wait_for" | "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(format!("expected wait_for or false, got {t:?}")),
+        })?
+        .unwrap_or(false))
+}
+
+/// `POST /api/logs`: one entry or an array; answers once they are durable.
+pub async fn create(
+    State(state): State<SharedState>,
+    Writer(_caller): Writer,
+    RawQuery(query): RawQuery,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let mut params = Params::parse(query.as_deref());
+    let wait = wants_wait_for(&mut params)?;
+    params.finish("; POST /api/logs takes only `refresh`")?;
+    let (raws, is_array) = entries_of(&body)?;
+    let outcome: IngestOutcome = state.ingest.ingest(&raws).await?;
+    if wait {
+        state.ingest.wait_visible(&outcome).await;
+    }
+    if !is_array {
+        if let Some(rejection) = outcome.rejected.into_iter().next() {
+            let status = if rejection.too_large {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return Err(ApiError::fields(status, rejection.errors));
+        }
+        return Ok(json_reply(
+            StatusCode::CREATED,
+            &json!({ "id": outcome.ids[0] }),
+        ));
+    }
+    if outcome.ids.iter().all(Option::is_none) {
+        // Nothing was stored: a client error, with every entry's problems by index.
+        let errors = outcome
+            .rejected
+            .iter()
+            .flat_map(|r| {
+                r.errors.iter().map(move |e| {
+                    FieldError::new(format!("[{}].{}", r.index, e.field), e.reason.clone())
+                })
+            })
+            .collect();
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
+    }
+    Ok(json_reply(
+        StatusCode::CREATED,
+        &BatchCreated {
+            ids: &outcome.ids,
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            rejected: &outcome.rejected,
+        },
+    ))
+}
+
+/// Writes `{"items":[…],"next_cursor":…}` around stored JSON without re-encoding it.
+fn page_response(found: Found, order: Order, with_total: bool, took: Duration) -> Response {
+    let mut body = Vec::with_capacity(
+        found
+            .entries
+            .iter()
+            .map(|e| e.json.len() + 64)
+            .sum::<usize>()
+            + 64,
+    );
+    body.extend_from_slice(b"{\"items\":[");
+    for (i, entry) in found.entries.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        match &entry.highlight {
+            Some(highlight) if entry.json.ends_with(b"}") => {
+                body.extend_from_slice(&entry.json[..entry.json.len() - 1]);
+                body.extend_from_slice(b",\"highlight\":");
+                body.extend_from_slice(
+                    &serde_json::to_vec(highlight).unwrap_or_else(|_| b"null".to_vec()),
+                );
+                body.push(b'}');
+            }
+            _ => body.extend_from_slice(&entry.json),
+        }
+    }
+    body.extend_from_slice(b"],\"next_cursor\":");
+    match found.next {
+        Some(position) => {
+            body.push(b'"');
+            body.extend_from_slice(encode_cursor(order, position).as_bytes());
+            body.push(b'"');
+        }
+        None => body.extend_from_slice(b"null"),
+    }
+    if with_total {
+        body.extend_from_slice(format!(",\"total\":{}", found.total.unwrap_or(0)).as_bytes());
+    }
+    body.extend_from_slice(format!(",\"took_ms\":{}}}", took.as_millis()).as_bytes());
+    json_response(StatusCode::OK, body)
+}
+
+async fn run_search(
+    state: &SharedState,
+    query: Option<String>,
+    with_text: bool,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let mut params = Params::parse(query.as_deref());
+    let filter = log_filter(&mut params, with_text)?;
+    let limit = params.take_limit()?;
+    let order = params.take_order(Order::Desc)?;
+    let after = match params.take("cursor") {
+        Some(cursor) => Some(decode_cursor(&cursor, order)?),
+        None => None,
+    };
+    let highlight = if with_text {
+        params.take_bool("highlight", true)?
+    } else {
+        false
+    };
+    params.finish(if with_text {
+        ""
+    } else {
+        "; full-text `q` is served by /api/search"
+    })?;
+    let page = Page {
+        limit,
+        order,
+        after,
+        with_total: with_text,
+        highlight,
+    };
+    let index = state.index.clone();
+    let found = tokio::task::spawn_blocking(move || index.search(&filter, &page))
+        .await
+        .map_err(|e| ApiError::internal("the search task failed", e))?
+        .map_err(|e| match e {
+            crate::index::query::QueryError::Invalid { field, reason } => {
+                ApiError::field(field, reason)
+            }
+            crate::index::query::QueryError::Index(e) => {
+                ApiError::internal("the embedded index failed", e)
+            }
+        })?;
+    metrics::histogram!("logging_aggregator_query_duration_seconds",
+        "kind" => if with_text { "search" } else { "list" })
+    .record(started.elapsed().as_secs_f64());
+    Ok(page_response(found, order, with_text, started.elapsed()))
+}
+
+/// `GET /api/logs`: filtered listing, newest first by default, with a cursor.
+pub async fn list(
+    State(state): State<SharedState>,
+    Reader(_caller): Reader,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    run_search(&state, query, false).await
+}
+
+/// `GET /api/search`: full text plus every filter, with an exact total and highlights.
+pub async fn search(
+    State(state): State<SharedState>,
+    Reader(_caller): Reader,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    run_search(&state, query, true).await
+}
+
+fn parse_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(text).map_err(|_| ApiError::field("id", format!("{text:?} is not a UUID")))
+}
+
+/// Looks an entry up, waiting for it if it is durable but not yet searchable (so a read right
+/// after a write finds it, as Elasticsearch's realtime GET does).
+async fn lookup(state: &SharedState, id: Uuid) -> Result<Option<(i64, Vec<u8>)>, ApiError> {
+    if let Some(lsn) = state.ingest.pending_lsn(&id) {
+        let wait = state.config.refresh_interval() * 5 + Duration::from_secs(1);
+        let _ = tokio::time::timeout(wait, state.index.wait_searchable(lsn)).await;
+    }
+    let index = state.index.clone();
+    Ok(tokio::task::spawn_blocking(move || index.get(id))
+        .await
+        .map_err(|e| ApiError::internal("the lookup task failed", e))??)
+}
+
+/// `GET /api/logs/{id}`.
+pub async fn get_one(
+    State(state): State<SharedState>,
+    Reader(_caller): Reader,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match lookup(&state, id).await? {
+        Some((_, json)) => Ok(json_response(StatusCode::OK, json)),
+        None => Err(ApiError::not_found(format!("no log entry with id {id}"))),
+    }
+}
+
+fn client_details(headers: &HeaderMap) -> (Option<String>, Option<String>) {
+    let ip = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+        .map(|ip| ip.to_string());
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    (ip, agent)
+}
+
+/// `DELETE /api/logs/{id}`: hides the entry at once, and records who did it.
+pub async fn delete(
+    State(state): State<SharedState>,
+    Admin(caller): Admin,
+    headers: HeaderMap,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let Some((day, json)) = lookup(&state, id).await? else {
+        return Err(ApiError::not_found(format!("no log entry with id {id}")));
+    };
+    let (forwarded_ip, user_agent) = client_details(&headers);
+    let entry: Map<String, Value> = serde_json::from_slice(&json).unwrap_or_default();
+    let mut metadata = Map::new();
+    for key in ["service", "level", "timestamp"] {
+        if let Some(value) = entry.get(key) {
+            metadata.insert(key.into(), value.clone());
+        }
+    }
+    metadata.insert("soft_delete".into(), Value::Bool(true));
+    let event = AuditEvent {
+        id: None,
+        timestamp: None,
+        actor: deletion_actor(&caller),
+        action: "log.deleted".into(),
+        entity_type: "log_entry".into(),
+        entity_id: id.to_string(),
+        old_values: None,
+        new_values: None,
+        metadata,
+        ip_address: Some(forwarded_ip.unwrap_or_else(|| peer.ip().to_string())),
+        user_agent,
+        trace_id: None,
+    };
+    let audit = state
+        .db
+        .delete_log_entry(id, day, &caller, event)
+        .await
+        .map_err(|e| ApiError::internal("cannot record the deletion", e))?;
+    state.index.hide(id, day);
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({ "id": id, "deleted": true, "audit_id": audit.id }),
+    ))
+}
+
+/// `GET /api/logs/stats`.
+pub async fn stats(
+    State(state): State<SharedState>,
+    Reader(_caller): Reader,
+) -> Result<Response, ApiError> {
+    let index = state.index.clone();
+    let stats = tokio::task::spawn_blocking(move || index.stats())
+        .await
+        .map_err(|e| ApiError::internal("the stats task failed", e))??;
+    let wal = state.ingest.wal().stats();
+    let mut services: Vec<(String, u64)> = stats.totals.by_service.into_iter().collect();
+    services.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let services: Map<String, Value> = services.into_iter().map(|(k, v)| (k, v.into())).collect();
+    let ratio = if stats.stored_bytes > 0 {
+        stats.totals.raw_bytes as f64 / stats.stored_bytes as f64
+    } else {
+        0.0
+    };
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({
+            "entries": stats.totals.entries,
+            "raw_bytes": stats.totals.raw_bytes,
+            "stored_bytes": stats.stored_bytes,
+            "compression_ratio": ratio,
+            "ingest_rate_per_second": state.ingest.rate.per_second(),
+            "services": services,
+            "partitions": stats.partitions,
+            "wal": wal,
+            "searchable_lsn": state.index.searchable_lsn(),
+        }),
+    ))
+}

@@ -1,0 +1,206 @@
+//! The operator API (DESIGN §6): routes, shared state, access control and the helpers every
+//! handler uses. Handlers are thin: they parse, call the store, and shape the answer.
+
+mod analytics;
+mod audit;
+pub mod health;
+mod logs;
+mod params;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, body::Bytes};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::{Caller, Permission, TokenTable};
+use crate::config::Config;
+use crate::db::Database;
+use crate::error::ApiError;
+use crate::index::LogIndex;
+use crate::ingest::Ingest;
+
+pub use health::openapi_document;
+
+/// Everything a handler may need.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub ingest: Arc<Ingest>,
+    pub index: Arc<LogIndex>,
+    pub db: Arc<Database>,
+    /// `None` when access control is off.
+    pub tokens: Option<TokenTable>,
+    pub metrics: Option<PrometheusHandle>,
+    pub started: Instant,
+    pub indexer_healthy: Arc<AtomicBool>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// The operator API's routes.
+pub fn router(state: SharedState) -> Router {
+    let max_body = state.config.max_request_bytes;
+    Router::new()
+        .route("/api/logs", get(logs::list).post(logs::create))
+        .route("/api/logs/stats", get(logs::stats))
+        .route("/api/logs/{id}", get(logs::get_one).delete(logs::delete))
+        .route("/api/search", get(logs::search))
+        .route("/api/analytics", get(analytics::analytics))
+        .route("/api/audit", get(audit::list).post(audit::create))
+        .route("/api/audit/verify", get(audit::verify))
+        .route("/api/audit/{id}", get(audit::get_one))
+        .route("/health", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route("/api/openapi.json", get(health::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(track_requests))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// A listener that serves only `/metrics` (`PROMETHEUS_PORT`).
+pub fn metrics_router(state: SharedState) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /api/openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this method is not allowed here; see /api/openapi.json",
+    )
+}
+
+/// Counts requests and their latency per route, method and status.
+async fn track_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().as_str().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("logging_aggregator_http_requests_total",
+        "method" => method.clone(), "route" => route.clone(), "status" => status)
+    .increment(1);
+    metrics::histogram!("logging_aggregator_http_request_duration_seconds",
+        "method" => method, "route" => route)
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn caller_from(
+    state: &AppState,
+    headers: &HeaderMap,
+    needed: Permission,
+) -> Result<Caller, ApiError> {
+    let Some(tokens) = &state.tokens else {
+        return Ok(Caller::anonymous());
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(ApiError::unauthorized)?;
+    let caller = tokens
+        .caller(token)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the bearer token is not valid"))?;
+    if !caller.role.allows(needed) {
+        return Err(ApiError::forbidden(format!(
+            "the {} role may not do this; it needs {}",
+            caller.role.as_str(),
+            match needed {
+                Permission::Read => "reader or admin",
+                Permission::Write => "writer or admin",
+                Permission::Admin => "admin",
+            }
+        )));
+    }
+    Ok(caller)
+}
+
+macro_rules! permission_extractor {
+    ($name:ident, $permission:expr, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $name(pub Caller);
+
+        impl FromRequestParts<SharedState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &SharedState,
+            ) -> Result<Self, Self::Rejection> {
+                caller_from(state, &parts.headers, $permission).map($name)
+            }
+        }
+    };
+}
+
+permission_extractor!(Reader, Permission::Read, "A caller allowed to read.");
+permission_extractor!(
+    Writer,
+    Permission::Write,
+    "A caller allowed to send logs and audit events."
+);
+permission_extractor!(Admin, Permission::Admin, "A caller allowed to delete.");
+
+/// The request body, with an oversize body answered as 413 problem+json.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => Ok(Body(bytes)),
+            Err(rejection) => {
+                let status = rejection.status();
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    Err(ApiError::new(
+                        status,
+                        "the request body is larger than MAX_REQUEST_BYTES; send smaller batches",
+                    ))
+                } else {
+                    Err(ApiError::new(status, rejection.body_text()))
+                }
+            }
+        }
+    }
+}
+
+/// A JSON response from bytes we already hold as JSON.
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A JSON response from a serialisable value.
+pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => json_response(status, body),
+        Err(error) => ApiError::internal("cannot encode the response", error).into_response(),
+    }
+}
+
+/// The state, for handlers that need no caller (health, metrics).
+pub type AppStateExtractor = State<SharedState>;

@@ -1,0 +1,343 @@
+//! Start-up and shutdown: opens the stores in the right order, starts the indexer thread,
+//! the listeners and the background tasks, and stops them all gracefully.
+//!
+//! Order matters for recovery: the index is opened first (it knows what it has applied), then
+//! the relational store (soft deletes), then the WAL, whose unapplied tail is handed to dedup
+//! and replayed by the indexer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState, SharedState};
+use crate::auth::{TokenTable, load_or_create_admin_token};
+use crate::config::Config;
+use crate::db::Database;
+use crate::index::indexer::{Indexer, IndexerOptions};
+use crate::index::{IndexOptions, LogIndex};
+use crate::ingest::dedup::{Dedup, SharedDedup};
+use crate::ingest::{INDEX_CONSUMER, Ingest, IngestOptions};
+use crate::wal::Wal;
+
+/// The process-wide Prometheus recorder (one per process, however many apps a test starts).
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+/// A running aggregator.
+pub struct Running {
+    pub state: SharedState,
+    /// Where the operator API listens.
+    pub api_addr: SocketAddr,
+    /// Where the separate metrics listener listens, if any.
+    pub metrics_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    indexer_stop: Arc<AtomicBool>,
+    indexer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Opens everything and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    config.validate()?;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create DATA_DIR {}", config.data_dir.display()))?;
+    let metrics = metrics_handle();
+
+    let index = Arc::new(
+        LogIndex::open(
+            &config.data_dir.join("index"),
+            IndexOptions {
+                full_text: config.log_indexing_enabled,
+                compression: config.log_compression_enabled,
+            },
+        )
+        .context("cannot open the embedded index")?,
+    );
+    let db = Arc::new(
+        Database::connect(
+            &config.database_url(),
+            config.database_pool_size,
+            config.database_max_overflow,
+        )
+        .await
+        .context("cannot open the relational store (DATABASE_URL)")?,
+    );
+    index.load_hidden(db.deletions().await?);
+
+    let dedup = {
+        let index = index.clone();
+        tokio::task::spawn_blocking(move || Dedup::new(index)).await??
+    };
+    let dedup = Arc::new(parking_lot::Mutex::new(dedup));
+    let (wal, recovered) = Wal::open(
+        &config.data_dir.join("wal"),
+        config.wal_segment_bytes,
+        index.committed_lsn(),
+        Box::new(SharedDedup(dedup.clone())),
+    )
+    .context("cannot open the write-ahead log")?;
+    if recovered.truncated_bytes > 0 || !recovered.unapplied.is_empty() {
+        tracing::info!(
+            records = recovered.records,
+            unapplied = recovered.unapplied.len(),
+            truncated_bytes = recovered.truncated_bytes,
+            "recovering from the write-ahead log"
+        );
+    }
+    dedup.lock().add_unapplied(&recovered.unapplied);
+    let wal = Arc::new(wal);
+
+    let reader = wal.reader(INDEX_CONSUMER)?;
+    index.publish_searchable(reader.position());
+    let indexer_healthy = Arc::new(AtomicBool::new(true));
+    let indexer_stop = Arc::new(AtomicBool::new(false));
+    let indexer = Indexer::new(
+        index.clone(),
+        reader,
+        IndexerOptions {
+            refresh: config.refresh_interval(),
+            threads: config.index_threads(),
+            memory_bytes: config.index_writer_memory_mb << 20,
+            retention_days: config.log_retention_days,
+        },
+        indexer_healthy.clone(),
+    );
+    let indexer = {
+        let stop = indexer_stop.clone();
+        std::thread::Builder::new()
+            .name("indexer".into())
+            .spawn(move || indexer.run(stop))?
+    };
+
+    let ingest = Arc::new(Ingest::new(
+        wal.clone(),
+        dedup,
+        index.clone(),
+        IngestOptions {
+            max_entry_bytes: config.max_log_size,
+            environment: config.environment.clone(),
+            retention_days: config.log_retention_days,
+            max_lag_bytes: config.ingest_max_lag_bytes,
+        },
+    ));
+
+    let tokens = if config.log_access_control_enabled {
+        Some(match &config.api_tokens {
+            Some(spec) => {
+                TokenTable::parse(spec).map_err(|e| anyhow::anyhow!("API_TOKENS: {e}"))?
+            }
+            None => {
+                let (token, created) = load_or_create_admin_token(&config.data_dir)?;
+                let path = config.data_dir.join("admin-token");
+                if created {
+                    tracing::warn!(path = %path.display(),
+                        "no API_TOKENS given: generated an admin token");
+                } else {
+                    tracing::info!(path = %path.display(), "using the generated admin token");
+                }
+                TokenTable::parse(&format!("admin:{token}")).map_err(|e| anyhow::anyhow!(e))?
+            }
+        })
+    } else {
+        tracing::warn!(
+            "LOG_ACCESS_CONTROL_ENABLED=false: the API is open to anyone who can reach it"
+        );
+        None
+    };
+
+    let state: SharedState = Arc::new(AppState {
+        config: config.clone(),
+        ingest,
+        index: index.clone(),
+        db: db.clone(),
+        tokens,
+        metrics,
+        started: Instant::now(),
+        indexer_healthy,
+    });
+
+    let (shutdown, _) = watch::channel(false);
+    let mut servers = Vec::new();
+    let api_listener =
+        tokio::net::TcpListener::bind((config.bind_address.as_str(), config.service_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {}:{} (SERVICE_PORT)",
+                    config.bind_address, config.service_port
+                )
+            })?;
+    let api_addr = api_listener.local_addr()?;
+    servers.push(serve(
+        api_listener,
+        api::router(state.clone()),
+        shutdown.subscribe(),
+    ));
+    let mut metrics_addr = None;
+    if config.prometheus_enabled
+        && config.prometheus_port != 0
+        && config.prometheus_port != config.service_port
+    {
+        let listener =
+            tokio::net::TcpListener::bind((config.bind_address.as_str(), config.prometheus_port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {}:{} (PROMETHEUS_PORT)",
+                        config.bind_address, config.prometheus_port
+                    )
+                })?;
+        metrics_addr = Some(listener.local_addr()?);
+        servers.push(serve(
+            listener,
+            api::metrics_router(state.clone()),
+            shutdown.subscribe(),
+        ));
+    }
+    tracing::info!(api = %api_addr, metrics = ?metrics_addr, data_dir = %config.data_dir.display(),
+        database = db.engine().name(), "logging aggregator started");
+
+    let background = vec![
+        tokio::spawn(update_gauges(state.clone(), shutdown.subscribe())),
+        tokio::spawn(check_dependencies(state.clone(), shutdown.subscribe())),
+        tokio::spawn(purge_expired_deletions(state.clone(), shutdown.subscribe())),
+    ];
+
+    Ok(Running {
+        state,
+        api_addr,
+        metrics_addr,
+        shutdown,
+        servers,
+        background,
+        indexer_stop,
+        indexer: Some(indexer),
+    })
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "listener failed");
+        }
+    })
+}
+
+/// Refreshes the gauges that describe sizes and lag.
+async fn update_gauges(state: SharedState, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(state.config.metrics_update_interval);
+    loop {
+        let wal = state.ingest.wal().stats();
+        metrics::gauge!("logging_aggregator_wal_segments").set(wal.segments as f64);
+        metrics::gauge!("logging_aggregator_wal_bytes").set(wal.bytes_on_disk as f64);
+        for consumer in &wal.consumers {
+            metrics::gauge!("logging_aggregator_consumer_lag_bytes", "consumer" => consumer.name.clone())
+                .set(consumer.lag_bytes as f64);
+            metrics::gauge!("logging_aggregator_consumer_lag_entries", "consumer" => consumer.name.clone())
+                .set(consumer.lag_entries as f64);
+        }
+        let index = state.index.clone();
+        if let Ok(bytes) = tokio::task::spawn_blocking(move || index.disk_bytes()).await {
+            metrics::gauge!("logging_aggregator_index_bytes").set(bytes as f64);
+        }
+        metrics::gauge!("logging_aggregator_index_partitions").set(state.index.days().len() as f64);
+        metrics::gauge!("logging_aggregator_ingest_rate_entries_per_second")
+            .set(state.ingest.rate.per_second());
+        if let Some(handle) = &state.metrics {
+            handle.run_upkeep();
+        }
+        if tokio::time::timeout(period, stop.wait_for(|s| *s))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Probes the dependencies in the background so their state is in `/metrics` even when
+/// nobody calls `/health/ready`.
+async fn check_dependencies(state: SharedState, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(state.config.health_check_interval);
+    loop {
+        let (ok, checks) = api::health::dependency_checks(&state).await;
+        if !ok {
+            tracing::warn!(%checks, "a dependency is down");
+        }
+        if tokio::time::timeout(period, stop.wait_for(|s| *s))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Forgets soft deletes whose partitions retention has removed.
+async fn purge_expired_deletions(state: SharedState, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Some(&oldest) = state.index.days().first()
+            && let Err(error) = state.db.purge_deletions_before(oldest).await
+        {
+            tracing::warn!(%error, "cannot purge expired soft deletes");
+        }
+        if tokio::time::timeout(Duration::from_secs(3600), stop.wait_for(|s| *s))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+impl Running {
+    /// Stops accepting requests, lets in-flight ones finish, indexes and commits everything
+    /// durable, and closes the stores.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for server in self.servers.drain(..) {
+            let _ = server.await;
+        }
+        for task in self.background.drain(..) {
+            let _ = task.await;
+        }
+        self.indexer_stop.store(true, Ordering::Release);
+        if let Some(indexer) = self.indexer.take() {
+            let _ = tokio::task::spawn_blocking(move || indexer.join()).await;
+        }
+        self.state.db.close().await;
+        tracing::info!("logging aggregator stopped");
+    }
+}

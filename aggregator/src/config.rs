@@ -1,0 +1,268 @@
+//! The aggregator's configuration: one typed struct, loaded once from defaults, an optional
+//! YAML file and the environment (environment wins), and validated at start-up.
+//!
+//! Each field's YAML key is its name; its environment variable is the name in upper case.
+//! The README's configuration table is checked against this struct by a test.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::TokenTable;
+
+/// Every setting of the aggregator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    // --- the seed's variables ---
+    /// Name reported by `/health` and in the aggregator's own logs.
+    pub service_name: String,
+    /// Port of the operator API (REST, `/health`, `/metrics`).
+    pub service_port: u16,
+    /// The aggregator's own log level (`trace` … `error`, or a tracing filter directive).
+    pub log_level: String,
+    /// Written into `environment` of entries that do not name one.
+    pub environment: Option<String>,
+    /// Relational store: `sqlite://…` or `postgres://…`; SQLite in `DATA_DIR` when unset.
+    pub database_url: Option<String>,
+    /// Connections the pool keeps open.
+    pub database_pool_size: u32,
+    /// Extra connections the pool may open under load.
+    pub database_max_overflow: u32,
+    /// Entries older than this many days are dropped, a whole day partition at a time.
+    pub log_retention_days: u32,
+    /// Largest accepted entry, in bytes of its JSON.
+    pub max_log_size: usize,
+    /// Compress the embedded store's documents (zstd).
+    pub log_compression_enabled: bool,
+    /// Index messages for full-text search; without it `q` is refused.
+    pub log_indexing_enabled: bool,
+    /// Require bearer tokens on the API.
+    pub log_access_control_enabled: bool,
+    /// Serve the audit trail and record operator actions (deletes) in it.
+    pub audit_log_enabled: bool,
+    /// Serve Prometheus metrics.
+    pub prometheus_enabled: bool,
+    /// A second listener serving only `/metrics`; 0 = none (metrics stay on `SERVICE_PORT`).
+    pub prometheus_port: u16,
+    /// Seconds between background dependency checks (`logging_aggregator_dependency_up`).
+    pub health_check_interval: u64,
+    /// Seconds between refreshes of the gauges (store size, WAL size, lag).
+    pub metrics_update_interval: u64,
+    /// Processing threads of the embedded index writer; 0 = one per core.
+    pub log_processing_workers: usize,
+    /// Encryption at rest: not implemented; `true` is refused at start-up.
+    pub log_encryption_enabled: bool,
+    /// Loki sink: not implemented yet; setting it is refused at start-up.
+    pub loki_url: Option<String>,
+    /// Loki tenant (`X-Scope-OrgID`), for the Loki sink.
+    pub loki_tenant_id: Option<String>,
+    /// Elasticsearch sink: not implemented yet; setting it is refused at start-up.
+    pub elasticsearch_url: Option<String>,
+    /// Index name prefix, for the Elasticsearch sink.
+    pub elasticsearch_index: String,
+    /// Message broker: not implemented yet; setting it is refused at start-up.
+    pub broker_url: Option<String>,
+    /// Broker topic / subject prefix.
+    pub broker_topic: String,
+    /// Broker publish attempts.
+    pub broker_retry_attempts: u32,
+    /// Milliseconds between broker publish attempts.
+    pub broker_retry_delay: u64,
+
+    // --- DESIGN §8 ---
+    /// Data directory: WAL, embedded index, SQLite database, generated admin token.
+    pub data_dir: PathBuf,
+    /// API tokens, `role:token,…` with role reader, writer or admin.
+    pub api_tokens: Option<String>,
+
+    // --- this implementation ---
+    /// Address the listeners bind to.
+    pub bind_address: String,
+    /// Milliseconds between index refreshes (how soon an entry becomes searchable).
+    pub index_refresh_interval_ms: u64,
+    /// Memory budget of the index writer, in MiB.
+    pub index_writer_memory_mb: usize,
+    /// A WAL segment is closed and a new one started past this size.
+    pub wal_segment_bytes: u64,
+    /// When the index lags the WAL by more than this many bytes, writes get 429.
+    pub ingest_max_lag_bytes: u64,
+    /// Largest request body accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// The aggregator's own log format: `json`, `text`, or `auto` (text on a terminal).
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            service_name: "logging-service".into(),
+            service_port: 8000,
+            log_level: "info".into(),
+            environment: None,
+            database_url: None,
+            database_pool_size: 10,
+            database_max_overflow: 20,
+            log_retention_days: 30,
+            max_log_size: 1_048_576,
+            log_compression_enabled: true,
+            log_indexing_enabled: true,
+            log_access_control_enabled: true,
+            audit_log_enabled: true,
+            prometheus_enabled: true,
+            prometheus_port: 9090,
+            health_check_interval: 30,
+            metrics_update_interval: 10,
+            log_processing_workers: 0,
+            log_encryption_enabled: false,
+            loki_url: None,
+            loki_tenant_id: None,
+            elasticsearch_url: None,
+            elasticsearch_index: "logs".into(),
+            broker_url: None,
+            broker_topic: "logs".into(),
+            broker_retry_attempts: 3,
+            broker_retry_delay: 1000,
+            data_dir: PathBuf::from("./data"),
+            api_tokens: None,
+            bind_address: "0.0.0.0".into(),
+            index_refresh_interval_ms: 1000,
+            index_writer_memory_mb: 128,
+            wal_segment_bytes: 64 * 1024 * 1024,
+            ingest_max_lag_bytes: 512 * 1024 * 1024,
+            max_request_bytes: 64 * 1024 * 1024,
+            log_format: "auto".into(),
+        }
+    }
+}
+
+/// A setting that cannot be used as given.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {reason}")]
+pub struct InvalidSetting {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> InvalidSetting {
+    InvalidSetting {
+        name,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Loads from an optional YAML file and the process environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Config, anyhow::Error> {
+        let config: Config = logging_common::config::load(file, std::env::vars())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.log_encryption_enabled {
+            return Err(invalid(
+                "LOG_ENCRYPTION_ENABLED",
+                "encryption at rest is not implemented; keep DATA_DIR on an encrypted volume \
+                 and set this to false",
+            ));
+        }
+        for (name, value, issue) in [
+            ("LOKI_URL", &self.loki_url, "the Loki sink"),
+            (
+                "ELASTICSEARCH_URL",
+                &self.elasticsearch_url,
+                "the Elasticsearch sink",
+            ),
+            (
+                "BROKER_URL",
+                &self.broker_url,
+                "the message broker publisher",
+            ),
+        ] {
+            if value.is_some() {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "{issue} is not implemented yet; unset it (see README, \"Not yet built\")"
+                    ),
+                ));
+            }
+        }
+        if self.max_log_size < 64 {
+            return Err(invalid("MAX_LOG_SIZE", "must be at least 64 bytes"));
+        }
+        if self.max_request_bytes < self.max_log_size {
+            return Err(invalid(
+                "MAX_REQUEST_BYTES",
+                "must be at least MAX_LOG_SIZE",
+            ));
+        }
+        if self.log_retention_days == 0 {
+            return Err(invalid("LOG_RETENTION_DAYS", "must be at least 1"));
+        }
+        if self.index_refresh_interval_ms == 0 {
+            return Err(invalid("INDEX_REFRESH_INTERVAL_MS", "must be at least 1"));
+        }
+        if self.index_writer_memory_mb < 16 {
+            return Err(invalid("INDEX_WRITER_MEMORY_MB", "must be at least 16"));
+        }
+        if self.wal_segment_bytes < 1024 * 1024 {
+            return Err(invalid("WAL_SEGMENT_BYTES", "must be at least 1 MiB"));
+        }
+        if self.health_check_interval == 0 || self.metrics_update_interval == 0 {
+            return Err(invalid(
+                "HEALTH_CHECK_INTERVAL",
+                "HEALTH_CHECK_INTERVAL and METRICS_UPDATE_INTERVAL must be at least 1 second",
+            ));
+        }
+        if self.database_pool_size + self.database_max_overflow == 0 {
+            return Err(invalid(
+                "DATABASE_POOL_SIZE",
+                "the pool needs at least one connection",
+            ));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "DATABASE_URL",
+                "expected a sqlite: or postgres:// URL",
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "auto" | "json" | "text") {
+            return Err(invalid("LOG_FORMAT", "expected auto, json or text"));
+        }
+        if let Some(tokens) = &self.api_tokens {
+            TokenTable::parse(tokens).map_err(|reason| invalid("API_TOKENS", reason))?;
+        }
+        Ok(())
+    }
+
+    pub fn refresh_interval(&self) -> Duration {
+        Duration::from_millis(self.index_refresh_interval_ms)
+    }
+
+    pub fn index_threads(&self) -> usize {
+        if self.log_processing_workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.log_processing_workers
+        }
+    }
+
+    /// The relational store's URL: the configured one, or SQLite in the data directory.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("logging.db").display()
+            ),
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The indexer: the WAL consumer that feeds the embedded store.
+//!
+//! It runs on its own thread, reads durable records from its WAL cursor, adds each entry to
+//! the partition of its day, and every refresh interval commits the partitions it touched,
+//! reloads their readers, publishes the new searchable position and persists its cursor.
+//!
+//! Exactly-once application without id lookups: each partition's commit carries, as its
+//! payload, the WAL position it covers. After a crash the indexer replays from its cursor and
+//! skips, per partition, every record before that partition's own committed position.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use logging_common::{LogEntry, Timestamp};
+use tantivy::schema::OwnedValue;
+use tantivy::{IndexWriter, TantivyDocument};
+
+use super::patterns::pattern_hash;
+use super::{IndexError, LogIndex, Partition};
+use crate::wal::{Record, WalError, WalReader};
+
+/// A writer is closed when its partition has not been written for this long.
+const IDLE_WRITER: Duration = Duration::from_secs(300);
+const RETENTION_CHECK: Duration = Duration::from_secs(60);
+const READ_BYTES: usize = 8 * 1024 * 1024;
+
+/// How the indexer runs.
+#[derive(Clone, Debug)]
+pub struct IndexerOptions {
+    pub refresh: Duration,
+    pub threads: usize,
+    pub memory_bytes: usize,
+    pub retention_days: u32,
+}
+
+struct PartitionWriter {
+    partition: Arc<Partition>,
+    writer: IndexWriter,
+    /// WAL position covered by this partition's last commit.
+    committed: u64,
+    dirty: bool,
+    last_write: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum IndexerError {
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Tantivy(#[from] tantivy::TantivyError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+pub struct Indexer {
+    index: Arc<LogIndex>,
+    wal: WalReader,
+    options: IndexerOptions,
+    writers: BTreeMap<i64, PartitionWriter>,
+    /// Position the cursor was last persisted at.
+    persisted: u64,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Indexer {
+    pub fn new(
+        index: Arc<LogIndex>,
+        wal: WalReader,
+        options: IndexerOptions,
+        healthy: Arc<AtomicBool>,
+    ) -> Indexer {
+        let persisted = wal.position();
+        Indexer {
+            index,
+            wal,
+            options,
+            writers: BTreeMap::new(),
+            persisted,
+            healthy,
+        }
+    }
+
+    /// Runs until `stop` is set and everything durable has been indexed and committed.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut next_refresh = Instant::now() + self.options.refresh;
+        let mut next_retention = Instant::now();
+        loop {
+            let stopping = stop.load(Ordering::Acquire);
+            let wait = if stopping {
+                Duration::ZERO
+            } else {
+                next_refresh.saturating_duration_since(Instant::now())
+            };
+            let step = self
+                .wal
+                .next_records(READ_BYTES, wait)
+                .map_err(IndexerError::from)
+                .and_then(|records| {
+                    let caught_up = records.is_empty();
+                    for record in &records {
+                        self.apply(record)?;
+                    }
+                    Ok(caught_up)
+                });
+            let caught_up = match step {
+                Ok(caught_up) => caught_up,
+                Err(error) => {
+                    self.recover(&error);
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            if now >= next_refresh || (stopping && caught_up) {
+                if let Err(error) = self.refresh() {
+                    self.recover(&error);
+                    continue;
+                }
+                next_refresh = now + self.options.refresh;
+            }
+            if now >= next_retention {
+                self.enforce_retention();
+                next_retention = now + RETENTION_CHECK;
+            }
+            if stopping && caught_up {
+                tracing::info!(
+                    position = self.persisted,
+                    "indexer stopped with everything committed"
+                );
+                return;
+            }
+        }
+    }
+
+    fn writer(&mut self, day: i64) -> Result<&mut PartitionWriter, IndexerError> {
+        if !self.writers.contains_key(&day) {
+            let partition = self.index.partition_for_write(day)?;
+            let threads = self
+                .options
+                .threads
+                .clamp(1, (self.options.memory_bytes / (16 << 20)).max(1));
+            let writer = partition
+                .index
+                .writer_with_num_threads(threads, self.options.memory_bytes)?;
+            let committed = partition.committed_lsn();
+            self.writers.insert(
+                day,
+                PartitionWriter {
+                    partition,
+                    writer,
+                    committed,
+                    dirty: false,
+                    last_write: Instant::now(),
+                },
+            );
+        }
+        self.writers.get_mut(&day).ok_or_else(|| {
+            IndexerError::Index(IndexError::Io(std::io::Error::other("writer vanished")))
+        })
+    }
+
+    fn apply(&mut self, record: &Record) -> Result<(), IndexerError> {
+        let fields = self.index.fields().clone();
+        let full_text = self.index.full_text();
+        for (i, (entry, json)) in record.entries_with_json().enumerate() {
+            let pw = self.writer(entry.timestamp.day())?;
+            if record.lsn < pw.committed {
+                continue;
+            }
+            let doc = document(&fields, full_text, entry, &json, record.lsn + i as u64);
+            pw.writer.add_document(doc)?;
+            pw.dirty = true;
+            pw.last_write = Instant::now();
+        }
+        metrics::counter!("logging_aggregator_indexed_entries_total")
+            .increment(record.entries.len() as u64);
+        Ok(())
+    }
+
+    /// Commits what changed, makes it searchable and persists the cursor.
+    fn refresh(&mut self) -> Result<(), IndexerError> {
+        let position = self.wal.position();
+        let started = Instant::now();
+        for pw in self.writers.values_mut().filter(|pw| pw.dirty) {
+            let mut commit = pw.writer.prepare_commit()?;
+            commit.set_payload(&position.to_string());
+            commit.commit()?;
+            pw.committed = position;
+            pw.dirty = false;
+            pw.partition.reader.reload()?;
+        }
+        if position != self.persisted {
+            self.wal.commit(position)?;
+            self.persisted = position;
+            metrics::histogram!("logging_aggregator_index_refresh_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+        self.index.publish_searchable(position);
+        self.writers
+            .retain(|_, pw| pw.dirty || pw.last_write.elapsed() < IDLE_WRITER);
+        self.healthy.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// After a failure, throw away what was not committed and replay it from the WAL.
+    fn recover(&mut self, error: &IndexerError) {
+        tracing::error!(%error, position = self.persisted, "indexing failed; replaying from the last commit");
+        metrics::counter!("logging_aggregator_index_errors_total").increment(1);
+        self.healthy.store(false, Ordering::Release);
+        self.writers.clear();
+        self.wal.seek(self.persisted);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    fn enforce_retention(&mut self) {
+        let cutoff = Timestamp::now().saturating_add_nanos(
+            -(i64::from(self.options.retention_days) * 86_400 * 1_000_000_000),
+        );
+        let oldest_kept = cutoff.day();
+        for day in self.index.days().into_iter().filter(|d| *d < oldest_kept) {
+            self.writers.remove(&day);
+            match self.index.drop_partition(day) {
+                Ok(()) => {
+                    tracing::info!(day = %super::day_name(day), "partition dropped by retention")
+                }
+                Err(error) => {
+                    tracing::error!(%error, day = %super::day_name(day), "cannot drop partition")
+                }
+            }
+        }
+    }
+}
+
+/// The index document of one entry.
+pub fn document(
+    fields: &super::schema::Fields,
+    full_text: bool,
+    entry: &LogEntry,
+    json: &[u8],
+    seq: u64,
+) -> TantivyDocument {
+    let mut doc = TantivyDocument::new();
+    doc.add_bytes(fields.id, entry.id.as_bytes());
+    doc.add_i64(fields.ts, entry.timestamp.as_nanos());
+    doc.add_u64(fields.seq, seq);
+    doc.add_u64(fields.level, u64::from(entry.level.rank()));
+    doc.add_text(fields.service, &entry.service);
+    for (field, value) in [
+        (fields.trace_id, &entry.trace_id),
+        (fields.span_id, &entry.span_id),
+        (fields.request_id, &entry.request_id),
+        (fields.correlation_id, &entry.correlation_id),
+        (fields.user_id, &entry.user_id),
+    ] {
+        if let Some(value) = value {
+            doc.add_text(field, value);
+        }
+    }
+    for tag in &entry.tags {
+        doc.add_text(fields.tags, tag);
+    }
+    if full_text {
+        doc.add_text(fields.message, &entry.message);
+    }
+    doc.add_u64(fields.pattern, pattern_hash(&entry.message));
+    let numbers = entry.context.numeric_fields();
+    if !numbers.is_empty() {
+        let object: BTreeMap<String, OwnedValue> = numbers
+            .into_iter()
+            .map(|(k, v)| (k, OwnedValue::F64(v)))
+            .collect();
+        doc.add_object(fields.num, object);
+    }
+    doc.add_u64(fields.raw_len, json.len() as u64);
+    doc.add_bytes(fields.src, json);
+    doc
+}

@@ -1,0 +1,234 @@
+//! The ingest path: validate → enrich → (dedup + WAL, in the writer thread) → acknowledge.
+//!
+//! Whatever the entry's way in (`POST /api/logs` now, the agents' `/v1/ingest` later), it goes
+//! through [`Ingest::ingest`], which answers only once the accepted entries are durable.
+
+pub mod dedup;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log_entry};
+use logging_common::{LogEntry, Timestamp};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::index::LogIndex;
+use crate::wal::{Batch, Wal, WalError};
+use dedup::Dedup;
+
+/// The WAL consumer name of the embedded index.
+pub const INDEX_CONSUMER: &str = "index";
+
+const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
+
+/// One refused entry of a batch.
+#[derive(Debug, Serialize)]
+pub struct Rejection {
+    pub index: usize,
+    pub error: String,
+    #[serde(skip)]
+    pub errors: Vec<FieldError>,
+    #[serde(skip)]
+    pub too_large: bool,
+}
+
+/// What happened to a batch.
+#[derive(Debug)]
+pub struct IngestOutcome {
+    /// Per input entry: its id if stored (or already stored), `None` if rejected.
+    pub ids: Vec<Option<Uuid>>,
+    pub rejected: Vec<Rejection>,
+    pub accepted: usize,
+    pub duplicates: usize,
+    /// WAL position after which every accepted entry is searchable.
+    pub visible_after: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the store is {lag_bytes} bytes behind the write-ahead log; retry shortly")]
+    Backpressure { lag_bytes: u64 },
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+/// Entries accepted per second over the last minute.
+#[derive(Default)]
+pub struct RateMeter {
+    seconds: Mutex<VecDeque<(i64, u64)>>,
+}
+
+impl RateMeter {
+    pub fn record(&self, n: u64) {
+        let now = Timestamp::now().as_nanos() / 1_000_000_000;
+        let mut seconds = self.seconds.lock();
+        match seconds.back_mut() {
+            Some((second, count)) if *second == now => *count += n,
+            _ => seconds.push_back((now, n)),
+        }
+        while seconds.front().is_some_and(|(s, _)| *s <= now - 60) {
+            seconds.pop_front();
+        }
+    }
+
+    /// Average entries per second over the last 60 seconds.
+    pub fn per_second(&self) -> f64 {
+        let now = Timestamp::now().as_nanos() / 1_000_000_000;
+        let seconds = self.seconds.lock();
+        let total: u64 = seconds
+            .iter()
+            .filter(|(s, _)| *s > now - 60)
+            .map(|(_, n)| n)
+            .sum();
+        total as f64 / 60.0
+    }
+}
+
+/// How entries are accepted.
+#[derive(Clone, Debug)]
+pub struct IngestOptions {
+    pub max_entry_bytes: usize,
+    pub environment: Option<String>,
+    pub retention_days: u32,
+    pub max_lag_bytes: u64,
+}
+
+pub struct Ingest {
+    wal: Arc<Wal>,
+    dedup: Arc<Mutex<Dedup>>,
+    index: Arc<LogIndex>,
+    options: IngestOptions,
+    pub rate: RateMeter,
+}
+
+impl Ingest {
+    pub fn new(
+        wal: Arc<Wal>,
+        dedup: Arc<Mutex<Dedup>>,
+        index: Arc<LogIndex>,
+        options: IngestOptions,
+    ) -> Ingest {
+        Ingest {
+            wal,
+            dedup,
+            index,
+            options,
+            rate: RateMeter::default(),
+        }
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// Where an id is durable but not yet searchable, if it is.
+    pub fn pending_lsn(&self, id: &Uuid) -> Option<u64> {
+        self.dedup.lock().pending_lsn(id)
+    }
+
+    /// Refuses new writes while the store is too far behind the WAL.
+    pub fn check_backpressure(&self) -> Result<(), IngestError> {
+        let lag_bytes = self.wal.lag_bytes(INDEX_CONSUMER);
+        if lag_bytes > self.options.max_lag_bytes {
+            metrics::counter!("logging_aggregator_backpressure_total").increment(1);
+            return Err(IngestError::Backpressure { lag_bytes });
+        }
+        Ok(())
+    }
+
+    /// Validates one entry and applies the aggregator's enrichment and time bounds.
+    pub fn prepare(&self, raw: &RawValue, now: Timestamp) -> Result<LogEntry, EntryError> {
+        let mut entry = validate_log_entry(
+            raw,
+            EntryLimits {
+                max_entry_bytes: self.options.max_entry_bytes,
+            },
+            now,
+        )?;
+        let retention = i64::from(self.options.retention_days) * NANOS_PER_DAY;
+        if entry.timestamp.as_nanos() < now.as_nanos().saturating_sub(retention) {
+            return Err(EntryError::field(
+                "timestamp",
+                format!(
+                    "{} is older than the retention period (LOG_RETENTION_DAYS = {})",
+                    entry.timestamp, self.options.retention_days
+                ),
+            ));
+        }
+        if entry.timestamp.as_nanos() > now.as_nanos().saturating_add(NANOS_PER_DAY) {
+            return Err(EntryError::field(
+                "timestamp",
+                format!("{} is more than a day in the future", entry.timestamp),
+            ));
+        }
+        if entry.environment.is_none() {
+            entry.environment = self.options.environment.clone();
+        }
+        Ok(entry)
+    }
+
+    /// Validates and stores a batch; returns once every accepted entry is durable.
+    pub async fn ingest(&self, raws: &[&RawValue]) -> Result<IngestOutcome, IngestError> {
+        self.check_backpressure()?;
+        let now = Timestamp::now();
+        let mut ids = vec![None; raws.len()];
+        let mut rejected = Vec::new();
+        let mut entries = Vec::with_capacity(raws.len());
+        let mut positions = Vec::with_capacity(raws.len());
+        for (i, raw) in raws.iter().enumerate() {
+            match self.prepare(raw, now) {
+                Ok(entry) => {
+                    positions.push(i);
+                    entries.push(entry);
+                }
+                Err(error) => rejected.push(Rejection {
+                    index: i,
+                    error: error.to_string(),
+                    errors: error.errors,
+                    too_large: error.too_large,
+                }),
+            }
+        }
+        if !rejected.is_empty() {
+            metrics::counter!("logging_aggregator_rejected_entries_total")
+                .increment(rejected.len() as u64);
+        }
+        if entries.is_empty() {
+            return Ok(IngestOutcome {
+                ids,
+                rejected,
+                accepted: 0,
+                duplicates: 0,
+                visible_after: None,
+            });
+        }
+        let entry_ids: Vec<Uuid> = entries.iter().map(|e| e.id).collect();
+        let appended = self.wal.append(Batch::new(entries)).await?;
+        let duplicates = appended.duplicates.iter().filter(|d| d.is_some()).count();
+        let accepted = entry_ids.len() - duplicates;
+        for (position, id) in positions.into_iter().zip(entry_ids) {
+            ids[position] = Some(id);
+        }
+        metrics::counter!("logging_aggregator_ingested_entries_total").increment(accepted as u64);
+        metrics::counter!("logging_aggregator_duplicate_entries_total")
+            .increment(duplicates as u64);
+        self.rate.record(accepted as u64);
+        Ok(IngestOutcome {
+            ids,
+            rejected,
+            accepted,
+            duplicates,
+            visible_after: Some(appended.visible_after),
+        })
+    }
+
+    /// Waits until the entries of an outcome are searchable (`?refresh=wait_for`).
+    pub async fn wait_visible(&self, outcome: &IngestOutcome) {
+        if let Some(lsn) = outcome.visible_after {
+            self.index.wait_searchable(lsn).await;
+        }
+    }
+}

@@ -1,0 +1,785 @@
+//! The write-ahead log: what makes an acknowledged entry survive a SIGKILL.
+//!
+//! Writes go to one writer thread, which takes every request that is waiting, decides for each
+//! entry whether it is new (the [`Admission`] hook: dedup by id), appends one record per
+//! request, and makes the whole group durable with a single `fdatasync` before it answers any
+//! of them (group commit). Under load one fsync serves many requests.
+//!
+//! Each consumer of the log (the embedded index now; sinks and the alert evaluator later)
+//! reads through a [`WalReader`] with its own cursor, persisted atomically when the consumer
+//! says what it has applied. On start a consumer resumes from its cursor, so whatever it had
+//! not applied when the process died is replayed. Segments are deleted once every consumer has
+//! passed them. Recent records are also kept decoded in memory, so a consumer that keeps up
+//! never reads back from disk or parses an entry twice.
+
+mod segment;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use logging_common::LogEntry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use segment::{
+    HEADER_LEN, RawRecord, ReadOutcome, SegmentReader, encode_record, list_segments, record_len,
+    segment_file_name, sync_dir,
+};
+
+/// Decoded records kept in memory for consumers that keep up.
+const RECENT_BYTES: usize = 64 * 1024 * 1024;
+/// A group commit takes at most this many bytes of requests before it syncs.
+const GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("write-ahead log I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("the write-ahead log is closed")]
+    Closed,
+    #[error("the write-ahead log failed earlier and refuses writes until restarted: {0}")]
+    Failed(String),
+}
+
+/// A durable record, as consumers see it.
+#[derive(Debug)]
+pub struct Record {
+    /// Position of the record's first byte.
+    pub lsn: u64,
+    /// Position just past the record: where the next one starts.
+    pub end: u64,
+    /// The entries, decoded.
+    pub entries: Vec<LogEntry>,
+    /// The entries as stored: NDJSON, one line per entry, in the same order.
+    pub payload: Bytes,
+}
+
+impl Record {
+    /// Each entry with its stored JSON.
+    pub fn entries_with_json(&self) -> impl Iterator<Item = (&LogEntry, Bytes)> {
+        let mut rest = self.payload.clone();
+        self.entries.iter().map(move |entry| {
+            let cut = memchr::memchr(b'\n', &rest).unwrap_or(rest.len());
+            let line = rest.slice(..cut);
+            rest = rest.slice((cut + 1).min(rest.len())..);
+            (entry, line)
+        })
+    }
+
+    fn decode(raw: RawRecord) -> Record {
+        let end = raw.end();
+        let payload = Bytes::from(raw.payload);
+        let mut entries = Vec::with_capacity(raw.count as usize);
+        for line in payload.split(|&b| b == b'\n') {
+            match serde_json::from_slice::<LogEntry>(line) {
+                Ok(entry) => entries.push(entry),
+                // The CRC matched, so this is a bug of ours, not a torn write; say so loudly
+                // and keep the rest of the record.
+                Err(error) => tracing::error!(lsn = raw.lsn, %error, "undecodable WAL entry"),
+            }
+        }
+        if entries.len() != raw.count as usize {
+            // Keep `entries` and payload lines in step for `entries_with_json`.
+            let mut json = Vec::with_capacity(payload.len());
+            for (i, entry) in entries.iter().enumerate() {
+                if i > 0 {
+                    json.push(b'\n');
+                }
+                json.extend_from_slice(&serde_json::to_vec(entry).unwrap_or_default());
+            }
+            return Record {
+                lsn: raw.lsn,
+                end,
+                entries,
+                payload: Bytes::from(json),
+            };
+        }
+        Record {
+            lsn: raw.lsn,
+            end,
+            entries,
+            payload,
+        }
+    }
+}
+
+/// The dedup decision, made in the writer thread so that it is ordered with the writes.
+pub trait Admission: Send + 'static {
+    /// For each entry: `None` if it is new (and is now remembered as pending at
+    /// `record_lsn`), or `Some(lsn)` if it duplicates an entry stored at or before `lsn`
+    /// (0 when that entry is already searchable).
+    fn admit(&mut self, entries: &[LogEntry], record_lsn: u64) -> Vec<Option<u64>>;
+    /// The write of these ids failed: forget them.
+    fn forget(&mut self, ids: &[Uuid]);
+}
+
+/// Entries to append, with their JSON already written (by the request's own task, so the
+/// serialisation runs in parallel rather than in the writer thread).
+pub struct Batch {
+    pub entries: Vec<LogEntry>,
+    /// NDJSON: the entries' JSON, each followed by `\n`.
+    pub json: Vec<u8>,
+    /// End offset in `json` (after the newline) of each entry.
+    pub ends: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new(entries: Vec<LogEntry>) -> Batch {
+        let mut json = Vec::with_capacity(entries.len() * 512);
+        let mut ends = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            // Serialising our own struct into memory cannot fail.
+            let _ = serde_json::to_writer(&mut json, entry);
+            json.push(b'\n');
+            ends.push(json.len());
+        }
+        Batch {
+            entries,
+            json,
+            ends,
+        }
+    }
+}
+
+/// What happened to a batch.
+#[derive(Debug)]
+pub struct Appended {
+    /// Per entry: `None` if stored now, `Some(lsn)` if it was a duplicate (see [`Admission`]).
+    pub duplicates: Vec<Option<u64>>,
+    /// The highest LSN a reader must pass to see every entry of the batch (new or duplicate).
+    pub visible_after: u64,
+}
+
+struct Job {
+    batch: Batch,
+    reply: oneshot::Sender<Result<Appended, WalError>>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum CursorFile {
+    #[serde(rename = "1")]
+    V1 { lsn: u64 },
+}
+
+struct State {
+    /// (first LSN, path) of every segment; the last is the one being written.
+    segments: Vec<(u64, PathBuf)>,
+    recent: VecDeque<Arc<Record>>,
+    recent_bytes: usize,
+    cursors: HashMap<String, u64>,
+    /// (end LSN, entries up to and including the record) for records not yet passed by every
+    /// consumer, to answer "how many entries behind".
+    counts: VecDeque<(u64, u64)>,
+    counted_before: u64,
+    total_entries: u64,
+}
+
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<State>,
+    appended: Condvar,
+    /// Everything before this LSN is durable.
+    durable_end: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sizes and positions, for stats and metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct WalStats {
+    pub segments: usize,
+    pub bytes_on_disk: u64,
+    pub end_lsn: u64,
+    pub consumers: Vec<ConsumerLag>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsumerLag {
+    pub name: String,
+    pub position: u64,
+    pub lag_bytes: u64,
+    pub lag_entries: u64,
+}
+
+/// What the WAL held for consumers when it was opened.
+pub struct Recovered {
+    /// Ids of the entries after the slowest consumer's cursor, with their record's LSN: not
+    /// yet (known to be) applied everywhere, so dedup must treat them as pending.
+    pub unapplied: Vec<(Uuid, u64)>,
+    pub records: usize,
+    pub truncated_bytes: u64,
+}
+
+/// The write-ahead log.
+pub struct Wal {
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<Job>,
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir`, recovering from a crash: a torn tail is cut off.
+    ///
+    /// `min_start` is the highest LSN any consumer's own store claims to have applied; a WAL
+    /// that lost its files starts no lower, so no consumer ever skips a new record.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        min_start: u64,
+        admission: Box<dyn Admission>,
+    ) -> Result<(Wal, Recovered), WalError> {
+        std::fs::create_dir_all(dir.join("cursors"))?;
+        let cursors = read_cursors(&dir.join("cursors"))?;
+        let slowest = cursors.values().copied().min().unwrap_or(0);
+
+        let mut segments = list_segments(dir)?;
+        let mut recovered = Recovered {
+            unapplied: Vec::new(),
+            records: 0,
+            truncated_bytes: 0,
+        };
+        let mut counts = VecDeque::new();
+        let mut total_entries = 0u64;
+        let mut end = 0u64;
+        let last = segments.len().saturating_sub(1);
+        for (i, (start, path)) in segments.iter().enumerate() {
+            let mut reader = SegmentReader::open(path, *start, *start)?;
+            loop {
+                match reader.next_record()? {
+                    ReadOutcome::Record(raw) => {
+                        recovered.records += 1;
+                        total_entries += u64::from(raw.count);
+                        counts.push_back((raw.end(), total_entries));
+                        if raw.end() > slowest {
+                            let record = Record::decode(raw);
+                            recovered
+                                .unapplied
+                                .extend(record.entries.iter().map(|e| (e.id, record.lsn)));
+                        }
+                    }
+                    ReadOutcome::End => break,
+                    ReadOutcome::Invalid { at, reason } => {
+                        let len = std::fs::metadata(path)?.len();
+                        let cut = len - (at - start);
+                        if i == last {
+                            tracing::warn!(segment = %path.display(), at, reason, bytes = cut,
+                                "cutting off the unacknowledged tail of the WAL");
+                            OpenOptions::new()
+                                .write(true)
+                                .open(path)?
+                                .set_len(at - start)?;
+                        } else {
+                            tracing::error!(segment = %path.display(), at, reason, bytes = cut,
+                                "corrupt WAL segment; its remaining records are skipped");
+                        }
+                        recovered.truncated_bytes += cut;
+                        break;
+                    }
+                }
+            }
+            end = reader.lsn();
+        }
+        if segments.is_empty() {
+            let start = min_start.max(cursors.values().copied().max().unwrap_or(0));
+            let path = dir.join(segment_file_name(start));
+            File::create(&path)?.sync_all()?;
+            sync_dir(dir)?;
+            segments.push((start, path));
+            end = start;
+        }
+        if end < min_start {
+            tracing::warn!(
+                end,
+                min_start,
+                "the WAL is behind the index; starting a new segment"
+            );
+            let path = dir.join(segment_file_name(min_start));
+            File::create(&path)?.sync_all()?;
+            sync_dir(dir)?;
+            segments.push((min_start, path));
+            end = min_start;
+        }
+
+        let active_path = segments.last().map(|(_, p)| p.clone()).unwrap_or_default();
+        let active_start = segments.last().map_or(0, |(s, _)| *s);
+        let active = OpenOptions::new().append(true).open(&active_path)?;
+
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(State {
+                segments,
+                recent: VecDeque::new(),
+                recent_bytes: 0,
+                cursors: HashMap::new(),
+                counts,
+                counted_before: 0,
+                total_entries,
+            }),
+            appended: Condvar::new(),
+            durable_end: AtomicU64::new(end),
+            failed: AtomicBool::new(false),
+        });
+        let (sender, receiver) = mpsc::channel(1024);
+        let writer = Writer {
+            shared: shared.clone(),
+            receiver,
+            admission,
+            segment_bytes,
+            active,
+            active_start,
+            active_len: end - active_start,
+        };
+        std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run())?;
+        Ok((Wal { shared, sender }, recovered))
+    }
+
+    /// Appends a batch; returns once it is durable (or was entirely duplicates).
+    pub async fn append(&self, batch: Batch) -> Result<Appended, WalError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| WalError::Closed)?;
+        answer.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Opens a reader for the consumer `name`, at its persisted cursor.
+    pub fn reader(&self, name: &str) -> Result<WalReader, WalError> {
+        let dir = self.shared.dir.join("cursors");
+        let persisted = read_cursors(&dir)?.get(name).copied();
+        let mut state = self.shared.lock();
+        let oldest = state.segments.first().map_or(0, |(s, _)| *s);
+        let durable = self.shared.durable_end.load(Ordering::Acquire);
+        let position = persisted.unwrap_or(oldest).clamp(oldest, durable);
+        state.cursors.insert(name.to_string(), position);
+        Ok(WalReader {
+            shared: self.shared.clone(),
+            name: name.to_string(),
+            next: position,
+            disk: None,
+        })
+    }
+
+    pub fn end_lsn(&self) -> u64 {
+        self.shared.durable_end.load(Ordering::Acquire)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        !self.shared.failed.load(Ordering::Acquire) && !self.sender.is_closed()
+    }
+
+    /// Bytes the named consumer is behind the durable end.
+    pub fn lag_bytes(&self, name: &str) -> u64 {
+        let state = self.shared.lock();
+        let end = self.shared.durable_end.load(Ordering::Acquire);
+        state
+            .cursors
+            .get(name)
+            .map_or(0, |c| end.saturating_sub(*c))
+    }
+
+    pub fn stats(&self) -> WalStats {
+        let state = self.shared.lock();
+        let end = self.shared.durable_end.load(Ordering::Acquire);
+        let bytes_on_disk = state
+            .segments
+            .first()
+            .map_or(0, |(start, _)| end.saturating_sub(*start));
+        let entries_at = |lsn: u64| -> u64 {
+            let i = state.counts.partition_point(|(e, _)| *e <= lsn);
+            if i == 0 {
+                state.counted_before
+            } else {
+                state.counts[i - 1].1
+            }
+        };
+        let mut consumers: Vec<ConsumerLag> = state
+            .cursors
+            .iter()
+            .map(|(name, &position)| ConsumerLag {
+                name: name.clone(),
+                position,
+                lag_bytes: end.saturating_sub(position),
+                lag_entries: state.total_entries.saturating_sub(entries_at(position)),
+            })
+            .collect();
+        consumers.sort_by(|a, b| a.name.cmp(&b.name));
+        WalStats {
+            segments: state.segments.len(),
+            bytes_on_disk,
+            end_lsn: end,
+            consumers,
+        }
+    }
+}
+
+fn read_cursors(dir: &Path) -> io::Result<HashMap<String, u64>> {
+    let mut cursors = HashMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            continue;
+        }
+        let text = std::fs::read(entry.path())?;
+        match serde_json::from_slice::<CursorFile>(&text) {
+            Ok(CursorFile::V1 { lsn }) => {
+                cursors.insert(name, lsn);
+            }
+            Err(error) => {
+                tracing::error!(cursor = %name, %error, "unreadable WAL cursor; replaying from the start");
+            }
+        }
+    }
+    Ok(cursors)
+}
+
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    receiver: mpsc::Receiver<Job>,
+    admission: Box<dyn Admission>,
+    segment_bytes: u64,
+    active: File,
+    active_start: u64,
+    active_len: u64,
+}
+
+struct Prepared {
+    reply: oneshot::Sender<Result<Appended, WalError>>,
+    duplicates: Vec<Option<u64>>,
+    record: Option<Record>,
+    new_ids: Vec<Uuid>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut buf = Vec::with_capacity(GROUP_BYTES);
+        while let Some(first) = self.receiver.blocking_recv() {
+            let mut group_bytes = first.batch.json.len();
+            let mut jobs = vec![first];
+            while group_bytes < GROUP_BYTES {
+                match self.receiver.try_recv() {
+                    Ok(job) => {
+                        group_bytes += job.batch.json.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.shared.failed.load(Ordering::Acquire) {
+                for job in jobs {
+                    let _ = job.reply.send(Err(WalError::Failed(
+                        "an earlier write could not be undone".into(),
+                    )));
+                }
+                continue;
+            }
+            self.commit_group(jobs, &mut buf);
+        }
+    }
+
+    fn commit_group(&mut self, jobs: Vec<Job>, buf: &mut Vec<u8>) {
+        let started = Instant::now();
+        if let Err(error) = self.roll_if_full() {
+            tracing::error!(%error, "cannot start a new WAL segment");
+            for job in jobs {
+                let _ = job.reply.send(Err(WalError::Io(io::Error::new(
+                    error.kind(),
+                    error.to_string(),
+                ))));
+            }
+            return;
+        }
+        buf.clear();
+        let base = self.active_start + self.active_len;
+        let mut prepared = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let lsn = base + buf.len() as u64;
+            let duplicates = self.admission.admit(&job.batch.entries, lsn);
+            let Batch {
+                entries,
+                json,
+                ends,
+            } = job.batch;
+            let mut payload = Vec::with_capacity(json.len());
+            let mut kept = Vec::with_capacity(entries.len());
+            let mut start = 0;
+            for ((entry, end), dup) in entries.into_iter().zip(ends).zip(&duplicates) {
+                if dup.is_none() {
+                    if !payload.is_empty() {
+                        payload.push(b'\n');
+                    }
+                    // Without the trailing newline: lines are separated, not terminated.
+                    payload.extend_from_slice(&json[start..end - 1]);
+                    kept.push(entry);
+                }
+                start = end;
+            }
+            let record = (!kept.is_empty()).then(|| {
+                encode_record(buf, lsn, kept.len() as u32, &payload);
+                Record {
+                    lsn,
+                    end: lsn + record_len(payload.len()),
+                    entries: kept,
+                    payload: Bytes::from(payload),
+                }
+            });
+            let new_ids = record
+                .as_ref()
+                .map(|r| r.entries.iter().map(|e| e.id).collect())
+                .unwrap_or_default();
+            prepared.push(Prepared {
+                reply: job.reply,
+                duplicates,
+                record,
+                new_ids,
+            });
+        }
+
+        if !buf.is_empty() {
+            let written = self
+                .active
+                .write_all(buf)
+                .and_then(|()| self.active.sync_data());
+            if let Err(error) = written {
+                tracing::error!(%error, "WAL write failed; the group is refused");
+                metrics::counter!("logging_aggregator_wal_write_errors_total").increment(1);
+                // Undo the partial write so the log stays a clean sequence of records.
+                if let Err(undo) = self.active.set_len(self.active_len) {
+                    tracing::error!(error = %undo, "cannot undo a failed WAL write; refusing writes");
+                    self.shared.failed.store(true, Ordering::Release);
+                }
+                for p in prepared {
+                    self.admission.forget(&p.new_ids);
+                    let _ = p.reply.send(Err(WalError::Io(io::Error::new(
+                        error.kind(),
+                        error.to_string(),
+                    ))));
+                }
+                return;
+            }
+            self.active_len += buf.len() as u64;
+            metrics::counter!("logging_aggregator_wal_bytes_total").increment(buf.len() as u64);
+            metrics::histogram!("logging_aggregator_wal_group_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+
+        let end = self.active_start + self.active_len;
+        let mut replies = Vec::with_capacity(prepared.len());
+        {
+            let mut state = self.shared.lock();
+            for p in prepared {
+                let mut visible_after = p.duplicates.iter().flatten().copied().max().unwrap_or(0);
+                if let Some(record) = p.record {
+                    visible_after = visible_after.max(record.lsn);
+                    state.total_entries += record.entries.len() as u64;
+                    let total = state.total_entries;
+                    state.counts.push_back((record.end, total));
+                    state.recent_bytes += record.payload.len();
+                    state.recent.push_back(Arc::new(record));
+                }
+                replies.push((
+                    p.reply,
+                    Appended {
+                        duplicates: p.duplicates,
+                        visible_after,
+                    },
+                ));
+            }
+            while state.recent_bytes > RECENT_BYTES {
+                match state.recent.pop_front() {
+                    Some(r) => state.recent_bytes -= r.payload.len(),
+                    None => break,
+                }
+            }
+            self.shared.durable_end.store(end, Ordering::Release);
+        }
+        self.shared.appended.notify_all();
+        for (reply, appended) in replies {
+            let _ = reply.send(Ok(appended));
+        }
+    }
+
+    fn roll_if_full(&mut self) -> io::Result<()> {
+        if self.active_len < self.segment_bytes {
+            return Ok(());
+        }
+        let start = self.active_start + self.active_len;
+        let path = self.shared.dir.join(segment_file_name(start));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        sync_dir(&self.shared.dir)?;
+        self.active = file;
+        self.active_start = start;
+        self.active_len = 0;
+        self.shared.lock().segments.push((start, path));
+        Ok(())
+    }
+}
+
+/// One consumer's view of the log.
+pub struct WalReader {
+    shared: Arc<Shared>,
+    name: String,
+    next: u64,
+    disk: Option<(u64, SegmentReader)>,
+}
+
+impl WalReader {
+    /// The LSN of the next record this reader will return.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// Moves the reader to `lsn` (a record boundary), e.g. back to the last commit after a
+    /// failure.
+    pub fn seek(&mut self, lsn: u64) {
+        self.next = lsn;
+        self.disk = None;
+    }
+
+    /// Returns the next durable records (about `max_bytes` of them), waiting up to `timeout`
+    /// when there are none yet. An empty result means the timeout passed.
+    pub fn next_records(
+        &mut self,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Arc<Record>>, WalError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        loop {
+            let durable = self.shared.durable_end.load(Ordering::Acquire);
+            if self.next < durable {
+                let in_memory = state.recent.front().is_some_and(|r| r.lsn <= self.next);
+                if in_memory {
+                    let i = state.recent.partition_point(|r| r.lsn < self.next);
+                    let mut out = Vec::new();
+                    let mut bytes = 0;
+                    for record in state.recent.range(i..) {
+                        if bytes >= max_bytes {
+                            break;
+                        }
+                        bytes += record.payload.len();
+                        self.next = record.end;
+                        out.push(record.clone());
+                    }
+                    if !out.is_empty() {
+                        self.disk = None;
+                        return Ok(out);
+                    }
+                }
+                let segments = state.segments.clone();
+                drop(state);
+                return self.read_from_disk(&segments, durable, max_bytes);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            state = self
+                .shared
+                .appended
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn read_from_disk(
+        &mut self,
+        segments: &[(u64, PathBuf)],
+        durable: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<Record>>, WalError> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while self.next < durable && bytes < max_bytes {
+            let i = segments.partition_point(|(start, _)| *start <= self.next);
+            let Some((start, path)) = i.checked_sub(1).map(|i| &segments[i]) else {
+                // Before the oldest segment (it was trimmed): jump to what exists.
+                self.next = segments.first().map_or(durable, |(s, _)| *s);
+                continue;
+            };
+            let reusable =
+                matches!(&self.disk, Some((s, r)) if *s == *start && r.lsn() == self.next);
+            if !reusable {
+                self.disk = Some((*start, SegmentReader::open(path, *start, self.next)?));
+            }
+            let Some((_, reader)) = self.disk.as_mut() else {
+                break;
+            };
+            match reader.next_record()? {
+                ReadOutcome::Record(raw) => {
+                    bytes += raw.payload.len() + HEADER_LEN;
+                    self.next = raw.end();
+                    out.push(Arc::new(Record::decode(raw)));
+                }
+                ReadOutcome::End | ReadOutcome::Invalid { .. } => {
+                    // The rest of this segment is unusable (or it ended): go on with the next.
+                    self.disk = None;
+                    match segments.get(i) {
+                        Some((next_start, _)) => self.next = *next_start,
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Persists that everything before `lsn` has been applied by this consumer, and deletes
+    /// segments every consumer has passed.
+    pub fn commit(&self, lsn: u64) -> Result<(), WalError> {
+        let dir = self.shared.dir.join("cursors");
+        let tmp = dir.join(format!("{}.tmp", self.name));
+        let path = dir.join(&self.name);
+        // tmp → fsync → rename → fsync(dir): after a crash the cursor is either the old one or
+        // the new one, never a torn mix, and the rename itself is durable.
+        let mut file = File::create(&tmp)?;
+        serde_json::to_writer(&mut file, &CursorFile::V1 { lsn }).map_err(io::Error::other)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(&dir)?;
+
+        let mut state = self.shared.lock();
+        state.cursors.insert(self.name.clone(), lsn);
+        let slowest = state.cursors.values().copied().min().unwrap_or(0);
+        while state.counts.front().is_some_and(|(end, _)| *end <= slowest) {
+            if let Some((_, total)) = state.counts.pop_front() {
+                state.counted_before = total;
+            }
+        }
+        // A segment can go when the next one starts at or before the slowest cursor.
+        let mut removable = Vec::new();
+        while state.segments.len() > 1 && state.segments[1].0 <= slowest {
+            removable.push(state.segments.remove(0).1);
+        }
+        drop(state);
+        for path in removable {
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(segment = %path.display(), %error, "cannot delete a WAL segment");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use logging_common::{LogEntry, LogLevel, Timestamp};
+
+use super::*;
+
+/// Remembers every id it admitted.
+#[derive(Default)]
+struct SeenIds(HashMap<Uuid, u64>);
+
+impl Admission for SeenIds {
+    fn admit(&mut self, entries: &[LogEntry], record_lsn: u64) -> Vec<Option<u64>> {
+        entries
+            .iter()
+            .map(|e| match self.0.get(&e.id) {
+                Some(lsn) => Some(*lsn),
+                None => {
+                    self.0.insert(e.id, record_lsn);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn forget(&mut self, ids: &[Uuid]) {
+        for id in ids {
+            self.0.remove(id);
+        }
+    }
+}
+
+fn entry(n: u64) -> LogEntry {
+    LogEntry {
+        id: Uuid::from_u128(u128::from(n) + 1),
+        timestamp: Timestamp::from_nanos(1_795_760_217_000_000_000 + n as i64),
+        level: LogLevel::Info,
+        service: "svc".into(),
+        message: format!("message number {n}"),
+        context: Default::default(),
+        trace_id: None,
+        span_id: None,
+        user_id: None,
+        request_id: None,
+        correlation_id: None,
+        tags: vec![],
+        environment: None,
+        service_version: None,
+        created_at: Timestamp::from_nanos(1),
+    }
+}
+
+fn open(dir: &Path, segment_bytes: u64) -> (Wal, Recovered) {
+    Wal::open(dir, segment_bytes, 0, Box::<SeenIds>::default()).unwrap()
+}
+
+fn messages(records: &[Arc<Record>]) -> Vec<String> {
+    records
+        .iter()
+        .flat_map(|r| r.entries.iter().map(|e| e.message.clone()))
+        .collect()
+}
+
+fn drain(reader: &mut WalReader) -> Vec<Arc<Record>> {
+    let mut all = Vec::new();
+    loop {
+        let batch = reader
+            .next_records(1 << 20, Duration::from_millis(50))
+            .unwrap();
+        if batch.is_empty() {
+            return all;
+        }
+        all.extend(batch);
+    }
+}
+
+#[tokio::test]
+async fn appended_batches_reach_a_reader_in_order_with_their_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), 1 << 20);
+    let mut reader = wal.reader("index").unwrap();
+    for i in 0..3 {
+        let appended = wal
+            .append(Batch::new(vec![entry(2 * i), entry(2 * i + 1)]))
+            .await
+            .unwrap();
+        assert_eq!(appended.duplicates, vec![None, None]);
+    }
+    let records = tokio::task::spawn_blocking(move || drain(&mut reader))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(messages(&records)[5], "message number 5");
+    let (e, json) = records[1].entries_with_json().nth(1).unwrap();
+    let parsed: LogEntry = serde_json::from_slice(&json).unwrap();
+    assert_eq!(&parsed, e);
+    assert_eq!(
+        records[1].lsn, records[0].end,
+        "LSNs are contiguous byte positions"
+    );
+}
+
+#[tokio::test]
+async fn duplicates_are_not_written_again_and_say_where_the_original_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), 1 << 20);
+    let first = wal.append(Batch::new(vec![entry(1)])).await.unwrap();
+    let end_after_first = wal.end_lsn();
+    let again = wal
+        .append(Batch::new(vec![entry(1), entry(2), entry(2)]))
+        .await
+        .unwrap();
+    assert_eq!(again.duplicates[0], Some(first.visible_after));
+    assert_eq!(again.duplicates[1], None);
+    assert!(
+        again.duplicates[2].is_some(),
+        "a repeat inside one batch is a duplicate too"
+    );
+    let only_dups = wal.append(Batch::new(vec![entry(1)])).await.unwrap();
+    assert_eq!(only_dups.duplicates, vec![Some(first.visible_after)]);
+    assert!(wal.end_lsn() > end_after_first);
+    let mut reader = wal.reader("index").unwrap();
+    let records = tokio::task::spawn_blocking(move || drain(&mut reader))
+        .await
+        .unwrap();
+    assert_eq!(
+        messages(&records),
+        vec!["message number 1", "message number 2"]
+    );
+}
+
+#[tokio::test]
+async fn a_reopened_wal_replays_from_the_committed_cursor_and_cuts_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (wal, _) = open(dir.path(), 1 << 20);
+        let mut reader = wal.reader("index").unwrap();
+        for i in 0..4 {
+            wal.append(Batch::new(vec![entry(i)])).await.unwrap();
+        }
+        let (reader, records) = tokio::task::spawn_blocking(move || {
+            let r = reader.next_records(1, Duration::from_millis(50)).unwrap();
+            (reader, r)
+        })
+        .await
+        .unwrap();
+        assert_eq!(records.len(), 1);
+        reader.commit(records[0].end).unwrap();
+    }
+    // Simulate a crash in the middle of a write: garbage after the last record.
+    let (_, segment) = list_segments(dir.path()).unwrap().pop().unwrap();
+    let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+    file.write_all(&[7, 0, 0, 0, 1, 0]).unwrap();
+    drop(file);
+
+    let (wal, recovered) = open(dir.path(), 1 << 20);
+    assert_eq!(recovered.truncated_bytes, 6);
+    assert_eq!(
+        recovered.unapplied.len(),
+        3,
+        "the three entries the index had not applied"
+    );
+    let mut reader = wal.reader("index").unwrap();
+    let records = tokio::task::spawn_blocking(move || drain(&mut reader))
+        .await
+        .unwrap();
+    assert_eq!(
+        messages(&records),
+        vec!["message number 1", "message number 2", "message number 3"]
+    );
+    // Appends continue cleanly after the cut.
+    wal.append(Batch::new(vec![entry(9)])).await.unwrap();
+    let mut reader = wal.reader("other").unwrap();
+    let records = tokio::task::spawn_blocking(move || drain(&mut reader))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 5);
+}
+
+#[tokio::test]
+async fn segments_roll_and_are_deleted_once_every_consumer_passed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), 1024 * 1024);
+    let mut fast = wal.reader("fast").unwrap();
+    let slow = wal.reader("slow").unwrap();
+    let big = "x".repeat(300 * 1024);
+    for i in 0..8 {
+        let mut e = entry(i);
+        e.message = big.clone();
+        wal.append(Batch::new(vec![e])).await.unwrap();
+    }
+    let segments_before = list_segments(dir.path()).unwrap().len();
+    assert!(
+        segments_before >= 2,
+        "rolled into {segments_before} segments"
+    );
+    let end = wal.end_lsn();
+    let (fast, records) = tokio::task::spawn_blocking(move || {
+        let r = drain(&mut fast);
+        (fast, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(records.len(), 8);
+    fast.commit(end).unwrap();
+    assert_eq!(
+        list_segments(dir.path()).unwrap().len(),
+        segments_before,
+        "the slow consumer still needs them"
+    );
+    let stats = wal.stats();
+    let slow_lag = stats.consumers.iter().find(|c| c.name == "slow").unwrap();
+    assert_eq!(slow_lag.lag_entries, 8);
+    assert_eq!(slow_lag.lag_bytes, end - slow.position());
+    slow.commit(end).unwrap();
+    assert_eq!(
+        list_segments(dir.path()).unwrap().len(),
+        1,
+        "only the active one is kept"
+    );
+    assert_eq!(wal.stats().consumers[1].lag_entries, 0);
+}
+
+#[tokio::test]
+async fn a_reader_far_behind_reads_back_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), 1024 * 1024);
+    for i in 0..50 {
+        wal.append(Batch::new(vec![entry(i)])).await.unwrap();
+    }
+    drop(wal);
+    let (wal, recovered) = open(dir.path(), 1024 * 1024);
+    assert_eq!(recovered.records, 50);
+    let mut reader = wal.reader("index").unwrap();
+    let records = tokio::task::spawn_blocking(move || drain(&mut reader))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 50);
+    assert_eq!(records[49].entries[0].message, "message number 49");
+}

@@ -1,0 +1,192 @@
+//! Health, readiness, metrics, the OpenAPI document, retention and the documented settings.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::on_both_databases;
+use crate::support::{ADMIN, Db, TestApp, entry, expect_problem};
+
+async fn health_and_readiness_report_each_dependency(db: Db) {
+    let app = TestApp::start_with(db, |c| c.service_name = "logging-test".into()).await;
+    let health = app.get_json("/health").await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["service"], "logging-test");
+    let ready = app.get_json("/health/ready").await;
+    assert_eq!(ready["status"], "ready");
+    for dependency in ["wal", "index", "database"] {
+        assert_eq!(
+            ready["checks"][dependency]["status"], "up",
+            "{dependency}: {ready}"
+        );
+    }
+    let engine = match db {
+        Db::Sqlite => "sqlite",
+        Db::Postgres => "postgres",
+    };
+    assert_eq!(ready["checks"]["database"]["engine"], engine);
+    app.stop().await;
+}
+
+async fn metrics_follow_prometheus_conventions(db: Db) {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let app = TestApp::start_with(db, |c| c.prometheus_port = port).await;
+    app.ingest(vec![entry("api", "info", "counted", 1)]).await;
+    let text = app
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "logging_aggregator_ingested_entries_total",
+        "logging_aggregator_indexed_entries_total",
+        "logging_aggregator_wal_bytes_total",
+        "logging_aggregator_wal_group_commit_seconds_bucket",
+        "logging_aggregator_http_requests_total{method=\"POST\",route=\"/api/logs\",status=\"201\"}",
+        "logging_aggregator_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    // The same metrics on the dedicated PROMETHEUS_PORT listener.
+    let separate = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(separate.status(), StatusCode::OK);
+    assert!(
+        separate
+            .text()
+            .await
+            .unwrap()
+            .contains("logging_aggregator_ingested_entries_total")
+    );
+    app.stop().await;
+    let app = TestApp::start_with(db, |c| c.prometheus_enabled = false).await;
+    let response = app
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, StatusCode::NOT_FOUND).await;
+    app.stop().await;
+}
+
+/// Every `.route("path", method(..).method(..))` of the router, from its source.
+fn routes_in_source() -> BTreeSet<(String, String)> {
+    let source = include_str!("../../src/api/mod.rs");
+    let mut routes = BTreeSet::new();
+    for line in source
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(".route(\""))
+    {
+        let path = line.split('"').nth(1).unwrap().to_string();
+        let handlers = &line[line.find(", ").unwrap() + 2..];
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if handlers.starts_with(&format!("{method}("))
+                || handlers.contains(&format!(".{method}("))
+            {
+                routes.insert((path.clone(), method.to_string()));
+            }
+        }
+    }
+    routes
+}
+
+async fn the_openapi_document_describes_every_route_and_only_those(db: Db) {
+    let app = TestApp::start(db).await;
+    let doc = app.get_json("/api/openapi.json").await;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((path.clone(), method.clone()));
+        }
+    }
+    let served = routes_in_source();
+    assert!(served.len() >= 14, "router parsed: {served:?}");
+    assert_eq!(documented, served, "OpenAPI paths vs. router");
+    // Every reference resolves.
+    let text = doc.to_string();
+    for part in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = part.split('"').next().unwrap();
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "dangling $ref {name}"
+        );
+    }
+    // And every documented operation is really served (not the 404/405 fallbacks).
+    for (path, method) in documented {
+        let path = path.replace("{id}", &uuid::Uuid::now_v7().to_string());
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let response = app
+            .request(method.clone(), &path, Some(ADMIN))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let fallback = body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("see /api/openapi.json"));
+        assert!(
+            !fallback,
+            "{method} {path} is documented but not served ({status})"
+        );
+    }
+    app.stop().await;
+}
+
+async fn retention_drops_whole_day_partitions(db: Db) {
+    let mut app = TestApp::start(db).await;
+    app.ingest(vec![
+        entry("api", "info", "ten days old", 10 * 86_400),
+        entry("api", "info", "fresh", 60),
+    ])
+    .await;
+    assert_eq!(
+        app.get_json("/api/logs/stats").await["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    app.restart(|c| c.log_retention_days = 5).await;
+    let mut partitions = usize::MAX;
+    for _ in 0..100 {
+        let stats = app.get_json("/api/logs/stats").await;
+        partitions = stats["partitions"].as_array().unwrap().len();
+        if partitions == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(partitions, 1, "the old day's partition is gone");
+    let listed = app.get_json("/api/logs").await;
+    let messages: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, vec!["fresh"]);
+    let day_dirs = std::fs::read_dir(app.dir.path().join("index"))
+        .unwrap()
+        .count();
+    assert_eq!(day_dirs, 1);
+    app.stop().await;
+}
+
+on_both_databases!(
+    health_and_readiness_report_each_dependency,
+    metrics_follow_prometheus_conventions,
+    the_openapi_document_describes_every_route_and_only_those,
+    retention_drops_whole_day_partitions,
+);

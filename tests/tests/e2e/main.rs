@@ -1,0 +1,3 @@
+//! End-to-end tests: the real binaries, as processes, killed with SIGKILL.
+
+mod durability;
