@@ -86,7 +86,7 @@ pub struct Config {
     pub index_writer_memory_mb: usize,
     /// A WAL segment is closed and a new one started past this size.
     pub wal_segment_bytes: u64,
-    /// When the index lags the WAL by more than this many bytes, writes get 429.
+    /// When the index lags the WAL by more than this many bytes, writes wait, then get 429.
     pub ingest_max_lag_bytes: u64,
     /// Largest request body accepted, in bytes.
     pub max_request_bytes: usize,
@@ -130,7 +130,7 @@ impl Default for Config {
             index_refresh_interval_ms: 1000,
             index_writer_memory_mb: 128,
             wal_segment_bytes: 64 * 1024 * 1024,
-            ingest_max_lag_bytes: 512 * 1024 * 1024,
+            ingest_max_lag_bytes: 64 * 1024 * 1024,
             max_request_bytes: 64 * 1024 * 1024,
             log_format: "auto".into(),
         }

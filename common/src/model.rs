@@ -16,6 +16,9 @@ use crate::timestamp::Timestamp;
 /// aggregator's enrichment fills in. `created_at` is when the aggregator received the entry.
 /// `user_id` is any identifier string (a UUID is normalised to lowercase hyphenated form):
 /// real services log user ids that are not UUIDs, and refusing such a line would lose it.
+///
+/// Serialised, it leaves out empty fields (the compact form the WAL and the store keep);
+/// [`LogEntry::to_api_json`] writes every field, nulls included, as the API returns it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LogEntry {
     pub id: Uuid,
@@ -23,25 +26,67 @@ pub struct LogEntry {
     pub level: LogLevel,
     pub service: String,
     pub message: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Context::is_empty")]
     pub context: Context,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_version: Option<String>,
     pub created_at: Timestamp,
+}
+
+impl LogEntry {
+    /// The entry with every field of the model, empty ones as `null`, `{}` or `[]`.
+    pub fn to_api_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Full<'a> {
+            id: &'a Uuid,
+            timestamp: &'a Timestamp,
+            level: LogLevel,
+            service: &'a str,
+            message: &'a str,
+            context: &'a Context,
+            trace_id: &'a Option<String>,
+            span_id: &'a Option<String>,
+            user_id: &'a Option<String>,
+            request_id: &'a Option<String>,
+            correlation_id: &'a Option<String>,
+            tags: &'a [String],
+            environment: &'a Option<String>,
+            service_version: &'a Option<String>,
+            created_at: &'a Timestamp,
+        }
+        serde_json::to_vec(&Full {
+            id: &self.id,
+            timestamp: &self.timestamp,
+            level: self.level,
+            service: &self.service,
+            message: &self.message,
+            context: &self.context,
+            trace_id: &self.trace_id,
+            span_id: &self.span_id,
+            user_id: &self.user_id,
+            request_id: &self.request_id,
+            correlation_id: &self.correlation_id,
+            tags: &self.tags,
+            environment: &self.environment,
+            service_version: &self.service_version,
+            created_at: &self.created_at,
+        })
+        .unwrap_or_default()
+    }
 }
 
 /// The free-form `context` object of a log entry, kept as the JSON text it arrived as.
@@ -84,9 +129,7 @@ impl Context {
     /// The top-level keys whose values are numbers, with those values, without building a
     /// tree of the rest: what the embedded store indexes for percentiles and alert rules.
     pub fn numeric_fields(&self) -> Vec<(String, f64)> {
-        serde_json::from_str::<NumericFields>(self.0.get())
-            .map(|n| n.0)
-            .unwrap_or_default()
+        numeric_fields(self.0.get())
     }
 }
 
@@ -126,6 +169,13 @@ impl<'de> Deserialize<'de> for Context {
         }
         Context::from_object_json(raw).map_err(serde::de::Error::custom)
     }
+}
+
+/// The numeric top-level values of a JSON object's text, everything else skipped unparsed.
+pub fn numeric_fields(object_json: &str) -> Vec<(String, f64)> {
+    serde_json::from_str::<NumericFields>(object_json)
+        .map(|n| n.0)
+        .unwrap_or_default()
 }
 
 /// Collects the numeric top-level values of an object, skipping everything else unparsed.
@@ -303,6 +353,39 @@ mod tests {
         assert!(ctx.is_empty());
         let ctx: Context = serde_json::from_str(r#"{"a":1}"#).unwrap();
         assert!(!ctx.is_empty());
+    }
+
+    #[test]
+    fn stored_entries_are_compact_and_api_entries_complete() {
+        let entry: LogEntry = serde_json::from_str(
+            r#"{"id":"01937b2e-0000-7000-8000-000000000001","timestamp":"2026-11-27T06:00:00Z",
+                "level":"info","service":"s","message":"m","created_at":"2026-11-27T06:00:01Z"}"#,
+        )
+        .unwrap();
+        let compact = serde_json::to_string(&entry).unwrap();
+        assert!(
+            !compact.contains("null") && !compact.contains("tags"),
+            "{compact}"
+        );
+        let full: serde_json::Value = serde_json::from_slice(&entry.to_api_json()).unwrap();
+        for key in [
+            "context",
+            "trace_id",
+            "span_id",
+            "user_id",
+            "request_id",
+            "correlation_id",
+            "tags",
+            "environment",
+            "service_version",
+            "created_at",
+        ] {
+            assert!(full.get(key).is_some(), "{key} missing");
+        }
+        assert_eq!(full["context"], serde_json::json!({}));
+        assert_eq!(full["tags"], serde_json::json!([]));
+        let back: LogEntry = serde_json::from_str(&compact).unwrap();
+        assert_eq!(back, entry);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub async fn live(State(state): State<SharedState>) -> Response {
 /// The state of every dependency, as `/health/ready` reports it.
 pub async fn dependency_checks(state: &SharedState) -> (bool, serde_json::Value) {
     let wal_ok = state.ingest.wal().is_healthy();
-    let lag_bytes = state.ingest.wal().lag_bytes(INDEX_CONSUMER);
+    let lag_bytes = state.ingest.wal().unread_bytes(INDEX_CONSUMER);
     let index_ok = state.indexer_healthy.load(Ordering::Acquire);
     let db = tokio::time::timeout(Duration::from_secs(2), state.db.ping()).await;
     let (db_ok, db_error) = match db {

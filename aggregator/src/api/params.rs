@@ -137,7 +137,6 @@ pub fn log_filter(params: &mut Params, with_text: bool) -> Result<LogFilter, Api
         start: params.take_timestamp("start")?,
         end: params.take_timestamp("end")?,
         trace_id: params.take("trace_id"),
-        span_id: params.take("span_id"),
         request_id: params.take("request_id"),
         correlation_id: params.take("correlation_id"),
         user_id: params.take("user_id").map(normalize_identifier),

@@ -3,6 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasherDefault;
 
 use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::columnar::{Column, DynamicColumn, NumericalType, StrColumn};
@@ -138,7 +139,7 @@ pub struct AnalyticsFruit {
     /// service → (total, errors).
     pub service_totals: HashMap<String, (u64, u64)>,
     /// pattern hash → (count, an example document).
-    pub patterns: HashMap<u64, (u64, DocAddress)>,
+    pub patterns: PatternCounts<DocAddress>,
     pub values: Vec<f64>,
 }
 
@@ -149,15 +150,86 @@ pub struct AnalyticsSegmentCollector {
     ts: Column<i64>,
     level: Column<u64>,
     service: Option<StrColumn>,
+    services: usize,
     pattern: Column<u64>,
     values: Vec<Column<f64>>,
     by_level: Vec<LevelCounts>,
-    /// (bucket, service ordinal) → count.
-    by_service_ord: HashMap<(usize, u64), u64>,
+    by_service: BucketCounts,
     /// service ordinal → (total, errors).
-    totals_ord: HashMap<u64, (u64, u64)>,
-    patterns: HashMap<u64, (u64, DocId)>,
+    totals: Vec<(u64, u64)>,
+    patterns: PatternCounts<DocId>,
     collected_values: Vec<f64>,
+    // Scratch space for reading a block of documents' columns at once.
+    ts_buf: Vec<Option<i64>>,
+    level_buf: Vec<Option<u64>>,
+    service_buf: Vec<Option<u64>>,
+    pattern_buf: Vec<Option<u64>>,
+}
+
+/// Counts per (bucket, service ordinal): a dense array when it is small enough, a map when
+/// many buckets times many services would make the array huge and mostly empty.
+enum BucketCounts {
+    Dense { services: usize, counts: Vec<u64> },
+    Sparse(HashMap<(usize, u64), u64>),
+}
+
+/// Cells above which the per-bucket service counts are kept in a map.
+const DENSE_CELLS: usize = 1 << 20;
+
+impl BucketCounts {
+    fn new(buckets: usize, services: usize) -> BucketCounts {
+        match buckets.checked_mul(services) {
+            Some(cells) if cells <= DENSE_CELLS => BucketCounts::Dense {
+                services,
+                counts: vec![0; cells],
+            },
+            _ => BucketCounts::Sparse(HashMap::new()),
+        }
+    }
+
+    fn add(&mut self, bucket: usize, ord: usize) {
+        match self {
+            BucketCounts::Dense { services, counts } => counts[bucket * *services + ord] += 1,
+            BucketCounts::Sparse(map) => *map.entry((bucket, ord as u64)).or_default() += 1,
+        }
+    }
+
+    /// (bucket, service ordinal, count) of every non-zero cell.
+    fn cells(&self) -> Vec<(usize, usize, u64)> {
+        match self {
+            BucketCounts::Dense { services, counts } => counts
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| (i / services, i % services, *n))
+                .collect(),
+            BucketCounts::Sparse(map) => {
+                map.iter().map(|(&(b, o), &n)| (b, o as usize, n)).collect()
+            }
+        }
+    }
+}
+
+/// pattern hash → (count, an example), hashed by the pattern hash itself.
+pub type PatternCounts<T> = HashMap<u64, (u64, T), BuildHasherDefault<PrehashedHasher>>;
+
+/// A hasher for keys that are already hashes (the pattern column holds xxh3 values).
+#[derive(Default)]
+pub struct PrehashedHasher(u64);
+
+impl std::hash::Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        // Spread a 32-bit pattern hash over the whole word.
+        self.0 = value.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// Opens every column at `path`, whatever numeric type the segment stored, as f64.
@@ -186,20 +258,27 @@ impl Collector for AnalyticsCollector {
             Some(path) => numeric_columns(reader, path)?,
             None => Vec::new(),
         };
+        let service = fast.str("service")?;
+        let services = service.as_ref().map_or(0, |s| s.num_terms());
         Ok(AnalyticsSegmentCollector {
             segment,
             start: self.start,
             interval: self.interval,
             ts: fast.i64("ts")?,
             level: fast.u64("level")?,
-            service: fast.str("service")?,
+            service,
+            services,
             pattern: fast.u64("pattern")?,
             values,
             by_level: vec![[0; 9]; self.buckets],
-            by_service_ord: HashMap::new(),
-            totals_ord: HashMap::new(),
-            patterns: HashMap::new(),
+            by_service: BucketCounts::new(self.buckets, services),
+            totals: vec![(0, 0); services],
+            patterns: HashMap::default(),
             collected_values: Vec::new(),
+            ts_buf: Vec::new(),
+            level_buf: Vec::new(),
+            service_buf: Vec::new(),
+            pattern_buf: Vec::new(),
         })
     }
 
@@ -245,28 +324,31 @@ impl AnalyticsFruit {
     }
 }
 
-impl SegmentCollector for AnalyticsSegmentCollector {
-    type Fruit = AnalyticsFruit;
-
-    fn collect(&mut self, doc: DocId, _score: Score) {
-        let Some(ts) = self.ts.first(doc) else { return };
-        if ts < self.start {
+impl AnalyticsSegmentCollector {
+    fn count(
+        &mut self,
+        doc: DocId,
+        ts: i64,
+        level: u64,
+        service: Option<u64>,
+        pattern: Option<u64>,
+    ) {
+        let Some(offset) = ts.checked_sub(self.start).filter(|o| *o >= 0) else {
             return;
-        }
-        let offset = (i128::from(ts) - i128::from(self.start)) / i128::from(self.interval);
-        let bucket = usize::try_from(offset).unwrap_or(usize::MAX);
+        };
+        let bucket = (offset / self.interval) as usize;
         if bucket >= self.by_level.len() {
             return;
         }
-        let level = self.level.first(doc).unwrap_or(0).min(8) as usize;
+        let level = level.min(8) as usize;
         self.by_level[bucket][level] += 1;
-        if let Some(ord) = self.service.as_ref().and_then(|s| s.term_ords(doc).next()) {
-            *self.by_service_ord.entry((bucket, ord)).or_default() += 1;
-            let totals = self.totals_ord.entry(ord).or_default();
+        if let Some(ord) = service.map(|o| o as usize).filter(|o| *o < self.services) {
+            self.by_service.add(bucket, ord);
+            let totals = &mut self.totals[ord];
             totals.0 += 1;
             totals.1 += u64::from(level >= 5);
         }
-        if let Some(pattern) = self.pattern.first(doc) {
+        if let Some(pattern) = pattern {
             self.patterns.entry(pattern).or_insert((0, doc)).0 += 1;
         }
         for column in &self.values {
@@ -276,30 +358,71 @@ impl SegmentCollector for AnalyticsSegmentCollector {
             }
         }
     }
+}
+
+impl SegmentCollector for AnalyticsSegmentCollector {
+    type Fruit = AnalyticsFruit;
+
+    fn collect(&mut self, doc: DocId, _score: Score) {
+        let Some(ts) = self.ts.first(doc) else { return };
+        let level = self.level.first(doc).unwrap_or(0);
+        let service = self.service.as_ref().and_then(|s| s.ords().first(doc));
+        let pattern = self.pattern.first(doc);
+        self.count(doc, ts, level, service, pattern);
+    }
+
+    /// Reads each column for the whole block at once, which the column codecs do much
+    /// faster than one document at a time.
+    fn collect_block(&mut self, docs: &[DocId]) {
+        let n = docs.len();
+        let mut ts = std::mem::take(&mut self.ts_buf);
+        let mut level = std::mem::take(&mut self.level_buf);
+        let mut service = std::mem::take(&mut self.service_buf);
+        let mut pattern = std::mem::take(&mut self.pattern_buf);
+        ts.resize(n, None);
+        level.resize(n, None);
+        service.resize(n, None);
+        pattern.resize(n, None);
+        self.ts.first_vals(docs, &mut ts);
+        self.level.first_vals(docs, &mut level);
+        match &self.service {
+            Some(column) => column.ords().first_vals(docs, &mut service),
+            None => service.fill(None),
+        }
+        self.pattern.first_vals(docs, &mut pattern);
+        for i in 0..n {
+            if let Some(t) = ts[i] {
+                self.count(docs[i], t, level[i].unwrap_or(0), service[i], pattern[i]);
+            }
+        }
+        self.ts_buf = ts;
+        self.level_buf = level;
+        self.service_buf = service;
+        self.pattern_buf = pattern;
+    }
 
     fn harvest(self) -> AnalyticsFruit {
-        let mut names: HashMap<u64, String> = HashMap::new();
-        let mut name = |ord: u64| -> String {
-            names
-                .entry(ord)
-                .or_insert_with(|| {
-                    let mut s = String::new();
-                    if let Some(column) = &self.service {
-                        let _ = column.ord_to_str(ord, &mut s);
-                    }
-                    s
-                })
-                .clone()
-        };
+        let names: Vec<String> = (0..self.services)
+            .map(|ord| {
+                let mut name = String::new();
+                if let Some(column) = &self.service {
+                    let _ = column.ord_to_str(ord as u64, &mut name);
+                }
+                name
+            })
+            .collect();
         let by_service = self
-            .by_service_ord
-            .iter()
-            .map(|(&(bucket, ord), &n)| ((bucket, name(ord)), n))
+            .by_service
+            .cells()
+            .into_iter()
+            .map(|(bucket, ord, n)| ((bucket, names[ord].clone()), n))
             .collect();
         let service_totals = self
-            .totals_ord
+            .totals
             .iter()
-            .map(|(&ord, &totals)| (name(ord), totals))
+            .enumerate()
+            .filter(|(_, (total, _))| *total > 0)
+            .map(|(ord, &totals)| (names[ord].clone(), totals))
             .collect();
         let segment = self.segment;
         AnalyticsFruit {

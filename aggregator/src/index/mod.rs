@@ -27,14 +27,20 @@ use tantivy::schema::{IndexRecordOption, Schema, Value};
 use tantivy::store::{Compressor, ZstdCompressor};
 use tantivy::tokenizer::TokenizerManager;
 use tantivy::{
-    DocAddress, Index, IndexReader, IndexSettings, ReloadPolicy, Searcher, TantivyDocument, Term,
+    DocAddress, Executor, Index, IndexReader, IndexSettings, ReloadPolicy, Searcher,
+    TantivyDocument, Term,
 };
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use collect::{AnalyticsCollector, AnalyticsFruit, Hit, PageCollector, StatsCollector, StatsFruit};
+use collect::{
+    AnalyticsCollector, AnalyticsFruit, Hit, PageCollector, PatternCounts, StatsCollector,
+    StatsFruit,
+};
 use query::{LogFilter, Order, Page, QueryError, SortPosition};
-use schema::Fields;
+use schema::{Fields, id_hash};
+
+use crate::wal::id_of_line;
 
 const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
@@ -145,6 +151,8 @@ pub struct LogIndex {
     settings: IndexSettings,
     parser: Option<QueryParser>,
     partitions: RwLock<BTreeMap<i64, Arc<Partition>>>,
+    /// Runs a query's segments in parallel; shared by every partition.
+    executor: Executor,
     /// Soft-deleted ids, by the day partition that holds them.
     hidden: RwLock<HashMap<i64, Vec<Uuid>>>,
     searchable: watch::Sender<u64>,
@@ -178,7 +186,7 @@ impl LogIndex {
             } else {
                 Compressor::None
             },
-            docstore_blocksize: 64 * 1024,
+            docstore_blocksize: 128 * 1024,
             ..IndexSettings::default()
         };
         let parser = options.full_text.then(|| {
@@ -190,6 +198,8 @@ impl LogIndex {
             parser.set_conjunction_by_default();
             parser
         });
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let executor = Executor::multi_thread(threads, "search-")?;
         let mut partitions = BTreeMap::new();
         let mut max_lsn = 0;
         for entry in std::fs::read_dir(root)? {
@@ -198,7 +208,8 @@ impl LogIndex {
             let Some(day) = parse_day_name(&name) else {
                 continue;
             };
-            let index = Index::open_in_dir(entry.path())?;
+            let mut index = Index::open_in_dir(entry.path())?;
+            index.set_executor(executor.clone());
             let partition = Partition {
                 day,
                 dir: entry.path(),
@@ -216,6 +227,7 @@ impl LogIndex {
             settings,
             parser,
             partitions: RwLock::new(partitions),
+            executor,
             hidden: RwLock::new(HashMap::new()),
             searchable,
         })
@@ -246,13 +258,14 @@ impl LogIndex {
         }
         let dir = self.root.join(day_name(day));
         std::fs::create_dir_all(&dir)?;
-        let index = match Index::open_in_dir(&dir) {
+        let mut index = match Index::open_in_dir(&dir) {
             Ok(index) => index,
             Err(_) => Index::builder()
                 .schema(self.schema.clone())
                 .settings(self.settings.clone())
                 .create_in_dir(&dir)?,
         };
+        index.set_executor(self.executor.clone());
         let partition = Arc::new(Partition {
             day,
             dir,
@@ -362,14 +375,16 @@ impl LogIndex {
             candidates.sort_by_key(|p| p.day != day);
         }
         let query = TermQuery::new(
-            Term::from_field_bytes(self.fields.id, id.as_bytes()),
+            Term::from_field_u64(self.fields.id_key, id_hash(&id)),
             IndexRecordOption::Basic,
         );
         for partition in candidates {
             let searcher = partition.reader.searcher();
-            let found = searcher.search(&query, &DocSetCollector)?;
-            if let Some(address) = found.into_iter().next() {
-                return Ok(Some((partition, searcher, address)));
+            for address in searcher.search(&query, &DocSetCollector)? {
+                // The index holds a hash of the id: confirm on the stored entry.
+                if id_of_line(&self.stored_json(&searcher, address)?) == Some(id) {
+                    return Ok(Some((partition, searcher, address)));
+                }
             }
         }
         Ok(None)
@@ -383,7 +398,10 @@ impl LogIndex {
         if self.is_hidden(id, partition.day) {
             return Ok(None);
         }
-        Ok(Some((partition.day, self.stored_json(&searcher, address)?)))
+        Ok(Some((
+            partition.day,
+            api_json(self.stored_json(&searcher, address)?),
+        )))
     }
 
     fn stored_json(&self, searcher: &Searcher, address: DocAddress) -> Result<Vec<u8>, IndexError> {
@@ -395,17 +413,17 @@ impl LogIndex {
             .unwrap_or_default())
     }
 
-    /// Visits the id of every stored entry (to fill the dedup filter at start-up).
-    pub fn for_each_id(&self, mut visit: impl FnMut(Uuid)) -> Result<u64, IndexError> {
+    /// Visits the id hash of every stored entry (to fill the dedup filter at start-up).
+    pub fn for_each_id_hash(&self, mut visit: impl FnMut(u64)) -> Result<u64, IndexError> {
         let mut n = 0;
         for partition in self.partitions.read().values() {
             let searcher = partition.reader.searcher();
             for segment in searcher.segment_readers() {
-                let inverted = segment.inverted_index(self.fields.id)?;
+                let inverted = segment.inverted_index(self.fields.id_key)?;
                 let mut terms = inverted.terms().stream()?;
                 while terms.advance() {
-                    if let Ok(bytes) = <[u8; 16]>::try_from(terms.key()) {
-                        visit(Uuid::from_bytes(bytes));
+                    if let Ok(bytes) = <[u8; 8]>::try_from(terms.key()) {
+                        visit(u64::from_be_bytes(bytes));
                         n += 1;
                     }
                 }
@@ -434,7 +452,7 @@ impl LogIndex {
             let query = query::build(
                 &self.fields,
                 self.parser.as_ref(),
-                filter,
+                &within_day(filter, partition.day),
                 page.order,
                 page.after,
                 &hidden,
@@ -482,7 +500,7 @@ impl LogIndex {
             };
             entries.push(FoundEntry {
                 position: hit.position,
-                json,
+                json: api_json(json),
                 highlight,
             });
         }
@@ -514,7 +532,8 @@ impl LogIndex {
             by_level: vec![[0; 9]; buckets],
             ..Default::default()
         };
-        let mut patterns: HashMap<u64, (u64, Searcher, DocAddress)> = HashMap::new();
+        let mut searchers: Vec<Searcher> = Vec::new();
+        let mut patterns: PatternCounts<(usize, DocAddress)> = PatternCounts::default();
         for partition in self.partitions_between(
             filter.start.map(|t| t.as_nanos()),
             filter.end.map(|t| t.as_nanos()),
@@ -523,30 +542,37 @@ impl LogIndex {
             let query = query::build(
                 &self.fields,
                 self.parser.as_ref(),
-                &filter,
+                &within_day(&filter, partition.day),
                 Order::Desc,
                 None,
                 &hidden,
             )?;
             let searcher = partition.reader.searcher();
             let mut fruit = searcher.search(&*query, &collector)?;
+            let which = searchers.len();
             for (pattern, (n, address)) in std::mem::take(&mut fruit.patterns) {
-                patterns
-                    .entry(pattern)
-                    .or_insert_with(|| (0, searcher.clone(), address))
-                    .0 += n;
+                patterns.entry(pattern).or_insert((0, (which, address))).0 += n;
             }
+            searchers.push(searcher);
             merged.absorb(fruit);
         }
-        let mut top: Vec<(u64, u64, Searcher, DocAddress)> = patterns
+        // The top N without sorting every pattern: select, then sort the N.
+        let mut top: Vec<(u64, u64, (usize, DocAddress))> = patterns
             .into_iter()
-            .map(|(p, (n, s, a))| (p, n, s, a))
+            .map(|(p, (n, at))| (p, n, at))
             .collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let by_count = |a: &(u64, u64, (usize, DocAddress)),
+                        b: &(u64, u64, (usize, DocAddress))| {
+            b.1.cmp(&a.1).then(a.0.cmp(&b.0))
+        };
+        if top.len() > request.top_patterns && request.top_patterns > 0 {
+            top.select_nth_unstable_by(request.top_patterns - 1, by_count);
+        }
         top.truncate(request.top_patterns);
+        top.sort_by(by_count);
         let mut out = Vec::with_capacity(top.len());
-        for (_, count, searcher, address) in top {
-            let json = self.stored_json(&searcher, address).map_err(|e| {
+        for (_, count, (which, address)) in top {
+            let json = self.stored_json(&searchers[which], address).map_err(|e| {
                 QueryError::Index(tantivy::TantivyError::SystemError(e.to_string()))
             })?;
             let example = message_of(&json);
@@ -608,6 +634,21 @@ fn reader_for(index: &Index) -> Result<IndexReader, tantivy::TantivyError> {
         .try_into()
 }
 
+/// The filter as it applies to one day's partition: a bound that the whole day satisfies is
+/// dropped, so a query over whole days reads no timestamp column to filter.
+fn within_day(filter: &LogFilter, day: i64) -> LogFilter {
+    let day_start = day.saturating_mul(NANOS_PER_DAY);
+    let day_end = day_start.saturating_add(NANOS_PER_DAY);
+    let mut filter = filter.clone();
+    if filter.start.is_some_and(|s| s.as_nanos() <= day_start) {
+        filter.start = None;
+    }
+    if filter.end.is_some_and(|e| e.as_nanos() >= day_end) {
+        filter.end = None;
+    }
+    filter
+}
+
 /// The time bounds a read touches, as nanoseconds: [lower, upper).
 fn bounds(filter: &LogFilter, page: &Page) -> (Option<i64>, Option<i64>) {
     let mut lower = filter.start.map(|t| t.as_nanos());
@@ -619,6 +660,14 @@ fn bounds(filter: &LogFilter, page: &Page) -> (Option<i64>, Option<i64>) {
         }
     }
     (lower, upper)
+}
+
+/// The stored (compact) form of an entry, expanded to every field as the API returns it.
+fn api_json(stored: Vec<u8>) -> Vec<u8> {
+    match serde_json::from_slice::<logging_common::LogEntry>(&stored) {
+        Ok(entry) => entry.to_api_json(),
+        Err(_) => stored,
+    }
 }
 
 fn message_of(json: &[u8]) -> String {

@@ -11,7 +11,7 @@ use tantivy::query::{
 use tantivy::schema::IndexRecordOption;
 use uuid::Uuid;
 
-use super::schema::Fields;
+use super::schema::{Fields, KeyKind, id_hash, key_hash};
 
 /// Which entries a read is about. Every set field must match.
 #[derive(Clone, Debug, Default)]
@@ -27,7 +27,6 @@ pub struct LogFilter {
     /// Up to this instant, exclusive.
     pub end: Option<Timestamp>,
     pub trace_id: Option<String>,
-    pub span_id: Option<String>,
     pub request_id: Option<String>,
     pub correlation_id: Option<String>,
     pub user_id: Option<String>,
@@ -161,15 +160,18 @@ pub fn build(
             )),
         ));
     }
-    for (field, value) in [
-        (fields.trace_id, &filter.trace_id),
-        (fields.span_id, &filter.span_id),
-        (fields.request_id, &filter.request_id),
-        (fields.correlation_id, &filter.correlation_id),
-        (fields.user_id, &filter.user_id),
+    for (kind, value) in [
+        (KeyKind::TraceId, &filter.trace_id),
+        (KeyKind::RequestId, &filter.request_id),
+        (KeyKind::CorrelationId, &filter.correlation_id),
+        (KeyKind::UserId, &filter.user_id),
     ] {
         if let Some(value) = value {
-            clauses.push((Occur::Must, term_query(Term::from_field_text(field, value))));
+            let key = key_hash(kind, value);
+            clauses.push((
+                Occur::Must,
+                term_query(Term::from_field_u64(fields.keys, key)),
+            ));
         }
     }
     for tag in &filter.tags {
@@ -202,7 +204,7 @@ pub fn build(
             Box::new(TermSetQuery::new(
                 hidden
                     .iter()
-                    .map(|id| Term::from_field_bytes(fields.id, id.as_bytes())),
+                    .map(|id| Term::from_field_u64(fields.id_key, id_hash(id))),
             )),
         ));
     }

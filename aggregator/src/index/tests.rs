@@ -14,8 +14,8 @@ use crate::wal::{Admission, Batch, Wal};
 struct AdmitAll;
 
 impl Admission for AdmitAll {
-    fn admit(&mut self, entries: &[LogEntry], _: u64) -> Vec<Option<u64>> {
-        vec![None; entries.len()]
+    fn admit(&mut self, ids: &[Uuid], _: u64) -> Vec<Option<u64>> {
+        vec![None; ids.len()]
     }
     fn forget(&mut self, _: &[Uuid]) {}
 }
@@ -96,7 +96,7 @@ async fn entries_land_in_the_partition_of_their_day_and_read_back_in_time_order(
         entry(3, base.saturating_add_nanos(2 * day)),
         entry(4, base.saturating_add_nanos(1)),
     ];
-    wal.append(Batch::new(entries)).await.unwrap();
+    wal.append(Batch::new(&entries)).await.unwrap();
     let (i, w) = (index.clone(), Arc::new(wal));
     let w2 = w.clone();
     tokio::task::spawn_blocking(move || index_everything(&i, &w2))
@@ -126,12 +126,9 @@ async fn a_replay_from_an_older_cursor_indexes_nothing_twice() {
         let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
         let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
         for n in 0..10 {
-            wal.append(Batch::new(vec![entry(
-                n,
-                base.saturating_add_nanos(n as i64),
-            )]))
-            .await
-            .unwrap();
+            wal.append(Batch::new(&[entry(n, base.saturating_add_nanos(n as i64))]))
+                .await
+                .unwrap();
         }
         let wal = Arc::new(wal);
         let (i, w) = (index.clone(), wal.clone());
@@ -152,7 +149,7 @@ async fn a_replay_from_an_older_cursor_indexes_nothing_twice() {
     )
     .unwrap();
     assert_eq!(recovered.records, 10);
-    wal.append(Batch::new(vec![entry(99, base.saturating_add_nanos(99))]))
+    wal.append(Batch::new(&[entry(99, base.saturating_add_nanos(99))]))
         .await
         .unwrap();
     let wal = Arc::new(wal);

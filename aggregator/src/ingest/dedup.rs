@@ -13,11 +13,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use logging_common::LogEntry;
 use uuid::Uuid;
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::index::LogIndex;
+use crate::index::schema::id_hash;
 use crate::wal::Admission;
 
 /// A Bloom filter that grows: when the newest layer is full, a layer four times its size is
@@ -48,21 +47,23 @@ impl BloomLayer {
         }
     }
 
-    /// Kirsch–Mitzenmacher: k positions from two halves of one 128-bit hash.
-    fn positions(&self, id: &Uuid) -> impl Iterator<Item = u64> + use<> {
-        let h = xxh3_128(id.as_bytes());
-        let (a, b) = (h as u64, (h >> 64) as u64 | 1);
+    /// Kirsch–Mitzenmacher: k positions from the hash and a remix of it (splitmix64).
+    fn positions(&self, hash: u64) -> impl Iterator<Item = u64> + use<> {
+        let mut z = hash.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let (a, b) = (hash, (z ^ (z >> 31)) | 1);
         let mask = self.mask;
         (0..u64::from(HASHES)).map(move |i| a.wrapping_add(i.wrapping_mul(b)) & mask)
     }
 
-    fn contains(&self, id: &Uuid) -> bool {
-        self.positions(id)
+    fn contains(&self, hash: u64) -> bool {
+        self.positions(hash)
             .all(|p| self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
     }
 
-    fn insert(&mut self, id: &Uuid) {
-        for p in self.positions(id) {
+    fn insert(&mut self, hash: u64) {
+        for p in self.positions(hash) {
             self.bits[(p / 64) as usize] |= 1 << (p % 64);
         }
         self.items += 1;
@@ -76,11 +77,12 @@ impl GrowingBloom {
         }
     }
 
-    pub fn contains(&self, id: &Uuid) -> bool {
-        self.layers.iter().any(|l| l.contains(id))
+    /// Whether `hash` (a well-mixed 64-bit hash, such as `id_hash`) may have been inserted.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.layers.iter().any(|l| l.contains(hash))
     }
 
-    pub fn insert(&mut self, id: &Uuid) {
+    pub fn insert(&mut self, hash: u64) {
         let last = self.layers.len() - 1;
         if self.layers[last].items >= self.layers[last].capacity {
             // Growing fourfold keeps the number of layers, whose false-positive rates add
@@ -89,7 +91,7 @@ impl GrowingBloom {
             self.layers.push(BloomLayer::new(capacity));
         }
         if let Some(layer) = self.layers.last_mut() {
-            layer.insert(id);
+            layer.insert(hash);
         }
     }
 
@@ -110,14 +112,14 @@ pub struct Dedup {
 impl Dedup {
     /// Builds the filter from every id in the store.
     pub fn new(index: Arc<LogIndex>) -> Result<Dedup, crate::index::IndexError> {
-        let mut ids = Vec::new();
-        index.for_each_id(|id| ids.push(id))?;
-        let mut bloom = GrowingBloom::with_capacity(ids.len() * 2);
-        for id in &ids {
-            bloom.insert(id);
+        let mut hashes = Vec::new();
+        index.for_each_id_hash(|hash| hashes.push(hash))?;
+        let mut bloom = GrowingBloom::with_capacity(hashes.len() * 2);
+        for hash in &hashes {
+            bloom.insert(*hash);
         }
         tracing::info!(
-            ids = ids.len(),
+            ids = hashes.len(),
             filter_bytes = bloom.bytes(),
             "dedup filter built"
         );
@@ -132,7 +134,7 @@ impl Dedup {
     /// Adds the WAL's entries that the index has not applied yet, as pending.
     pub fn add_unapplied(&mut self, unapplied: &[(Uuid, u64)]) {
         for (id, lsn) in unapplied {
-            self.bloom.insert(id);
+            self.bloom.insert(id_hash(id));
             self.remember(*id, *lsn);
         }
     }
@@ -158,7 +160,7 @@ impl Dedup {
 
     /// Whether `id` is already stored; `Some(lsn)` of its record (0 if searchable).
     fn existing(&self, id: &Uuid) -> Option<u64> {
-        if !self.bloom.contains(id) {
+        if !self.bloom.contains(id_hash(id)) {
             return None;
         }
         if let Some(lsn) = self.pending.get(id) {
@@ -183,15 +185,15 @@ impl Dedup {
 }
 
 impl Admission for Dedup {
-    fn admit(&mut self, entries: &[LogEntry], record_lsn: u64) -> Vec<Option<u64>> {
+    fn admit(&mut self, ids: &[Uuid], record_lsn: u64) -> Vec<Option<u64>> {
         self.expire();
-        let mut decisions = Vec::with_capacity(entries.len());
-        for entry in entries {
-            match self.existing(&entry.id) {
+        let mut decisions = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.existing(id) {
                 Some(lsn) => decisions.push(Some(lsn)),
                 None => {
-                    self.bloom.insert(&entry.id);
-                    self.remember(entry.id, record_lsn);
+                    self.bloom.insert(id_hash(id));
+                    self.remember(*id, record_lsn);
                     decisions.push(None);
                 }
             }
@@ -211,8 +213,8 @@ impl Admission for Dedup {
 pub struct SharedDedup(pub Arc<parking_lot::Mutex<Dedup>>);
 
 impl Admission for SharedDedup {
-    fn admit(&mut self, entries: &[LogEntry], record_lsn: u64) -> Vec<Option<u64>> {
-        self.0.lock().admit(entries, record_lsn)
+    fn admit(&mut self, ids: &[Uuid], record_lsn: u64) -> Vec<Option<u64>> {
+        self.0.lock().admit(ids, record_lsn)
     }
 
     fn forget(&mut self, ids: &[Uuid]) {
@@ -225,18 +227,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_bloom_filter_has_no_false_negatives_and_few_false_positives() {
+    fn the_bloom_filter_grows_without_false_negatives_and_few_false_positives() {
         let mut bloom = GrowingBloom::with_capacity(1000);
-        let ids: Vec<Uuid> = (0..200_000u128).map(Uuid::from_u128).collect();
+        // More than the first layer holds, so it has to grow.
+        let ids: Vec<u64> = (0..1_500_000u128)
+            .map(|n| id_hash(&Uuid::from_u128(n)))
+            .collect();
         for id in &ids {
-            bloom.insert(id);
+            bloom.insert(*id);
         }
+        assert_eq!(bloom.layers.len(), 2);
         assert!(
-            ids.iter().all(|id| bloom.contains(id)),
+            ids.iter().all(|id| bloom.contains(*id)),
             "grew without forgetting"
         );
-        let false_positives = (1_000_000u128..1_100_000)
-            .filter(|n| bloom.contains(&Uuid::from_u128(*n)))
+        let false_positives = (10_000_000u128..10_100_000)
+            .filter(|n| bloom.contains(id_hash(&Uuid::from_u128(*n))))
             .count();
         assert!(
             false_positives < 3_000,

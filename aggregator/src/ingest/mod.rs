@@ -7,6 +7,7 @@ pub mod dedup;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log_entry};
 use logging_common::{LogEntry, Timestamp};
@@ -23,6 +24,8 @@ use dedup::Dedup;
 pub const INDEX_CONSUMER: &str = "index";
 
 const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
+/// How long a write may wait for the store to catch up before it is refused with 429.
+const BACKPRESSURE_WAIT: Duration = Duration::from_secs(2);
 
 /// One refused entry of a batch.
 #[derive(Debug, Serialize)]
@@ -129,14 +132,21 @@ impl Ingest {
         self.dedup.lock().pending_lsn(id)
     }
 
-    /// Refuses new writes while the store is too far behind the WAL.
-    pub fn check_backpressure(&self) -> Result<(), IngestError> {
-        let lag_bytes = self.wal.lag_bytes(INDEX_CONSUMER);
-        if lag_bytes > self.options.max_lag_bytes {
-            metrics::counter!("logging_aggregator_backpressure_total").increment(1);
-            return Err(IngestError::Backpressure { lag_bytes });
+    /// Holds a write back while the store is too far behind the WAL: first by waiting (a
+    /// slower answer is the gentlest backpressure), then, if it stays behind, with a 429.
+    pub async fn check_backpressure(&self) -> Result<(), IngestError> {
+        let deadline = Instant::now() + BACKPRESSURE_WAIT;
+        loop {
+            let lag_bytes = self.wal.unread_bytes(INDEX_CONSUMER);
+            if lag_bytes <= self.options.max_lag_bytes {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                metrics::counter!("logging_aggregator_backpressure_total").increment(1);
+                return Err(IngestError::Backpressure { lag_bytes });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Ok(())
     }
 
     /// Validates one entry and applies the aggregator's enrichment and time bounds.
@@ -172,7 +182,7 @@ impl Ingest {
 
     /// Validates and stores a batch; returns once every accepted entry is durable.
     pub async fn ingest(&self, raws: &[&RawValue]) -> Result<IngestOutcome, IngestError> {
-        self.check_backpressure()?;
+        self.check_backpressure().await?;
         let now = Timestamp::now();
         let mut ids = vec![None; raws.len()];
         let mut rejected = Vec::new();
@@ -205,8 +215,10 @@ impl Ingest {
                 visible_after: None,
             });
         }
-        let entry_ids: Vec<Uuid> = entries.iter().map(|e| e.id).collect();
-        let appended = self.wal.append(Batch::new(entries)).await?;
+        let batch = Batch::new(&entries);
+        drop(entries);
+        let entry_ids = batch.ids.clone();
+        let appended = self.wal.append(batch).await?;
         let duplicates = appended.duplicates.iter().filter(|d| d.is_some()).count();
         let accepted = entry_ids.len() - duplicates;
         for (position, id) in positions.into_iter().zip(entry_ids) {

@@ -33,8 +33,9 @@ use segment::{
     segment_file_name, sync_dir,
 };
 
-/// Decoded records kept in memory for consumers that keep up.
-const RECENT_BYTES: usize = 64 * 1024 * 1024;
+/// Recent records kept in memory, so a consumer that keeps up (or falls behind by less than
+/// this) never reads back from disk. Larger than the ingest lag limit on purpose.
+const RECENT_BYTES: usize = 96 * 1024 * 1024;
 /// A group commit takes at most this many bytes of requests before it syncs.
 const GROUP_BYTES: usize = 16 * 1024 * 1024;
 
@@ -48,66 +49,53 @@ pub enum WalError {
     Failed(String),
 }
 
-/// A durable record, as consumers see it.
+/// A durable record, as consumers see it: the entries exactly as stored, one JSON line each.
+/// Each consumer parses what it needs (the indexer borrows a few fields; a sink may forward
+/// the bytes untouched), so nothing is kept decoded in memory twice.
 #[derive(Debug)]
 pub struct Record {
     /// Position of the record's first byte.
     pub lsn: u64,
     /// Position just past the record: where the next one starts.
     pub end: u64,
-    /// The entries, decoded.
-    pub entries: Vec<LogEntry>,
-    /// The entries as stored: NDJSON, one line per entry, in the same order.
+    /// How many entries it holds.
+    pub count: u32,
+    /// The entries as stored: NDJSON, one line per entry.
     pub payload: Bytes,
 }
 
 impl Record {
-    /// Each entry with its stored JSON.
-    pub fn entries_with_json(&self) -> impl Iterator<Item = (&LogEntry, Bytes)> {
+    /// Each entry's stored JSON.
+    pub fn lines(&self) -> impl Iterator<Item = Bytes> + '_ {
         let mut rest = self.payload.clone();
-        self.entries.iter().map(move |entry| {
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
             let cut = memchr::memchr(b'\n', &rest).unwrap_or(rest.len());
             let line = rest.slice(..cut);
             rest = rest.slice((cut + 1).min(rest.len())..);
-            (entry, line)
+            Some(line)
         })
     }
 
-    fn decode(raw: RawRecord) -> Record {
-        let end = raw.end();
-        let payload = Bytes::from(raw.payload);
-        let mut entries = Vec::with_capacity(raw.count as usize);
-        for line in payload.split(|&b| b == b'\n') {
-            match serde_json::from_slice::<LogEntry>(line) {
-                Ok(entry) => entries.push(entry),
-                // The CRC matched, so this is a bug of ours, not a torn write; say so loudly
-                // and keep the rest of the record.
-                Err(error) => tracing::error!(lsn = raw.lsn, %error, "undecodable WAL entry"),
-            }
-        }
-        if entries.len() != raw.count as usize {
-            // Keep `entries` and payload lines in step for `entries_with_json`.
-            let mut json = Vec::with_capacity(payload.len());
-            for (i, entry) in entries.iter().enumerate() {
-                if i > 0 {
-                    json.push(b'\n');
-                }
-                json.extend_from_slice(&serde_json::to_vec(entry).unwrap_or_default());
-            }
-            return Record {
-                lsn: raw.lsn,
-                end,
-                entries,
-                payload: Bytes::from(json),
-            };
-        }
+    fn from_raw(raw: RawRecord) -> Record {
         Record {
             lsn: raw.lsn,
-            end,
-            entries,
-            payload,
+            end: raw.end(),
+            count: raw.count,
+            payload: Bytes::from(raw.payload),
         }
     }
+}
+
+/// The id of a stored entry line, read without parsing the rest.
+pub fn id_of_line(line: &[u8]) -> Option<Uuid> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: Uuid,
+    }
+    serde_json::from_slice::<Id>(line).ok().map(|i| i.id)
 }
 
 /// The dedup decision, made in the writer thread so that it is ordered with the writes.
@@ -115,7 +103,7 @@ pub trait Admission: Send + 'static {
     /// For each entry: `None` if it is new (and is now remembered as pending at
     /// `record_lsn`), or `Some(lsn)` if it duplicates an entry stored at or before `lsn`
     /// (0 when that entry is already searchable).
-    fn admit(&mut self, entries: &[LogEntry], record_lsn: u64) -> Vec<Option<u64>>;
+    fn admit(&mut self, ids: &[Uuid], record_lsn: u64) -> Vec<Option<u64>>;
     /// The write of these ids failed: forget them.
     fn forget(&mut self, ids: &[Uuid]);
 }
@@ -123,7 +111,7 @@ pub trait Admission: Send + 'static {
 /// Entries to append, with their JSON already written (by the request's own task, so the
 /// serialisation runs in parallel rather than in the writer thread).
 pub struct Batch {
-    pub entries: Vec<LogEntry>,
+    pub ids: Vec<Uuid>,
     /// NDJSON: the entries' JSON, each followed by `\n`.
     pub json: Vec<u8>,
     /// End offset in `json` (after the newline) of each entry.
@@ -131,17 +119,17 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(entries: Vec<LogEntry>) -> Batch {
+    pub fn new(entries: &[LogEntry]) -> Batch {
         let mut json = Vec::with_capacity(entries.len() * 512);
         let mut ends = Vec::with_capacity(entries.len());
-        for entry in &entries {
+        for entry in entries {
             // Serialising our own struct into memory cannot fail.
             let _ = serde_json::to_writer(&mut json, entry);
             json.push(b'\n');
             ends.push(json.len());
         }
         Batch {
-            entries,
+            ids: entries.iter().map(|e| e.id).collect(),
             json,
             ends,
         }
@@ -174,7 +162,10 @@ struct State {
     segments: Vec<(u64, PathBuf)>,
     recent: VecDeque<Arc<Record>>,
     recent_bytes: usize,
+    /// Persisted positions (what each consumer has applied for good).
     cursors: HashMap<String, u64>,
+    /// Read positions (what each consumer has taken so far): lag is measured from these.
+    positions: HashMap<String, u64>,
     /// (end LSN, entries up to and including the record) for records not yet passed by every
     /// consumer, to answer "how many entries behind".
     counts: VecDeque<(u64, u64)>,
@@ -206,10 +197,14 @@ pub struct WalStats {
     pub consumers: Vec<ConsumerLag>,
 }
 
+/// Where one consumer is. `lag_*` count what it has not yet applied for good (up to its
+/// persisted cursor); `read_position` is how far it has read, which moves ahead of that
+/// between its commits.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConsumerLag {
     pub name: String,
     pub position: u64,
+    pub read_position: u64,
     pub lag_bytes: u64,
     pub lag_entries: u64,
 }
@@ -263,10 +258,13 @@ impl Wal {
                         total_entries += u64::from(raw.count);
                         counts.push_back((raw.end(), total_entries));
                         if raw.end() > slowest {
-                            let record = Record::decode(raw);
-                            recovered
-                                .unapplied
-                                .extend(record.entries.iter().map(|e| (e.id, record.lsn)));
+                            let record = Record::from_raw(raw);
+                            recovered.unapplied.extend(
+                                record
+                                    .lines()
+                                    .filter_map(|l| id_of_line(&l))
+                                    .map(|id| (id, record.lsn)),
+                            );
                         }
                     }
                     ReadOutcome::End => break,
@@ -323,6 +321,7 @@ impl Wal {
                 recent: VecDeque::new(),
                 recent_bytes: 0,
                 cursors: HashMap::new(),
+                positions: HashMap::new(),
                 counts,
                 counted_before: 0,
                 total_entries,
@@ -366,6 +365,7 @@ impl Wal {
         let durable = self.shared.durable_end.load(Ordering::Acquire);
         let position = persisted.unwrap_or(oldest).clamp(oldest, durable);
         state.cursors.insert(name.to_string(), position);
+        state.positions.insert(name.to_string(), position);
         Ok(WalReader {
             shared: self.shared.clone(),
             name: name.to_string(),
@@ -382,12 +382,12 @@ impl Wal {
         !self.shared.failed.load(Ordering::Acquire) && !self.sender.is_closed()
     }
 
-    /// Bytes the named consumer is behind the durable end.
-    pub fn lag_bytes(&self, name: &str) -> u64 {
+    /// Bytes the named consumer has yet to read (what ingest backpressure is measured on).
+    pub fn unread_bytes(&self, name: &str) -> u64 {
         let state = self.shared.lock();
         let end = self.shared.durable_end.load(Ordering::Acquire);
         state
-            .cursors
+            .positions
             .get(name)
             .map_or(0, |c| end.saturating_sub(*c))
     }
@@ -413,6 +413,7 @@ impl Wal {
             .map(|(name, &position)| ConsumerLag {
                 name: name.clone(),
                 position,
+                read_position: state.positions.get(name).copied().unwrap_or(position),
                 lag_bytes: end.saturating_sub(position),
                 lag_entries: state.total_entries.saturating_sub(entries_at(position)),
             })
@@ -446,6 +447,17 @@ fn read_cursors(dir: &Path) -> io::Result<HashMap<String, u64>> {
         }
     }
     Ok(cursors)
+}
+
+/// Drops the in-memory records every consumer has already read: the buffer only has to hold
+/// what someone still needs.
+fn forget_read_records(state: &mut State) {
+    let slowest = state.positions.values().copied().min().unwrap_or(0);
+    while state.recent.front().is_some_and(|r| r.end <= slowest) {
+        if let Some(record) = state.recent.pop_front() {
+            state.recent_bytes -= record.payload.len();
+        }
+    }
 }
 
 /// The writer thread's state.
@@ -510,39 +522,31 @@ impl Writer {
         let mut prepared = Vec::with_capacity(jobs.len());
         for job in jobs {
             let lsn = base + buf.len() as u64;
-            let duplicates = self.admission.admit(&job.batch.entries, lsn);
-            let Batch {
-                entries,
-                json,
-                ends,
-            } = job.batch;
+            let duplicates = self.admission.admit(&job.batch.ids, lsn);
+            let Batch { ids, json, ends } = job.batch;
             let mut payload = Vec::with_capacity(json.len());
-            let mut kept = Vec::with_capacity(entries.len());
+            let mut new_ids = Vec::with_capacity(ids.len());
             let mut start = 0;
-            for ((entry, end), dup) in entries.into_iter().zip(ends).zip(&duplicates) {
+            for ((id, end), dup) in ids.into_iter().zip(ends).zip(&duplicates) {
                 if dup.is_none() {
                     if !payload.is_empty() {
                         payload.push(b'\n');
                     }
                     // Without the trailing newline: lines are separated, not terminated.
                     payload.extend_from_slice(&json[start..end - 1]);
-                    kept.push(entry);
+                    new_ids.push(id);
                 }
                 start = end;
             }
-            let record = (!kept.is_empty()).then(|| {
-                encode_record(buf, lsn, kept.len() as u32, &payload);
+            let record = (!new_ids.is_empty()).then(|| {
+                encode_record(buf, lsn, new_ids.len() as u32, &payload);
                 Record {
                     lsn,
                     end: lsn + record_len(payload.len()),
-                    entries: kept,
+                    count: new_ids.len() as u32,
                     payload: Bytes::from(payload),
                 }
             });
-            let new_ids = record
-                .as_ref()
-                .map(|r| r.entries.iter().map(|e| e.id).collect())
-                .unwrap_or_default();
             prepared.push(Prepared {
                 reply: job.reply,
                 duplicates,
@@ -587,7 +591,7 @@ impl Writer {
                 let mut visible_after = p.duplicates.iter().flatten().copied().max().unwrap_or(0);
                 if let Some(record) = p.record {
                     visible_after = visible_after.max(record.lsn);
-                    state.total_entries += record.entries.len() as u64;
+                    state.total_entries += u64::from(record.count);
                     let total = state.total_entries;
                     state.counts.push_back((record.end, total));
                     state.recent_bytes += record.payload.len();
@@ -653,6 +657,7 @@ impl WalReader {
     pub fn seek(&mut self, lsn: u64) {
         self.next = lsn;
         self.disk = None;
+        self.shared.lock().positions.insert(self.name.clone(), lsn);
     }
 
     /// Returns the next durable records (about `max_bytes` of them), waiting up to `timeout`
@@ -682,12 +687,19 @@ impl WalReader {
                     }
                     if !out.is_empty() {
                         self.disk = None;
+                        state.positions.insert(self.name.clone(), self.next);
+                        forget_read_records(&mut state);
                         return Ok(out);
                     }
                 }
                 let segments = state.segments.clone();
                 drop(state);
-                return self.read_from_disk(&segments, durable, max_bytes);
+                let out = self.read_from_disk(&segments, durable, max_bytes)?;
+                self.shared
+                    .lock()
+                    .positions
+                    .insert(self.name.clone(), self.next);
+                return Ok(out);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -729,7 +741,7 @@ impl WalReader {
                 ReadOutcome::Record(raw) => {
                     bytes += raw.payload.len() + HEADER_LEN;
                     self.next = raw.end();
-                    out.push(Arc::new(Record::decode(raw)));
+                    out.push(Arc::new(Record::from_raw(raw)));
                 }
                 ReadOutcome::End | ReadOutcome::Invalid { .. } => {
                     // The rest of this segment is unusable (or it ended): go on with the next.

@@ -10,13 +10,12 @@ use super::*;
 struct SeenIds(HashMap<Uuid, u64>);
 
 impl Admission for SeenIds {
-    fn admit(&mut self, entries: &[LogEntry], record_lsn: u64) -> Vec<Option<u64>> {
-        entries
-            .iter()
-            .map(|e| match self.0.get(&e.id) {
+    fn admit(&mut self, ids: &[Uuid], record_lsn: u64) -> Vec<Option<u64>> {
+        ids.iter()
+            .map(|id| match self.0.get(id) {
                 Some(lsn) => Some(*lsn),
                 None => {
-                    self.0.insert(e.id, record_lsn);
+                    self.0.insert(*id, record_lsn);
                     None
                 }
             })
@@ -57,7 +56,11 @@ fn open(dir: &Path, segment_bytes: u64) -> (Wal, Recovered) {
 fn messages(records: &[Arc<Record>]) -> Vec<String> {
     records
         .iter()
-        .flat_map(|r| r.entries.iter().map(|e| e.message.clone()))
+        .flat_map(|r| {
+            r.lines()
+                .map(|l| serde_json::from_slice::<LogEntry>(&l).unwrap().message)
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -81,7 +84,7 @@ async fn appended_batches_reach_a_reader_in_order_with_their_json() {
     let mut reader = wal.reader("index").unwrap();
     for i in 0..3 {
         let appended = wal
-            .append(Batch::new(vec![entry(2 * i), entry(2 * i + 1)]))
+            .append(Batch::new(&[entry(2 * i), entry(2 * i + 1)]))
             .await
             .unwrap();
         assert_eq!(appended.duplicates, vec![None, None]);
@@ -91,9 +94,9 @@ async fn appended_batches_reach_a_reader_in_order_with_their_json() {
         .unwrap();
     assert_eq!(records.len(), 3);
     assert_eq!(messages(&records)[5], "message number 5");
-    let (e, json) = records[1].entries_with_json().nth(1).unwrap();
-    let parsed: LogEntry = serde_json::from_slice(&json).unwrap();
-    assert_eq!(&parsed, e);
+    let line = records[1].lines().nth(1).unwrap();
+    let parsed: LogEntry = serde_json::from_slice(&line).unwrap();
+    assert_eq!(parsed, entry(3));
     assert_eq!(
         records[1].lsn, records[0].end,
         "LSNs are contiguous byte positions"
@@ -104,10 +107,10 @@ async fn appended_batches_reach_a_reader_in_order_with_their_json() {
 async fn duplicates_are_not_written_again_and_say_where_the_original_is() {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) = open(dir.path(), 1 << 20);
-    let first = wal.append(Batch::new(vec![entry(1)])).await.unwrap();
+    let first = wal.append(Batch::new(&[entry(1)])).await.unwrap();
     let end_after_first = wal.end_lsn();
     let again = wal
-        .append(Batch::new(vec![entry(1), entry(2), entry(2)]))
+        .append(Batch::new(&[entry(1), entry(2), entry(2)]))
         .await
         .unwrap();
     assert_eq!(again.duplicates[0], Some(first.visible_after));
@@ -116,7 +119,7 @@ async fn duplicates_are_not_written_again_and_say_where_the_original_is() {
         again.duplicates[2].is_some(),
         "a repeat inside one batch is a duplicate too"
     );
-    let only_dups = wal.append(Batch::new(vec![entry(1)])).await.unwrap();
+    let only_dups = wal.append(Batch::new(&[entry(1)])).await.unwrap();
     assert_eq!(only_dups.duplicates, vec![Some(first.visible_after)]);
     assert!(wal.end_lsn() > end_after_first);
     let mut reader = wal.reader("index").unwrap();
@@ -136,7 +139,7 @@ async fn a_reopened_wal_replays_from_the_committed_cursor_and_cuts_a_torn_tail()
         let (wal, _) = open(dir.path(), 1 << 20);
         let mut reader = wal.reader("index").unwrap();
         for i in 0..4 {
-            wal.append(Batch::new(vec![entry(i)])).await.unwrap();
+            wal.append(Batch::new(&[entry(i)])).await.unwrap();
         }
         let (reader, records) = tokio::task::spawn_blocking(move || {
             let r = reader.next_records(1, Duration::from_millis(50)).unwrap();
@@ -169,7 +172,7 @@ async fn a_reopened_wal_replays_from_the_committed_cursor_and_cuts_a_torn_tail()
         vec!["message number 1", "message number 2", "message number 3"]
     );
     // Appends continue cleanly after the cut.
-    wal.append(Batch::new(vec![entry(9)])).await.unwrap();
+    wal.append(Batch::new(&[entry(9)])).await.unwrap();
     let mut reader = wal.reader("other").unwrap();
     let records = tokio::task::spawn_blocking(move || drain(&mut reader))
         .await
@@ -187,7 +190,7 @@ async fn segments_roll_and_are_deleted_once_every_consumer_passed_them() {
     for i in 0..8 {
         let mut e = entry(i);
         e.message = big.clone();
-        wal.append(Batch::new(vec![e])).await.unwrap();
+        wal.append(Batch::new(&[e])).await.unwrap();
     }
     let segments_before = list_segments(dir.path()).unwrap().len();
     assert!(
@@ -226,7 +229,7 @@ async fn a_reader_far_behind_reads_back_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) = open(dir.path(), 1024 * 1024);
     for i in 0..50 {
-        wal.append(Batch::new(vec![entry(i)])).await.unwrap();
+        wal.append(Batch::new(&[entry(i)])).await.unwrap();
     }
     drop(wal);
     let (wal, recovered) = open(dir.path(), 1024 * 1024);
@@ -236,5 +239,5 @@ async fn a_reader_far_behind_reads_back_from_disk() {
         .await
         .unwrap();
     assert_eq!(records.len(), 50);
-    assert_eq!(records[49].entries[0].message, "message number 49");
+    assert_eq!(messages(&records)[49], "message number 49");
 }

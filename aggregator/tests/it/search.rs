@@ -49,7 +49,6 @@ async fn search_supports_terms_phrases_boolean_operators_and_filters(db: Db) {
         ("payment -accepted", 1),
         ("NOT payment", 3),
         ("service:auth", 2),
-        ("trace_id:t-42", 1),
         ("PAYMENT", 3),
     ] {
         let body = app
