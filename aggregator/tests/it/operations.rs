@@ -190,3 +190,25 @@ on_both_databases!(
     the_openapi_document_describes_every_route_and_only_those,
     retention_drops_whole_day_partitions,
 );
+
+/// The README's configuration table lists exactly the settings the code reads.
+#[test]
+fn every_setting_is_documented_in_the_readme_and_nothing_else() {
+    let readme = include_str!("../../../README.md");
+    let section = readme
+        .split("## Configuration")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a Configuration section");
+    let documented: BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(String::from)
+        .collect();
+    let read: BTreeSet<String> =
+        logging_common::config::variable_names::<logging_aggregator::config::Config>()
+            .into_iter()
+            .collect();
+    assert_eq!(documented, read, "README configuration table vs. Config");
+}
