@@ -216,7 +216,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown.subscribe(),
         ));
     }
-    tracing::info!(api = %api_addr, metrics = ?metrics_addr, data_dir = %config.data_dir.display(),
+    let metrics_listener = metrics_addr.map_or("none".to_string(), |a| a.to_string());
+    tracing::info!(api = %api_addr, metrics = %metrics_listener, data_dir = %config.data_dir.display(),
         database = db.engine().name(), "logging aggregator started");
 
     let background = vec![

@@ -455,13 +455,12 @@ async fn main() {
         metrics
             .lines()
             .find(|l| {
-                l.starts_with("logging_aggregator_indexer_seconds_total")
+                l.starts_with("logging_aggregator_indexer_phase_seconds_sum")
                     && l.contains(&format!("phase=\"{p}\""))
             })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
-            / 1e6
     };
     println!(
         "indexer thread: {:.1} s waiting for the WAL, {:.1} s adding documents, {:.1} s in refreshes",

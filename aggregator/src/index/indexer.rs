@@ -107,14 +107,14 @@ impl Indexer {
                 .map_err(IndexerError::from)
                 .and_then(|records| {
                     let applied = Instant::now();
-                    metrics::counter!("logging_aggregator_indexer_seconds_total", "phase" => "wait")
-                        .increment((applied - waited).as_micros() as u64);
+                    metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "wait")
+                        .record((applied - waited).as_secs_f64());
                     let caught_up = records.is_empty();
                     for record in &records {
                         self.apply(record)?;
                     }
-                    metrics::counter!("logging_aggregator_indexer_seconds_total", "phase" => "apply")
-                        .increment(applied.elapsed().as_micros() as u64);
+                    metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "apply")
+                        .record(applied.elapsed().as_secs_f64());
                     Ok(caught_up)
                 });
             let caught_up = match step {
@@ -128,8 +128,8 @@ impl Indexer {
             if now >= next_refresh || (stopping && caught_up) {
                 let refreshing = Instant::now();
                 let refreshed = self.refresh();
-                metrics::counter!("logging_aggregator_indexer_seconds_total", "phase" => "refresh")
-                    .increment(refreshing.elapsed().as_micros() as u64);
+                metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "refresh")
+                    .record(refreshing.elapsed().as_secs_f64());
                 if let Err(error) = refreshed {
                     self.recover(&error);
                     continue;
