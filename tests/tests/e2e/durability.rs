@@ -192,3 +192,55 @@ async fn sigkill_under_concurrent_load_loses_no_acknowledged_entry() {
         lost.first()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_commits_the_index_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut aggregator =
+        AggregatorProcess::start(dir.path(), &[("INDEX_REFRESH_INTERVAL_MS", "60000")]);
+    let client = reqwest::Client::new();
+    let answer = post(&client, &aggregator.base, &batch("before-term", 30, 10))
+        .await
+        .unwrap();
+    assert_eq!(answer["accepted"], 30);
+    let pid = aggregator.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = aggregator.child.wait().unwrap();
+        (exit, aggregator)
+    })
+    .await
+    .unwrap();
+    let (exit, aggregator) = exit;
+    assert!(exit.success(), "exit status {exit}");
+    let log = aggregator.log_text();
+    assert!(
+        log.contains("indexer stopped with everything committed"),
+        "{log}"
+    );
+    // The index holds everything: nothing is left for the WAL to replay.
+    let cursor = std::fs::read_to_string(dir.path().join("wal/cursors/index")).unwrap();
+    let wal_end: u64 = std::fs::read_dir(dir.path().join("wal"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        .map(|e| {
+            let start: u64 = e
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".wal")
+                .parse()
+                .unwrap();
+            start + e.metadata().unwrap().len()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        cursor.contains(&format!("\"lsn\":{wal_end}")),
+        "cursor {cursor} vs end {wal_end}"
+    );
+}
