@@ -48,6 +48,33 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
+    /// An entry with the required fields, a fresh UUIDv7 of its timestamp, the current time
+    /// as `created_at`, and every optional field empty.
+    pub fn new(
+        timestamp: Timestamp,
+        level: LogLevel,
+        service: impl Into<String>,
+        message: impl Into<String>,
+    ) -> LogEntry {
+        LogEntry {
+            id: crate::id::new_log_id(timestamp),
+            timestamp,
+            level,
+            service: service.into(),
+            message: message.into(),
+            context: Context::default(),
+            trace_id: None,
+            span_id: None,
+            user_id: None,
+            request_id: None,
+            correlation_id: None,
+            tags: Vec::new(),
+            environment: None,
+            service_version: None,
+            created_at: Timestamp::now(),
+        }
+    }
+
     /// The entry with every field of the model, empty ones as `null`, `{}` or `[]`.
     pub fn to_api_json(&self) -> Vec<u8> {
         #[derive(Serialize)]

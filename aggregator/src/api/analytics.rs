@@ -40,7 +40,9 @@ fn parse_interval(text: &str) -> Result<i64, String> {
     if n <= 0 {
         return Err("must be positive".into());
     }
-    Ok(n * unit)
+    n.checked_mul(unit)
+        .filter(|secs| *secs <= 100 * 365 * 86_400)
+        .ok_or_else(|| format!("{text:?} is longer than a century"))
 }
 
 #[derive(Serialize)]
@@ -130,7 +132,9 @@ pub async fn analytics(
     }
     filter.start = Some(start);
     filter.end = Some(end);
-    let span_secs = (end.as_nanos() - start.as_nanos())
+    let span_secs = end
+        .as_nanos()
+        .saturating_sub(start.as_nanos())
         .div_euclid(NANOS_PER_SEC)
         .max(1);
     let interval_secs = match params.take_parsed("interval", parse_interval)? {
@@ -255,6 +259,7 @@ mod tests {
         assert_eq!(parse_interval("1d"), Ok(86_400));
         assert!(parse_interval("5w").is_err());
         assert!(parse_interval("0s").is_err());
+        assert!(parse_interval("99999999999999999d").is_err());
         let mut values: Vec<f64> = (1..=100).rev().map(f64::from).collect();
         assert_eq!(percentile(&mut values, 50.0), Some(50.0));
         assert_eq!(percentile(&mut values, 99.0), Some(99.0));

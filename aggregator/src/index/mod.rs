@@ -655,7 +655,11 @@ fn bounds(filter: &LogFilter, page: &Page) -> (Option<i64>, Option<i64>) {
     let mut upper = filter.end.map(|t| t.as_nanos());
     if let Some(after) = page.after {
         match page.order {
-            Order::Desc => upper = Some(upper.map_or(after.ts + 1, |u| u.min(after.ts + 1))),
+            Order::Desc => {
+                upper = Some(upper.map_or(after.ts.saturating_add(1), |u| {
+                    u.min(after.ts.saturating_add(1))
+                }))
+            }
             Order::Asc => lower = Some(lower.map_or(after.ts, |l| l.max(after.ts))),
         }
     }

@@ -140,8 +140,9 @@ pub fn build(
         // later sequence follow it. The collector applies the exact (ts, seq) bound.
         match order {
             Order::Desc => {
-                upper_exclusive =
-                    Some(upper_exclusive.map_or(after.ts + 1, |u| u.min(after.ts + 1)))
+                upper_exclusive = Some(upper_exclusive.map_or(after.ts.saturating_add(1), |u| {
+                    u.min(after.ts.saturating_add(1))
+                }))
             }
             Order::Asc => lower = Some(lower.map_or(after.ts, |l| l.max(after.ts))),
         }

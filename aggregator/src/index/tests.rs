@@ -23,20 +23,7 @@ impl Admission for AdmitAll {
 fn entry(n: u64, ts: Timestamp) -> LogEntry {
     LogEntry {
         id: Uuid::from_u128(u128::from(n) + 1000),
-        timestamp: ts,
-        level: LogLevel::Info,
-        service: "svc".into(),
-        message: format!("entry number {n}"),
-        context: Default::default(),
-        trace_id: None,
-        span_id: None,
-        user_id: None,
-        request_id: None,
-        correlation_id: None,
-        tags: vec![],
-        environment: None,
-        service_version: None,
-        created_at: ts,
+        ..LogEntry::new(ts, LogLevel::Info, "svc", format!("entry number {n}"))
     }
 }
 

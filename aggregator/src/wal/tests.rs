@@ -30,22 +30,11 @@ impl Admission for SeenIds {
 }
 
 fn entry(n: u64) -> LogEntry {
+    let ts = Timestamp::from_nanos(1_795_760_217_000_000_000 + n as i64);
     LogEntry {
         id: Uuid::from_u128(u128::from(n) + 1),
-        timestamp: Timestamp::from_nanos(1_795_760_217_000_000_000 + n as i64),
-        level: LogLevel::Info,
-        service: "svc".into(),
-        message: format!("message number {n}"),
-        context: Default::default(),
-        trace_id: None,
-        span_id: None,
-        user_id: None,
-        request_id: None,
-        correlation_id: None,
-        tags: vec![],
-        environment: None,
-        service_version: None,
         created_at: Timestamp::from_nanos(1),
+        ..LogEntry::new(ts, LogLevel::Info, "svc", format!("message number {n}"))
     }
 }
 
