@@ -22,6 +22,7 @@ use crate::db::Database;
 use crate::index::indexer::{Indexer, IndexerOptions};
 use crate::index::{IndexOptions, LogIndex};
 use crate::ingest::dedup::{Dedup, SharedDedup};
+use crate::ingest::listener::{AgentPeer, TlsListener};
 use crate::ingest::{INDEX_CONSUMER, Ingest, IngestOptions};
 use crate::wal::Wal;
 
@@ -50,6 +51,8 @@ pub struct Running {
     pub api_addr: SocketAddr,
     /// Where the separate metrics listener listens, if any.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the agents' mTLS ingest listener listens.
+    pub ingest_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -195,6 +198,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         api::router(state.clone()),
         shutdown.subscribe(),
     ));
+    let tls = ingest_tls(&config)?;
+    let ingest_tcp =
+        tokio::net::TcpListener::bind((config.bind_address.as_str(), config.ingest_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {}:{} (INGEST_PORT)",
+                    config.bind_address, config.ingest_port
+                )
+            })?;
+    let ingest_addr = ingest_tcp.local_addr()?;
+    let ingest_listener = TlsListener::spawn(ingest_tcp, Arc::new(tls), shutdown.subscribe())?;
+    servers.push(serve_ingest(
+        ingest_listener,
+        api::ingest_router(state.clone()),
+        shutdown.subscribe(),
+    ));
     let mut metrics_addr = None;
     if config.prometheus_enabled
         && config.prometheus_port != 0
@@ -217,7 +237,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ));
     }
     let metrics_listener = metrics_addr.map_or("none".to_string(), |a| a.to_string());
-    tracing::info!(api = %api_addr, metrics = %metrics_listener, data_dir = %config.data_dir.display(),
+    tracing::info!(api = %api_addr, ingest = %ingest_addr, metrics = %metrics_listener, data_dir = %config.data_dir.display(),
         database = db.engine().name(), "logging aggregator started");
 
     let background = vec![
@@ -230,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         state,
         api_addr,
         metrics_addr,
+        ingest_addr,
         shutdown,
         servers,
         background,
@@ -252,6 +273,44 @@ fn serve(
             .await;
         if let Err(error) = result {
             tracing::error!(%error, "listener failed");
+        }
+    })
+}
+
+/// The ingest listener's TLS: the configured files, or development certificates generated
+/// into `DATA_DIR/certs` on first start.
+fn ingest_tls(config: &Config) -> anyhow::Result<rustls::ServerConfig> {
+    let (cert, key, ca) = match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => (cert.clone(), key.clone(), ca.clone()),
+        _ => {
+            let dir = config.data_dir.join("certs");
+            let (paths, created) = crate::certs::development(&dir)
+                .context("cannot generate development certificates")?;
+            if created {
+                tracing::warn!(dir = %dir.display(), ca = %paths.ca.display(), agent_cert = %paths.agent.display(),
+                    agent_key = %paths.agent_key.display(),
+                    "no TLS_* given: generated development certificates for the ingest listener");
+            }
+            (paths.server, paths.server_key, paths.ca)
+        }
+    };
+    Ok(logging_common::tls::server_config(&cert, &key, &ca)?)
+}
+
+fn serve_ingest(
+    listener: TlsListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let app = router.into_make_service_with_connect_info::<AgentPeer>();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "ingest listener failed");
         }
     })
 }

@@ -76,6 +76,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// API tokens, `role:token,…` with role reader, writer or admin.
     pub api_tokens: Option<String>,
+    /// Port of the agents' mTLS ingest listener (`POST /v1/ingest`).
+    pub ingest_port: u16,
+    /// The ingest listener's certificate (PEM); development certificates when unset.
+    pub tls_cert: Option<PathBuf>,
+    /// The ingest listener's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA that agents' client certificates must chain to (PEM).
+    pub tls_client_ca: Option<PathBuf>,
 
     // --- this implementation ---
     /// Address the listeners bind to.
@@ -126,6 +134,10 @@ impl Default for Config {
             broker_retry_delay: 1000,
             data_dir: PathBuf::from("./data"),
             api_tokens: None,
+            ingest_port: 8443,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             bind_address: "0.0.0.0".into(),
             index_refresh_interval_ms: 1000,
             index_writer_memory_mb: 128,
@@ -232,6 +244,16 @@ impl Config {
             return Err(invalid(
                 "DATABASE_URL",
                 "expected a sqlite: or postgres:// URL",
+            ));
+        }
+        let tls_set = [&self.tls_cert, &self.tls_key, &self.tls_client_ca]
+            .iter()
+            .filter(|p| p.is_some())
+            .count();
+        if tls_set != 0 && tls_set != 3 {
+            return Err(invalid(
+                "TLS_CERT",
+                "set all of TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or none (development certificates)",
             ));
         }
         if !matches!(self.log_format.as_str(), "auto" | "json" | "text") {

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod db;
 pub mod error;

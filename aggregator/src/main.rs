@@ -18,6 +18,25 @@ struct Cli {
     /// YAML configuration file; environment variables override it.
     #[arg(long, short, env = "CONFIG_FILE")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Write development certificates for the agent ↔ aggregator mTLS link: ca.pem,
+    /// server.pem, server-key.pem, agent.pem, agent-key.pem (and ca-key.pem).
+    Certs {
+        /// Directory to write them into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Names the server certificate is valid for (repeat the flag).
+        #[arg(long = "server-name", default_values_t = logging_aggregator::certs::SERVER_NAMES.map(String::from))]
+        server_names: Vec<String>,
+        /// The agent certificate's common name (the agent's identity).
+        #[arg(long, default_value = "logging-agent")]
+        agent_name: String,
+    },
 }
 
 fn init_logging(config: &Config) {
@@ -62,6 +81,24 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Certs {
+        out,
+        server_names,
+        agent_name,
+    }) = cli.command
+    {
+        let paths = logging_aggregator::certs::generate(&out, &server_names, &agent_name)?;
+        for path in [
+            &paths.ca,
+            &paths.server,
+            &paths.server_key,
+            &paths.agent,
+            &paths.agent_key,
+        ] {
+            println!("{}", path.display());
+        }
+        return Ok(());
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {

@@ -7,6 +7,7 @@ pub mod id;
 pub mod level;
 pub mod model;
 pub mod timestamp;
+pub mod tls;
 pub mod validate;
 
 pub use level::LogLevel;

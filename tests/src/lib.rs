@@ -24,6 +24,13 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// An HTTP client. The workspace builds reqwest without a built-in crypto provider (one
+/// provider, ring, for everything), so it must be installed before any client is made.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -130,6 +137,7 @@ fn spawn(data_dir: &Path, port: u16, extra_env: &[(&str, &str)], log: &Path) -> 
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("DATA_DIR", data_dir)
         .env("SERVICE_PORT", port.to_string())
+        .env("INGEST_PORT", free_port().to_string())
         .env("PROMETHEUS_PORT", "0")
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("API_TOKENS", format!("admin:{ADMIN_TOKEN}"))

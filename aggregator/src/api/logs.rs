@@ -87,7 +87,7 @@ pub async fn create(
     let wait = wants_wait_for(&mut params)?;
     params.finish("; POST /api/logs takes only `refresh`")?;
     let (raws, is_array) = entries_of(&body)?;
-    let outcome: IngestOutcome = state.ingest.ingest(&raws).await?;
+    let outcome: IngestOutcome = state.ingest.ingest(&raws, None).await?;
     if wait {
         state.ingest.wait_visible(&outcome).await;
     }

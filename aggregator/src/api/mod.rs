@@ -4,6 +4,7 @@
 mod analytics;
 mod audit;
 pub mod health;
+mod ingest;
 mod logs;
 mod params;
 
@@ -62,6 +63,18 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/openapi.json", get(health::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(track_requests))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// The agents' ingest routes, served on the mTLS listener (`INGEST_PORT`) only.
+pub fn ingest_router(state: SharedState) -> Router {
+    let max_body = state.config.max_request_bytes;
+    Router::new()
+        .route("/v1/ingest", axum::routing::post(ingest::ingest))
+        .route("/health", get(health::live))
+        .fallback(not_found)
         .layer(middleware::from_fn(track_requests))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)

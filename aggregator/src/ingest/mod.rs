@@ -4,13 +4,14 @@
 //! through [`Ingest::ingest`], which answers only once the accepted entries are durable.
 
 pub mod dedup;
+pub mod listener;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log_entry};
-use logging_common::{LogEntry, Timestamp};
+use logging_common::{Context, LogEntry, Timestamp};
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -56,6 +57,30 @@ pub enum IngestError {
     Backpressure { lag_bytes: u64 },
     #[error(transparent)]
     Wal(#[from] WalError),
+}
+
+/// `context` with `"agent": name` added, unless the entry names an agent itself. Spliced into
+/// the JSON text rather than parsing the object, which is the rare path.
+fn with_agent(context: &Context, agent: &str) -> Context {
+    let text = context.as_json();
+    if text.contains("\"agent\"") {
+        let mut map = context.to_map();
+        if !map.contains_key("agent") {
+            map.insert("agent".into(), serde_json::Value::String(agent.into()));
+        }
+        return Context::from_map(&map);
+    }
+    let name = serde_json::to_string(agent).unwrap_or_else(|_| "\"\"".into());
+    let spliced = if context.is_empty() {
+        format!("{{\"agent\":{name}}}")
+    } else {
+        let inner = text.trim_start().strip_prefix('{').unwrap_or("}");
+        format!("{{\"agent\":{name},{inner}")
+    };
+    RawValue::from_string(spliced)
+        .ok()
+        .and_then(|raw| Context::from_object_json(raw).ok())
+        .unwrap_or_else(|| context.clone())
 }
 
 /// Entries accepted per second over the last minute.
@@ -150,7 +175,12 @@ impl Ingest {
     }
 
     /// Validates one entry and applies the aggregator's enrichment and time bounds.
-    pub fn prepare(&self, raw: &RawValue, now: Timestamp) -> Result<LogEntry, EntryError> {
+    pub fn prepare(
+        &self,
+        raw: &RawValue,
+        now: Timestamp,
+        agent: Option<&str>,
+    ) -> Result<LogEntry, EntryError> {
         let mut entry = validate_log_entry(
             raw,
             EntryLimits {
@@ -177,11 +207,20 @@ impl Ingest {
         if entry.environment.is_none() {
             entry.environment = self.options.environment.clone();
         }
+        if let Some(agent) = agent {
+            entry.context = with_agent(&entry.context, agent);
+        }
         Ok(entry)
     }
 
     /// Validates and stores a batch; returns once every accepted entry is durable.
-    pub async fn ingest(&self, raws: &[&RawValue]) -> Result<IngestOutcome, IngestError> {
+    ///
+    /// `agent` is the sending agent's certificate name, recorded as `context.agent`.
+    pub async fn ingest(
+        &self,
+        raws: &[&RawValue],
+        agent: Option<&str>,
+    ) -> Result<IngestOutcome, IngestError> {
         self.check_backpressure().await?;
         let now = Timestamp::now();
         let mut ids = vec![None; raws.len()];
@@ -189,7 +228,7 @@ impl Ingest {
         let mut entries = Vec::with_capacity(raws.len());
         let mut positions = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
-            match self.prepare(raw, now) {
+            match self.prepare(raw, now, agent) {
                 Ok(entry) => {
                     positions.push(i);
                     entries.push(entry);
@@ -242,5 +281,29 @@ impl Ingest {
         if let Some(lsn) = outcome.visible_after {
             self.index.wait_searchable(lsn).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(json: &str) -> Context {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn the_agent_name_joins_the_context_without_overwriting_one_the_entry_has() {
+        assert_eq!(
+            with_agent(&context("{}"), "node-1").as_json(),
+            r#"{"agent":"node-1"}"#
+        );
+        let spliced = with_agent(&context(r#"{ "a": 1 }"#), "node-\"1");
+        assert_eq!(spliced.to_map()["agent"], "node-\"1");
+        assert_eq!(spliced.to_map()["a"], 1);
+        let own = with_agent(&context(r#"{"agent":"mine"}"#), "node-1");
+        assert_eq!(own.to_map()["agent"], "mine");
+        let nested = with_agent(&context(r#"{"x":{"agent":"deep"}}"#), "node-1");
+        assert_eq!(nested.to_map()["agent"], "node-1");
     }
 }

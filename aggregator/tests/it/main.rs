@@ -6,6 +6,7 @@ mod support;
 mod access;
 mod audit;
 mod errors;
+mod ingest;
 mod logs;
 mod operations;
 mod search;

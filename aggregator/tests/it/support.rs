@@ -135,6 +135,7 @@ pub fn test_config(data_dir: PathBuf) -> Config {
     Config {
         data_dir,
         service_port: 0,
+        ingest_port: 0,
         prometheus_port: 0,
         bind_address: "127.0.0.1".into(),
         index_refresh_interval_ms: 50,

@@ -20,14 +20,16 @@ async fn a_yaml_file_configures_the_binary_and_the_environment_wins() {
             ("ENVIRONMENT", "production"),
         ],
     );
-    let health: Value = reqwest::get(format!("{}/health", aggregator.base))
+    let client = logging_tests::http_client();
+    let health: Value = client
+        .get(format!("{}/health", aggregator.base))
+        .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(health["service"], "from-yaml");
-    let client = reqwest::Client::new();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

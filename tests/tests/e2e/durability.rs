@@ -98,7 +98,7 @@ async fn sigkill_right_after_acknowledged_writes_loses_none_of_them() {
     // A long refresh interval: at the kill, acknowledged entries are in the WAL only.
     let mut aggregator =
         AggregatorProcess::start(dir.path(), &[("INDEX_REFRESH_INTERVAL_MS", "60000")]);
-    let client = reqwest::Client::new();
+    let client = logging_tests::http_client();
     let mut acknowledged = HashSet::new();
     let mut sent = Vec::new();
     for round in 0..20 {
@@ -142,7 +142,7 @@ async fn sigkill_under_concurrent_load_loses_no_acknowledged_entry() {
     let dir = tempfile::tempdir().unwrap();
     let mut aggregator =
         AggregatorProcess::start(dir.path(), &[("INDEX_REFRESH_INTERVAL_MS", "200")]);
-    let client = reqwest::Client::new();
+    let client = logging_tests::http_client();
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4 {
@@ -198,7 +198,7 @@ async fn sigterm_finishes_requests_commits_the_index_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut aggregator =
         AggregatorProcess::start(dir.path(), &[("INDEX_REFRESH_INTERVAL_MS", "60000")]);
-    let client = reqwest::Client::new();
+    let client = logging_tests::http_client();
     let answer = post(&client, &aggregator.base, &batch("before-term", 30, 10))
         .await
         .unwrap();
