@@ -1,0 +1,262 @@
+//! Start-up and shutdown of the agent: checkpoints, the TLS client, the file pipeline thread,
+//! the shipper, inotify, the socket inputs, `/metrics` and `/health`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{OnceLock, mpsc as std_mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::checkpoint::Checkpoints;
+use crate::config::Config;
+use crate::discover::Discovery;
+use crate::entry::Encoder;
+use crate::redact::Redactor;
+use crate::ship::{ShipState, Shipper};
+use crate::tailer::{Tailer, TailerOptions};
+
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .clone()
+}
+
+/// A running agent.
+pub struct Running {
+    pub metrics_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    tailer: Option<std::thread::JoinHandle<()>>,
+    shipper: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    checkpoints: Arc<Checkpoints>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+struct HealthState {
+    started: Instant,
+    ship: Arc<ShipState>,
+    metrics: Option<PrometheusHandle>,
+    node: String,
+}
+
+/// The HTTP client for the aggregator: mTLS when the URL is https.
+fn client(config: &Config) -> anyhow::Result<reqwest::Client> {
+    logging_common::tls::install_crypto_provider();
+    let builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60));
+    let builder = match (&config.tls_ca, &config.tls_cert, &config.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            builder.tls_backend_preconfigured(logging_common::tls::client_config(ca, cert, key)?)
+        }
+        _ => builder,
+    };
+    Ok(builder.build()?)
+}
+
+/// Starts every part of the agent.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    config.validate()?;
+    let metrics = metrics_handle();
+    std::fs::create_dir_all(&config.agent_data_dir).with_context(|| {
+        format!(
+            "cannot create AGENT_DATA_DIR {}",
+            config.agent_data_dir.display()
+        )
+    })?;
+    let checkpoints = Arc::new(Checkpoints::load(&config.agent_data_dir)?);
+    let ship_state = Arc::new(ShipState::default());
+    let node = config.node();
+
+    let shipper = Arc::new(Shipper {
+        client: client(&config)?,
+        url: format!("{}/v1/ingest", config.aggregator_url.trim_end_matches('/')),
+        checkpoints: checkpoints.clone(),
+        state: ship_state.clone(),
+        dead_letter: config.agent_data_dir.join("dead-letter.ndjson"),
+    });
+    let (batches, batch_queue) = mpsc::channel(4);
+    let shipper = tokio::spawn(shipper.run(batch_queue));
+
+    let discovery = Discovery::new(&config.agent_paths, &config.agent_exclude);
+    let (wake, woken) = std_mpsc::channel();
+    let watcher = watch_roots(&discovery, wake);
+    let tailer = Tailer::new(
+        TailerOptions {
+            node: node.clone(),
+            batch_entries: config.log_batch_size,
+            batch_bytes: config.agent_batch_bytes,
+            batch_timeout: config.batch_timeout(),
+            max_in_flight_bytes: config.agent_max_in_flight_bytes,
+            max_line: config.max_log_size,
+            rescan: Duration::from_millis(config.agent_rescan_interval_ms),
+        },
+        discovery,
+        Encoder::new(Redactor::new(&config.agent_redact_patterns)?),
+        checkpoints.clone(),
+        ship_state.clone(),
+        batches,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let tailer = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("tailer".into())
+            .spawn(move || tailer.run(woken, stop))?
+    };
+
+    let (shutdown, _) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let health = Arc::new(HealthState {
+        started: Instant::now(),
+        ship: ship_state.clone(),
+        metrics,
+        node: node.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.agent_metrics_port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on port {} (AGENT_METRICS_PORT)",
+                config.agent_metrics_port
+            )
+        })?;
+    let metrics_addr = listener.local_addr()?;
+    let router = Router::new()
+        .route("/metrics", get(metrics_endpoint))
+        .route("/health", get(health_endpoint))
+        .with_state(health);
+    let mut stop_http = shutdown.subscribe();
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop_http.wait_for(|s| *s).await;
+            })
+            .await;
+    }));
+    tasks.push(tokio::spawn(persist_checkpoints(
+        checkpoints.clone(),
+        shutdown.subscribe(),
+    )));
+    tracing::info!(node = %node, aggregator = %config.aggregator_url, metrics = %metrics_addr,
+        paths = ?config.agent_paths, "logging agent started");
+    Ok(Running {
+        metrics_addr,
+        stop,
+        shutdown,
+        tailer: Some(tailer),
+        shipper: Some(shipper),
+        tasks,
+        checkpoints,
+        _watcher: watcher,
+    })
+}
+
+/// One recursive inotify watch per glob root; any event wakes the tailer.
+fn watch_roots(
+    discovery: &Discovery,
+    wake: std_mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = wake.send(());
+        }
+    })
+    .map_err(|error| tracing::warn!(%error, "no inotify; relying on rescans"))
+    .ok()?;
+    for root in discovery.roots() {
+        if let Err(error) = watcher.watch(&root, RecursiveMode::Recursive) {
+            tracing::warn!(dir = %root.display(), %error, "cannot watch; relying on rescans");
+        }
+    }
+    Some(watcher)
+}
+
+/// Writes acknowledged positions to disk at most once a second.
+async fn persist_checkpoints(checkpoints: Arc<Checkpoints>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stopping = tokio::time::timeout(Duration::from_secs(1), stop.wait_for(|s| *s))
+            .await
+            .is_ok();
+        let store = checkpoints.clone();
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || store.persist()).await {
+            tracing::error!(%error, "cannot write checkpoints");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+async fn metrics_endpoint(State(state): State<Arc<HealthState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn health_endpoint(State(state): State<Arc<HealthState>>) -> Response {
+    let body = serde_json::json!({
+        "status": "ok",
+        "node": state.node,
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "in_flight_bytes": state.ship.in_flight_bytes.load(Ordering::Acquire),
+        "last_acknowledged_at": state.ship.last_ack.load(Ordering::Acquire),
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+impl Running {
+    /// Stops reading, sends what is whole, waits (up to `grace`) for acknowledgements, and
+    /// writes the checkpoints.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(tailer) = self.tailer.take() {
+            let _ = tokio::task::spawn_blocking(move || tailer.join()).await;
+        }
+        if let Some(shipper) = self.shipper.take()
+            && tokio::time::timeout(grace, shipper).await.is_err()
+        {
+            tracing::warn!(
+                "the aggregator did not acknowledge everything within the grace period; the rest is re-sent on the next start"
+            );
+        }
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Err(error) = self.checkpoints.persist() {
+            tracing::error!(%error, "cannot write checkpoints");
+        }
+        tracing::info!("logging agent stopped");
+    }
+}

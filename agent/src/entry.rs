@@ -1,0 +1,255 @@
+//! From a whole message to the NDJSON line the aggregator receives: parse, enrich with where
+//! it came from, redact, and give it its deterministic id (DESIGN §3).
+//!
+//! The line is written directly (no intermediate `LogEntry`): the context is assembled from
+//! the raw JSON values the parser kept, which is what keeps the cost per line low.
+
+use std::io::Write;
+
+use logging_common::id::deterministic_log_id;
+use logging_common::{LogLevel, Timestamp};
+
+use crate::decode::Stream;
+use crate::parse::{Parsed, parse};
+use crate::redact::{REDACTED, Redactor};
+
+/// A whole message from a source, ready to become an entry.
+#[derive(Debug)]
+pub struct Message {
+    /// Byte offset (or sequence number, for sockets) where the message starts.
+    pub start: u64,
+    /// When the runtime wrote it, if the format says.
+    pub time: Option<Timestamp>,
+    pub stream: Option<Stream>,
+    pub body: Vec<u8>,
+    /// Cut at `MAX_LOG_SIZE`.
+    pub truncated: bool,
+}
+
+/// What is known about a source, the same for all its messages.
+#[derive(Clone, Debug)]
+pub struct SourceMeta {
+    /// Identity for deterministic ids: node, then the file fingerprint or socket name.
+    pub source_id: Vec<u8>,
+    /// The service of entries that do not name one.
+    pub service: String,
+    /// `context.kubernetes`, as JSON, for pod logs.
+    pub kubernetes: Option<String>,
+    /// Facts for sources outside Kubernetes (e.g. `"file":"/var/log/x.log"`), as JSON pairs.
+    pub extra: Option<String>,
+}
+
+/// Turns messages into entry lines.
+pub struct Encoder {
+    redactor: Redactor,
+}
+
+fn write_str(out: &mut Vec<u8>, text: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+fn write_opt(out: &mut Vec<u8>, key: &str, value: &Option<String>) {
+    if let Some(value) = value {
+        out.push(b',');
+        write_str(out, key);
+        out.push(b':');
+        write_str(out, value);
+    }
+}
+
+impl Encoder {
+    pub fn new(redactor: Redactor) -> Encoder {
+        Encoder { redactor }
+    }
+
+    /// Appends the entry line for `message` (with its trailing newline) to `out`.
+    pub fn encode(&self, meta: &SourceMeta, message: &Message, out: &mut Vec<u8>) {
+        let body = String::from_utf8_lossy(&message.body);
+        let body = body.trim_end_matches(['\r', '\n']);
+        let mut parsed: Parsed = parse(body);
+        let mut fired = Vec::new();
+        let text = parsed.message.take();
+        let text = self
+            .redactor
+            .redact(text.as_deref().unwrap_or(body), &mut fired);
+        let timestamp = parsed
+            .timestamp
+            .or(message.time)
+            .unwrap_or_else(Timestamp::now);
+        let level = parsed.level.unwrap_or(LogLevel::Info);
+        let id = deterministic_log_id(timestamp, &meta.source_id, message.start);
+
+        out.extend_from_slice(b"{\"id\":\"");
+        let mut uuid_buf = uuid::Uuid::encode_buffer();
+        out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid_buf).as_bytes());
+        out.extend_from_slice(b"\",\"timestamp\":\"");
+        let mut ts = String::with_capacity(32);
+        timestamp.write_rfc3339(&mut ts);
+        out.extend_from_slice(ts.as_bytes());
+        out.extend_from_slice(b"\",\"level\":\"");
+        out.extend_from_slice(level.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"service\":");
+        write_str(out, parsed.service.as_deref().unwrap_or(&meta.service));
+        out.extend_from_slice(b",\"message\":");
+        write_str(out, &text);
+
+        out.extend_from_slice(b",\"context\":{");
+        let mut object = ObjectWriter { first: true };
+        let field = |object: &mut ObjectWriter, out: &mut Vec<u8>, key: &str| {
+            object.separate(out);
+            write_str(out, key);
+            out.push(b':');
+        };
+        for (key, value) in &parsed.context {
+            field(&mut object, out, key);
+            if self.redactor.is_secret_key(key) {
+                write_str(out, REDACTED);
+                fired.push("secret");
+            } else {
+                let redacted = self.redactor.redact(value, &mut fired);
+                // A rule may have cut into JSON syntax (a card number as a bare number):
+                // then the whole value goes.
+                let valid = matches!(redacted, std::borrow::Cow::Borrowed(_))
+                    || serde_json::from_str::<serde::de::IgnoredAny>(&redacted).is_ok();
+                if valid {
+                    out.extend_from_slice(redacted.as_bytes());
+                } else {
+                    write_str(out, REDACTED);
+                }
+            }
+        }
+        if let Some(kubernetes) = &meta.kubernetes {
+            field(&mut object, out, "kubernetes");
+            out.extend_from_slice(kubernetes.as_bytes());
+        }
+        if let Some(stream) = message.stream {
+            field(&mut object, out, "stream");
+            write_str(out, stream.as_str());
+        }
+        if let Some(extra) = &meta.extra {
+            object.separate(out);
+            out.extend_from_slice(extra.as_bytes());
+        }
+        if message.truncated {
+            field(&mut object, out, "truncated");
+            out.extend_from_slice(b"true");
+        }
+        if !fired.is_empty() {
+            fired.sort_unstable();
+            fired.dedup();
+            field(&mut object, out, "redacted");
+            let _ = serde_json::to_writer(&mut *out, &fired);
+        }
+        out.push(b'}');
+        write_opt(out, "trace_id", &parsed.trace_id);
+        write_opt(out, "span_id", &parsed.span_id);
+        write_opt(out, "request_id", &parsed.request_id);
+        write_opt(out, "correlation_id", &parsed.correlation_id);
+        write_opt(out, "user_id", &parsed.user_id);
+        let _ = out.write_all(b"}\n");
+    }
+}
+
+/// Writes the commas between an object's members.
+struct ObjectWriter {
+    first: bool,
+}
+
+impl ObjectWriter {
+    fn separate(&mut self, out: &mut Vec<u8>) {
+        if !self.first {
+            out.push(b',');
+        }
+        self.first = false;
+    }
+}
+
+impl Redactor {
+    /// Keys whose values are secrets whatever they look like.
+    pub fn is_secret_key(&self, key: &str) -> bool {
+        let key = key.to_ascii_lowercase();
+        matches!(
+            key.as_str(),
+            "password"
+                | "passwd"
+                | "pwd"
+                | "secret"
+                | "client_secret"
+                | "token"
+                | "access_token"
+                | "refresh_token"
+                | "api_key"
+                | "apikey"
+                | "api-key"
+                | "private_key"
+                | "secret_key"
+                | "authorization"
+                | "credential"
+                | "credentials"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(body: &str, truncated: bool) -> serde_json::Value {
+        let encoder = Encoder::new(Redactor::new(&[]).unwrap());
+        let meta = SourceMeta {
+            source_id: b"node-1\0file".to_vec(),
+            service: "web".into(),
+            kubernetes: Some(r#"{"namespace":"shop","pod":"web-1","node":"node-1"}"#.into()),
+            extra: None,
+        };
+        let message = Message {
+            start: 42,
+            time: Some(Timestamp::parse("2026-11-27T06:00:00Z").unwrap()),
+            stream: Some(Stream::Stderr),
+            body: body.as_bytes().to_vec(),
+            truncated,
+        };
+        let mut out = Vec::new();
+        encoder.encode(&meta, &message, &mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn a_json_body_becomes_an_entry_with_lifted_fields_and_metadata() {
+        let e = encode(
+            r#"{"level":"error","msg":"boom","trace_id":"t1","password":"p","n":1,"card":4111111111111111}"#,
+            false,
+        );
+        assert_eq!(e["context"]["card"], "[REDACTED]");
+        assert_eq!(e["level"], "error");
+        assert_eq!(e["message"], "boom");
+        assert_eq!(e["service"], "web");
+        assert_eq!(e["trace_id"], "t1");
+        assert_eq!(e["timestamp"], "2026-11-27T06:00:00Z");
+        assert_eq!(e["context"]["n"], 1);
+        assert_eq!(e["context"]["password"], "[REDACTED]");
+        assert_eq!(
+            e["context"]["redacted"],
+            serde_json::json!(["card_number", "secret"])
+        );
+        assert_eq!(e["context"]["kubernetes"]["pod"], "web-1");
+        assert_eq!(e["context"]["stream"], "stderr");
+        assert_eq!(
+            encode("plain", false)["id"],
+            encode("other text", false)["id"],
+            "the id is where it came from"
+        );
+    }
+
+    #[test]
+    fn plain_bodies_keep_their_text_and_truncation_is_marked() {
+        let e = encode("WARN disk 91% full\r", true);
+        assert_eq!(e["level"], "warning");
+        assert_eq!(e["message"], "WARN disk 91% full");
+        assert_eq!(e["context"]["truncated"], true);
+        let e = encode("{\"service\":\"billing\",\"msg\":\"own service\"}", false);
+        assert_eq!(e["service"], "billing");
+    }
+}

@@ -1,0 +1,22 @@
+//! The node agent: follows container log files (and, later in this crate, local sockets),
+//! turns their lines into entries, and ships them to the aggregator over mutual TLS without
+//! losing or duplicating any (DESIGN §3, §4, §5).
+//!
+//! Follow one line through the modules in order: [`discover`] finds the file, [`tail`] reads
+//! it (runtime formats in [`decode`], stack traces in [`multiline`]), [`entry`] parses
+//! ([`parse`]), enriches ([`kubernetes`]) and redacts ([`redact`]) it, [`tailer`] batches it,
+//! [`ship`] sends it, and [`checkpoint`] records it once acknowledged.
+
+pub mod app;
+pub mod checkpoint;
+pub mod config;
+pub mod decode;
+pub mod discover;
+pub mod entry;
+pub mod kubernetes;
+pub mod multiline;
+pub mod parse;
+pub mod redact;
+pub mod ship;
+pub mod tail;
+pub mod tailer;

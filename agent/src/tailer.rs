@@ -1,0 +1,444 @@
+//! The file pipeline's loop, on its own thread: discover files, read them in turn, turn whole
+//! messages into entry lines, cut batches, hand them to the shipper, and retire rotated or
+//! deleted files once they are read to the end.
+//!
+//! Backpressure: while the batches built but not yet acknowledged exceed
+//! `AGENT_MAX_IN_FLIGHT_BYTES`, nothing more is read. The files themselves are the buffer, so
+//! memory stays flat however long the aggregator is away.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::checkpoint::{Checkpoints, FileCheckpoint, Mark};
+use crate::discover::Discovery;
+use crate::entry::{Encoder, Message, SourceMeta};
+use crate::kubernetes::{pod_info, service_from_path, workload_name};
+use crate::ship::{Batch, ShipState, compress};
+use crate::tail::{FileId, FileKey, Tailed};
+
+/// How long a held message waits for a continuation line.
+const MULTILINE_WAIT: Duration = Duration::from_millis(500);
+/// How long a renamed or deleted file is still read after its last new data.
+const GONE_GRACE: Duration = Duration::from_secs(5);
+/// Bytes read from one file before the next gets its turn.
+const READ_BUDGET: usize = 512 * 1024;
+const TICK: Duration = Duration::from_millis(100);
+
+/// The settings the loop needs.
+pub struct TailerOptions {
+    pub node: String,
+    pub batch_entries: usize,
+    pub batch_bytes: usize,
+    pub batch_timeout: Duration,
+    pub max_in_flight_bytes: usize,
+    pub max_line: usize,
+    pub rescan: Duration,
+}
+
+pub struct Tailer {
+    options: TailerOptions,
+    discovery: Discovery,
+    encoder: Encoder,
+    checkpoints: Arc<Checkpoints>,
+    ship_state: Arc<ShipState>,
+    batches: mpsc::Sender<Batch>,
+    files: HashMap<FileKey, Tailed>,
+    /// Files retired, whose final position must be acknowledged before they are forgotten.
+    retired: Vec<(FileId, u64)>,
+    batch: Vec<u8>,
+    batch_entries: usize,
+    batch_started: Option<Instant>,
+    next_sequence: u64,
+    /// Safe offsets already sent, to mark only what moved.
+    marked: HashMap<FileId, u64>,
+    /// Final positions of retired files, for the next batch.
+    final_marks: Vec<Mark>,
+}
+
+/// Builds the metadata of a file source.
+fn source_meta(node: &str, path: &Path, id: FileId) -> SourceMeta {
+    let source_id = format!("{node}\0file\0{}:{}:{:016x}", id.dev, id.ino, id.head).into_bytes();
+    match pod_info(path) {
+        Some(pod) => {
+            let kubernetes = serde_json::json!({
+                "namespace": pod.namespace,
+                "pod": pod.pod,
+                "pod_uid": pod.pod_uid,
+                "container": pod.container,
+                "restart_count": pod.restart_count,
+                "node": node,
+            });
+            SourceMeta {
+                source_id,
+                service: workload_name(&pod.pod).to_string(),
+                kubernetes: Some(kubernetes.to_string()),
+                extra: None,
+            }
+        }
+        None => SourceMeta {
+            source_id,
+            service: service_from_path(path),
+            kubernetes: None,
+            extra: Some(format!(
+                "\"file\":{},\"node\":{}",
+                serde_json::Value::String(path.display().to_string()),
+                serde_json::Value::String(node.to_string())
+            )),
+        },
+    }
+}
+
+impl Tailer {
+    pub fn new(
+        options: TailerOptions,
+        discovery: Discovery,
+        encoder: Encoder,
+        checkpoints: Arc<Checkpoints>,
+        ship_state: Arc<ShipState>,
+        batches: mpsc::Sender<Batch>,
+    ) -> Tailer {
+        Tailer {
+            options,
+            discovery,
+            encoder,
+            checkpoints,
+            ship_state,
+            batches,
+            files: HashMap::new(),
+            retired: Vec::new(),
+            batch: Vec::new(),
+            batch_entries: 0,
+            batch_started: None,
+            next_sequence: 0,
+            marked: HashMap::new(),
+            final_marks: Vec::new(),
+        }
+    }
+
+    /// Runs until `stop` is set, then sends what is whole and returns.
+    pub fn run(mut self, wake: std_mpsc::Receiver<()>, stop: Arc<AtomicBool>) {
+        self.resume_rotated();
+        let mut last_scan = Instant::now() - self.options.rescan;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                self.shutdown();
+                return;
+            }
+            if last_scan.elapsed() >= self.options.rescan {
+                self.rescan();
+                last_scan = Instant::now();
+            }
+            let read = self.read_round();
+            self.retire_gone();
+            self.forget_acknowledged();
+            if self
+                .batch_started
+                .is_some_and(|started| started.elapsed() >= self.options.batch_timeout)
+            {
+                self.cut();
+            }
+            metrics::gauge!("logging_agent_files_watched").set(self.files.len() as f64);
+            if read == 0 {
+                // Nothing new anywhere: sleep until inotify says something changed (a new
+                // file triggers a rescan at once) or the next tick.
+                if let Ok(()) = wake.recv_timeout(TICK) {
+                    while wake.try_recv().is_ok() {}
+                    last_scan = Instant::now() - self.options.rescan;
+                }
+            }
+        }
+    }
+
+    fn in_flight_full(&self) -> bool {
+        self.ship_state.in_flight_bytes.load(Ordering::Acquire) + self.batch.len()
+            >= self.options.max_in_flight_bytes
+    }
+
+    /// Opens new files and notices renamed, deleted and truncated ones.
+    fn rescan(&mut self) {
+        let found = self.discovery.scan();
+        let mut current: HashMap<PathBuf, FileKey> = HashMap::new();
+        for path in found {
+            let Ok(metadata) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let key = FileKey::of(&metadata);
+            current.insert(path.clone(), key);
+            if self.files.contains_key(&key) {
+                continue;
+            }
+            let checkpoints = self.checkpoints.clone();
+            match Tailed::open(&path, self.options.max_line, &move |id| {
+                checkpoints.file_offset(id)
+            }) {
+                Ok(tailed) => {
+                    tracing::info!(file = %path.display(), offset = tailed.offset, "tailing");
+                    self.files.insert(key, tailed);
+                }
+                Err(error) => tracing::warn!(file = %path.display(), %error, "cannot open"),
+            }
+        }
+        for tailed in self.files.values_mut() {
+            let still_there = current.get(&tailed.path) == Some(&tailed.key)
+                || current.values().any(|key| *key == tailed.key);
+            if !still_there && tailed.gone_since.is_none() {
+                tracing::info!(file = %tailed.path.display(), "renamed away or deleted; reading it to the end");
+                metrics::counter!("logging_agent_rotations_total").increment(1);
+                tailed.gone_since = Some(Instant::now());
+            }
+            if tailed.gone_since.is_none() {
+                match tailed.check_truncation() {
+                    Ok(true) => {
+                        metrics::counter!("logging_agent_truncations_total").increment(1);
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(file = %tailed.path.display(), %error, "cannot stat")
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a restart: files with a checkpoint that no glob matches any more were rotated
+    /// while the agent was down. Find them next to where they were and finish them.
+    fn resume_rotated(&mut self) {
+        let found: Vec<PathBuf> = self.discovery.scan();
+        let mut found_keys = Vec::new();
+        for path in &found {
+            if let Ok(metadata) = std::fs::metadata(path) {
+                found_keys.push(FileKey::of(&metadata));
+            }
+        }
+        for checkpoint in self.checkpoints.files() {
+            let key = FileKey {
+                dev: checkpoint.id.dev,
+                ino: checkpoint.id.ino,
+            };
+            if found_keys.contains(&key) {
+                continue;
+            }
+            match find_by_id(&checkpoint) {
+                Some(path) => {
+                    let offset = checkpoint.offset;
+                    let id = checkpoint.id;
+                    match Tailed::open(&path, self.options.max_line, &move |i| {
+                        (i == id).then_some(offset)
+                    }) {
+                        Ok(mut tailed) if tailed.id == Some(id) => {
+                            tracing::info!(file = %path.display(), offset, "finishing a file rotated while the agent was down");
+                            tailed.gone_since = Some(Instant::now());
+                            self.files.insert(key, tailed);
+                        }
+                        _ => self.checkpoints.forget(checkpoint.id),
+                    }
+                }
+                None => {
+                    // Deleted before it could be finished: what was left unread is lost, and
+                    // counted.
+                    metrics::counter!("logging_agent_files_lost_total").increment(1);
+                    tracing::warn!(file = %checkpoint.path.display(), "a checkpointed file is gone; its unread rest is lost");
+                    self.checkpoints.forget(checkpoint.id);
+                }
+            }
+        }
+    }
+
+    /// Reads every file once, as far as the in-flight limit allows. Returns bytes read.
+    fn read_round(&mut self) -> usize {
+        let mut total = 0;
+        let keys: Vec<FileKey> = self.files.keys().copied().collect();
+        for key in keys {
+            if self.in_flight_full() {
+                break;
+            }
+            let Some(mut tailed) = self.files.remove(&key) else {
+                continue;
+            };
+            let node = self.options.node.clone();
+            let meta_for = move |path: &Path, id: FileId| source_meta(&node, path, id);
+            let mut lines = 0u64;
+            let result = {
+                let encoder = &self.encoder;
+                let batch = &mut self.batch;
+                let entries = &mut self.batch_entries;
+                let mut sink = |meta: &SourceMeta, message: Message| {
+                    encoder.encode(meta, &message, batch);
+                    *entries += 1;
+                    lines += 1;
+                };
+                let read = tailed.read(READ_BUDGET, &meta_for, &mut sink);
+                tailed.flush_held(MULTILINE_WAIT, &mut sink);
+                read
+            };
+            match result {
+                Ok(n) => {
+                    if n > 0 {
+                        let path = tailed.path.display().to_string();
+                        metrics::counter!("logging_agent_read_bytes_total", "path" => path.clone())
+                            .increment(n as u64);
+                        metrics::counter!("logging_agent_read_lines_total", "path" => path)
+                            .increment(lines);
+                    }
+                    total += n;
+                }
+                Err(error) => tracing::warn!(file = %tailed.path.display(), %error, "read failed"),
+            }
+            self.files.insert(key, tailed);
+            if self.batch_entries > 0 && self.batch_started.is_none() {
+                self.batch_started = Some(Instant::now());
+            }
+            if self.batch_entries >= self.options.batch_entries
+                || self.batch.len() >= self.options.batch_bytes
+            {
+                self.cut();
+            }
+        }
+        total
+    }
+
+    /// Retires files that are gone and read to the end.
+    fn retire_gone(&mut self) {
+        let finished: Vec<FileKey> = self
+            .files
+            .iter()
+            .filter(|(_, t)| t.gone_since.is_some() && t.last_data.elapsed() >= GONE_GRACE)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in finished {
+            let Some(mut tailed) = self.files.remove(&key) else {
+                continue;
+            };
+            let node = self.options.node.clone();
+            {
+                let encoder = &self.encoder;
+                let batch = &mut self.batch;
+                let entries = &mut self.batch_entries;
+                let mut sink = |meta: &SourceMeta, message: Message| {
+                    encoder.encode(meta, &message, batch);
+                    *entries += 1;
+                };
+                // Whatever was written after the last read, then whatever is left over.
+                let meta_for = move |path: &Path, id: FileId| source_meta(&node, path, id);
+                while matches!(tailed.read(READ_BUDGET, &meta_for, &mut sink), Ok(n) if n > 0) {}
+                tailed.finish(&mut sink);
+            }
+            if let Some(id) = tailed.id {
+                self.final_marks.push(Mark::File(FileCheckpoint {
+                    id,
+                    path: tailed.path.clone(),
+                    offset: tailed.offset,
+                }));
+                self.marked.remove(&id);
+                self.retired.push((id, tailed.offset));
+            }
+            tracing::info!(file = %tailed.path.display(), offset = tailed.offset, "finished");
+            self.cut();
+        }
+    }
+
+    /// Forgets retired files once their end is acknowledged.
+    fn forget_acknowledged(&mut self) {
+        let checkpoints = self.checkpoints.clone();
+        self.retired.retain(|(id, end)| {
+            if checkpoints
+                .file_offset(*id)
+                .is_some_and(|acked| acked >= *end)
+            {
+                checkpoints.forget(*id);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Closes the current batch and hands it to the shipper (waiting while its queue is full).
+    fn cut(&mut self) {
+        let mut marks = Vec::new();
+        for tailed in self.files.values() {
+            let Some(id) = tailed.id else { continue };
+            let safe = tailed.safe_offset();
+            if self.marked.get(&id) != Some(&safe) {
+                self.marked.insert(id, safe);
+                marks.push(Mark::File(FileCheckpoint {
+                    id,
+                    path: tailed.path.clone(),
+                    offset: safe,
+                }));
+            }
+        }
+        marks.append(&mut self.final_marks);
+        if self.batch_entries == 0 && marks.is_empty() {
+            self.batch_started = None;
+            return;
+        }
+        let ndjson = std::mem::take(&mut self.batch);
+        let batch = Batch {
+            sequence: self.next_sequence,
+            body: compress(&ndjson),
+            entries: self.batch_entries,
+            raw_bytes: ndjson.len(),
+            marks,
+        };
+        self.next_sequence += 1;
+        self.batch_entries = 0;
+        self.batch_started = None;
+        self.ship_state
+            .in_flight_bytes
+            .fetch_add(batch.raw_bytes, Ordering::AcqRel);
+        if self.batches.blocking_send(batch).is_err() {
+            tracing::error!(
+                "the shipper has stopped; the batch stays unacknowledged and will be re-read"
+            );
+        }
+    }
+
+    fn shutdown(&mut self) {
+        // Only whole messages leave; anything half-assembled stays behind the checkpoint and
+        // is read again on the next start.
+        for tailed in self.files.values_mut() {
+            let encoder = &self.encoder;
+            let batch = &mut self.batch;
+            let entries = &mut self.batch_entries;
+            let mut sink = |meta: &SourceMeta, message: Message| {
+                encoder.encode(meta, &message, batch);
+                *entries += 1;
+            };
+            tailed.flush_held(MULTILINE_WAIT, &mut sink);
+        }
+        self.cut();
+    }
+}
+
+/// A file with this fingerprint in the directory where it was last seen.
+fn find_by_id(checkpoint: &FileCheckpoint) -> Option<PathBuf> {
+    let dir = checkpoint.path.parent()?;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let name = path.file_name()?.to_str().unwrap_or("");
+        if name.ends_with(".gz") || name.ends_with(".tmp") {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let Ok(metadata) = file.metadata() else {
+            continue;
+        };
+        let key = FileKey::of(&metadata);
+        if key.dev != checkpoint.id.dev || key.ino != checkpoint.id.ino {
+            continue;
+        }
+        if crate::tail::head_hash(&file).ok().flatten() == Some(checkpoint.id.head) {
+            return Some(path);
+        }
+    }
+    None
+}
