@@ -29,6 +29,8 @@ const GONE_GRACE: Duration = Duration::from_secs(5);
 /// Bytes read from one file before the next gets its turn.
 const READ_BUDGET: usize = 512 * 1024;
 const TICK: Duration = Duration::from_millis(100);
+/// How often checkpoints of files that no longer exist are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The settings the loop needs.
 pub struct TailerOptions {
@@ -49,8 +51,6 @@ pub struct Tailer {
     ship_state: Arc<ShipState>,
     batches: mpsc::Sender<Batch>,
     files: HashMap<FileKey, Tailed>,
-    /// Files retired, whose final position must be acknowledged before they are forgotten.
-    retired: Vec<(FileId, u64)>,
     batch: Vec<u8>,
     batch_entries: usize,
     batch_started: Option<Instant>,
@@ -111,7 +111,6 @@ impl Tailer {
             ship_state,
             batches,
             files: HashMap::new(),
-            retired: Vec::new(),
             batch: Vec::new(),
             batch_entries: 0,
             batch_started: None,
@@ -125,6 +124,7 @@ impl Tailer {
     pub fn run(mut self, wake: std_mpsc::Receiver<()>, stop: Arc<AtomicBool>) {
         self.resume_rotated();
         let mut last_scan = Instant::now() - self.options.rescan;
+        let mut last_prune = Instant::now();
         loop {
             if stop.load(Ordering::Acquire) {
                 self.shutdown();
@@ -136,7 +136,10 @@ impl Tailer {
             }
             let read = self.read_round();
             self.retire_gone();
-            self.forget_acknowledged();
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                self.prune_checkpoints();
+                last_prune = Instant::now();
+            }
             if self
                 .batch_started
                 .is_some_and(|started| started.elapsed() >= self.options.batch_timeout)
@@ -206,15 +209,21 @@ impl Tailer {
         }
     }
 
-    /// After a restart: files with a checkpoint that no glob matches any more were rotated
-    /// while the agent was down. Find them next to where they were and finish them.
+    /// After a restart: finish what was rotated while the agent was down. That is every file
+    /// with a checkpoint that no glob matches any more (found again by its fingerprint next to
+    /// where it was), and every rotated sibling of a matched file (`0.log.<timestamp>`, never
+    /// `.gz`) that has no checkpoint or was not read to its end. A sibling without a checkpoint
+    /// is read from the start: what was sent of it before carries the same ids and is dropped
+    /// by the aggregator.
     fn resume_rotated(&mut self) {
         let found: Vec<PathBuf> = self.discovery.scan();
         let mut found_keys = Vec::new();
+        let mut candidates: Vec<PathBuf> = Vec::new();
         for path in &found {
             if let Ok(metadata) = std::fs::metadata(path) {
                 found_keys.push(FileKey::of(&metadata));
             }
+            candidates.extend(rotated_siblings(path));
         }
         for checkpoint in self.checkpoints.files() {
             let key = FileKey {
@@ -225,20 +234,7 @@ impl Tailer {
                 continue;
             }
             match find_by_id(&checkpoint) {
-                Some(path) => {
-                    let offset = checkpoint.offset;
-                    let id = checkpoint.id;
-                    match Tailed::open(&path, self.options.max_line, &move |i| {
-                        (i == id).then_some(offset)
-                    }) {
-                        Ok(mut tailed) if tailed.id == Some(id) => {
-                            tracing::info!(file = %path.display(), offset, "finishing a file rotated while the agent was down");
-                            tailed.gone_since = Some(Instant::now());
-                            self.files.insert(key, tailed);
-                        }
-                        _ => self.checkpoints.forget(checkpoint.id),
-                    }
-                }
+                Some(path) => candidates.push(path),
                 None => {
                     // Deleted before it could be finished: what was left unread is lost, and
                     // counted.
@@ -246,6 +242,31 @@ impl Tailer {
                     tracing::warn!(file = %checkpoint.path.display(), "a checkpointed file is gone; its unread rest is lost");
                     self.checkpoints.forget(checkpoint.id);
                 }
+            }
+        }
+        candidates.sort();
+        candidates.dedup();
+        for path in candidates {
+            let Ok(metadata) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let key = FileKey::of(&metadata);
+            if found_keys.contains(&key) || self.files.contains_key(&key) {
+                continue;
+            }
+            let checkpoints = self.checkpoints.clone();
+            match Tailed::open(&path, self.options.max_line, &move |id| {
+                checkpoints.file_offset(id)
+            }) {
+                Ok(mut tailed) => {
+                    if tailed.offset >= metadata.len() && tailed.offset > 0 {
+                        continue;
+                    }
+                    tracing::info!(file = %path.display(), offset = tailed.offset, "finishing a file rotated while the agent was down");
+                    tailed.gone_since = Some(Instant::now());
+                    self.files.insert(key, tailed);
+                }
+                Err(error) => tracing::warn!(file = %path.display(), %error, "cannot open"),
             }
         }
     }
@@ -336,27 +357,28 @@ impl Tailer {
                     offset: tailed.offset,
                 }));
                 self.marked.remove(&id);
-                self.retired.push((id, tailed.offset));
             }
             tracing::info!(file = %tailed.path.display(), offset = tailed.offset, "finished");
             self.cut();
         }
     }
 
-    /// Forgets retired files once their end is acknowledged.
-    fn forget_acknowledged(&mut self) {
-        let checkpoints = self.checkpoints.clone();
-        self.retired.retain(|(id, end)| {
-            if checkpoints
-                .file_offset(*id)
-                .is_some_and(|acked| acked >= *end)
-            {
-                checkpoints.forget(*id);
-                false
-            } else {
-                true
+    /// Forgets the checkpoints of files that no longer exist (kubelet compressed or deleted
+    /// them). A finished file keeps its checkpoint while it exists, so a restart does not
+    /// read it again.
+    fn prune_checkpoints(&mut self) {
+        for checkpoint in self.checkpoints.files() {
+            let key = FileKey {
+                dev: checkpoint.id.dev,
+                ino: checkpoint.id.ino,
+            };
+            if self.files.contains_key(&key) {
+                continue;
             }
-        });
+            if find_by_id(&checkpoint).is_none() {
+                self.checkpoints.forget(checkpoint.id);
+            }
+        }
     }
 
     /// Closes the current batch and hands it to the shipper (waiting while its queue is full).
@@ -415,6 +437,31 @@ impl Tailer {
         }
         self.cut();
     }
+}
+
+/// `0.log.20261127-100000` next to kubelet's `0.log`: the pod log it renamed away, except
+/// once compressed. Only for kubelet's files, which are rotated by renaming: a logrotate
+/// `copytruncate` copy has the content of the file it was copied from, already sent.
+fn rotated_siblings(path: &Path) -> Vec<PathBuf> {
+    if pod_info(path).is_none() {
+        return Vec::new();
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let prefix = format!("{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&prefix) && !n.ends_with(".gz") && !n.ends_with(".tmp")
+            })
+        })
+        .collect()
 }
 
 /// A file with this fingerprint in the directory where it was last seen.

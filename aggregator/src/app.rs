@@ -181,6 +181,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         indexer_healthy,
     });
 
+    // Certificates first: once the API answers, everything an agent needs exists.
+    let tls = ingest_tls(&config)?;
     let (shutdown, _) = watch::channel(false);
     let mut servers = Vec::new();
     let api_listener =
@@ -198,7 +200,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         api::router(state.clone()),
         shutdown.subscribe(),
     ));
-    let tls = ingest_tls(&config)?;
     let ingest_tcp =
         tokio::net::TcpListener::bind((config.bind_address.as_str(), config.ingest_port))
             .await

@@ -43,6 +43,7 @@ pub fn free_port() -> u16 {
 pub struct AggregatorProcess {
     pub child: Child,
     pub port: u16,
+    pub ingest_port: u16,
     pub base: String,
     data_dir: PathBuf,
     extra_env: Vec<(String, String)>,
@@ -53,9 +54,17 @@ impl AggregatorProcess {
     /// Starts `logging-aggregator` on `data_dir` and waits until it is ready.
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> AggregatorProcess {
         let port = free_port();
+        let ingest_port = free_port();
         let mut process = AggregatorProcess {
-            child: spawn(data_dir, port, extra_env, &data_dir.join("aggregator.log")),
+            child: spawn(
+                data_dir,
+                port,
+                ingest_port,
+                extra_env,
+                &data_dir.join("aggregator.log"),
+            ),
             port,
+            ingest_port,
             base: format!("http://127.0.0.1:{port}"),
             data_dir: data_dir.to_path_buf(),
             extra_env: extra_env
@@ -92,6 +101,11 @@ impl AggregatorProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The development certificates it generated, for an agent.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.data_dir.join("certs")
+    }
+
     /// SIGKILL: no shutdown code runs, no buffer is flushed.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -114,7 +128,7 @@ impl AggregatorProcess {
             .collect();
         self.port = free_port();
         self.base = format!("http://127.0.0.1:{}", self.port);
-        self.child = spawn(&self.data_dir, self.port, &env, &self.log);
+        self.child = spawn(&self.data_dir, self.port, self.ingest_port, &env, &self.log);
         self.wait_ready();
     }
 }
@@ -125,7 +139,13 @@ impl Drop for AggregatorProcess {
     }
 }
 
-fn spawn(data_dir: &Path, port: u16, extra_env: &[(&str, &str)], log: &Path) -> Child {
+fn spawn(
+    data_dir: &Path,
+    port: u16,
+    ingest_port: u16,
+    extra_env: &[(&str, &str)],
+    log: &Path,
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -137,7 +157,7 @@ fn spawn(data_dir: &Path, port: u16, extra_env: &[(&str, &str)], log: &Path) -> 
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("DATA_DIR", data_dir)
         .env("SERVICE_PORT", port.to_string())
-        .env("INGEST_PORT", free_port().to_string())
+        .env("INGEST_PORT", ingest_port.to_string())
         .env("PROMETHEUS_PORT", "0")
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("API_TOKENS", format!("admin:{ADMIN_TOKEN}"))
@@ -149,4 +169,130 @@ fn spawn(data_dir: &Path, port: u16, extra_env: &[(&str, &str)], log: &Path) -> 
         command.env(k, v);
     }
     command.spawn().expect("start logging-aggregator")
+}
+
+/// An agent process.
+pub struct AgentProcess {
+    pub child: Child,
+    pub metrics_port: u16,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `logging-agent` shipping to `aggregator`, with `data_dir` for its checkpoints.
+    pub fn start(
+        aggregator: &AggregatorProcess,
+        data_dir: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> AgentProcess {
+        let certs = aggregator.certs_dir();
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "AGGREGATOR_URL".into(),
+                format!("https://localhost:{}", aggregator.ingest_port),
+            ),
+            ("TLS_CA".into(), certs.join("ca.pem").display().to_string()),
+            (
+                "TLS_CERT".into(),
+                certs.join("agent.pem").display().to_string(),
+            ),
+            (
+                "TLS_KEY".into(),
+                certs.join("agent-key.pem").display().to_string(),
+            ),
+            ("AGENT_DATA_DIR".into(), data_dir.display().to_string()),
+            ("NODE_NAME".into(), "node-e2e".into()),
+            ("LOG_BATCH_TIMEOUT".into(), "0.2".into()),
+            ("LOG_FORMAT".into(), "json".into()),
+        ];
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        std::fs::create_dir_all(data_dir).expect("agent data dir");
+        let metrics_port = free_port();
+        let log = data_dir.join("agent.log");
+        let agent = AgentProcess {
+            child: spawn_agent(&env, metrics_port, &log),
+            metrics_port,
+            env,
+            log,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    /// SIGKILL, then start again with the same settings and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.metrics_port = free_port();
+        self.child = spawn_agent(&self.env, self.metrics_port, &self.log);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let exited = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true);
+            if exited {
+                panic!("the agent exited; log:\n{}", self.log_text());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("the agent did not start; log:\n{}", self.log_text());
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory, in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_agent(env: &[(String, String)], metrics_port: u16, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut command = Command::new(binary("logging-agent"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AGENT_METRICS_PORT", metrics_port.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().expect("start logging-agent")
 }

@@ -94,7 +94,12 @@ pub struct Tailed {
     pub gone_since: Option<Instant>,
     pub last_data: Instant,
     pub truncations: u64,
+    /// The last bytes before `offset`, as read: if the file no longer has them there, it was
+    /// truncated and refilled (copytruncate) even if it is already longer than `offset`.
+    tail_signature: Vec<u8>,
 }
+
+const SIGNATURE_BYTES: usize = 64;
 
 /// What the tailer does with a whole message.
 pub type Sink<'a> = &'a mut dyn FnMut(&SourceMeta, Message);
@@ -134,6 +139,7 @@ impl Tailed {
             gone_since: None,
             last_data: Instant::now(),
             truncations: 0,
+            tail_signature: Vec::new(),
         })
     }
 
@@ -160,13 +166,36 @@ impl Tailed {
                 .all(|s| s.partial.is_none() && s.held.is_none())
     }
 
-    /// Notices copytruncate: the file is now shorter than what was read. Starts again at 0.
+    /// The bytes before `offset` that prove the file still holds what was read.
+    fn signature_at(&self, offset: u64) -> std::io::Result<Vec<u8>> {
+        let len = SIGNATURE_BYTES.min(offset as usize);
+        let mut buf = vec![0u8; len];
+        let n = self.file.read_at(&mut buf, offset - len as u64)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Notices copytruncate: the file is shorter than what was read, or no longer starts with
+    /// the same first line, or no longer has the bytes that were read just before the offset
+    /// (truncated and already refilled past it). Starts again at 0.
     pub fn check_truncation(&mut self) -> std::io::Result<bool> {
         let size = self.file.metadata()?.len();
-        if size >= self.offset {
+        if size == self.offset {
+            // Nothing new to read, so nothing to misread either.
+            return Ok(false);
+        }
+        let replaced = size < self.offset
+            || self
+                .id
+                .is_some_and(|id| head_hash(&self.file).ok().flatten() != Some(id.head))
+            || (!self.tail_signature.is_empty()
+                && self.signature_at(self.offset)? != self.tail_signature);
+        if !replaced {
             return Ok(false);
         }
         tracing::info!(file = %self.path.display(), size, offset = self.offset, "file truncated; reading it again from the start");
+        metrics::counter!("logging_agent_truncations_total").increment(1);
+        self.tail_signature.clear();
         self.offset = 0;
         self.line.clear();
         self.line_start = 0;
@@ -200,6 +229,11 @@ impl Tailed {
                 None => return Ok(0),
             }
         }
+        // Before reading on: is this still the content we were reading? (A copytruncated file
+        // refilled past our offset would otherwise be read from the middle.)
+        if self.gone_since.is_none() && self.offset > 0 && self.check_truncation()? {
+            return self.read(budget, meta_for, sink);
+        }
         let Some(id) = self.id else { return Ok(0) };
         if self.meta.is_none() {
             self.meta = Some(meta_for(&self.path, id));
@@ -215,6 +249,9 @@ impl Tailed {
             self.offset += n as u64;
             self.last_data = Instant::now();
             self.consume(&chunk[..n], sink);
+        }
+        if total > 0 {
+            self.tail_signature = self.signature_at(self.offset)?;
         }
         Ok(total)
     }

@@ -180,3 +180,27 @@ fn a_checkpoint_resumes_at_its_offset_only_for_the_same_content() {
     let fresh = Tailed::open(&path, 1 << 20, &move |i| (i == other).then_some(12)).unwrap();
     assert_eq!(fresh.offset, 0);
 }
+
+#[test]
+fn copytruncate_refilled_past_the_old_offset_is_noticed_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, "{\"msg\":\"same first line\"}\n{\"msg\":\"old\"}\n");
+    let mut tailed = Tailed::open(&path, 1 << 20, &|_| None).unwrap();
+    assert_eq!(read_all(&mut tailed).len(), 2);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    // The same first line again, and more than before: size and head alone would not tell.
+    append(
+        &path,
+        "{\"msg\":\"same first line\"}\n{\"msg\":\"new and longer\"}\n{\"msg\":\"x\"}\n",
+    );
+    assert!(tailed.check_truncation().unwrap());
+    let got = read_all(&mut tailed);
+    assert_eq!(got.len(), 3);
+    assert!(!tailed.check_truncation().unwrap(), "unchanged now");
+}

@@ -1,1 +1,1 @@
-
+//! The agent's integration tests.

@@ -1,4 +1,5 @@
 //! End-to-end tests: the real binaries, as processes, killed with SIGKILL.
 
+mod agent;
 mod config;
 mod durability;

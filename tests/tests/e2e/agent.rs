@@ -1,0 +1,346 @@
+//! The agent and the aggregator together, as processes: every line written arrives exactly
+//! once, whatever happens to the files and to the processes.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use logging_tests::{ADMIN_TOKEN, AgentProcess, AggregatorProcess, http_client};
+use serde_json::Value;
+
+const POD: &str = "shop_web-7d4b9c5f6-x2k9p_0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+
+fn now_rfc3339() -> String {
+    logging_common::Timestamp::now().to_rfc3339()
+}
+
+/// Appends CRI lines whose bodies are JSON carrying a sequence number.
+fn write_cri(path: &Path, from: u64, to: u64) {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let mut text = String::new();
+    for seq in from..to {
+        text.push_str(&format!(
+            "{} stdout F {{\"level\":\"info\",\"msg\":\"request {seq} served\",\"seq\":{seq}}}\n",
+            now_rfc3339()
+        ));
+    }
+    file.write_all(text.as_bytes()).unwrap();
+}
+
+fn pod_log(root: &Path, container: &str, restart: u32) -> PathBuf {
+    let dir = root.join("var/log/pods").join(POD).join(container);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{restart}.log"))
+}
+
+/// Every stored entry (newest first pages walked to the end).
+async fn all_entries(aggregator: &AggregatorProcess) -> Vec<Value> {
+    let client = http_client();
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{}/api/logs?limit=1000", aggregator.base);
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let Ok(response) = client.get(url).bearer_auth(ADMIN_TOKEN).send().await else {
+            return out;
+        };
+        let page: Value = response.json().await.unwrap_or_default();
+        out.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Waits until `count` entries are stored (or fails, showing what arrived).
+async fn wait_for_count(aggregator: &AggregatorProcess, count: usize) -> Vec<Value> {
+    let mut entries = Vec::new();
+    for _ in 0..600 {
+        entries = all_entries(aggregator).await;
+        if entries.len() >= count {
+            return entries;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = sequences(&entries);
+    let missing: Vec<u64> = (0..count as u64)
+        .filter(|s| !seen.contains_key(s))
+        .collect();
+    panic!(
+        "only {} of {count} entries arrived; missing {}: {:?}…",
+        entries.len(),
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+/// The `seq` of every entry, counted.
+fn sequences(entries: &[Value]) -> BTreeMap<u64, usize> {
+    let mut seen = BTreeMap::new();
+    for entry in entries {
+        if let Some(seq) = entry["context"]["seq"].as_u64() {
+            *seen.entry(seq).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+fn assert_exactly_once(entries: &[Value], total: u64) {
+    let seen = sequences(entries);
+    let missing: Vec<u64> = (0..total).filter(|s| !seen.contains_key(s)).collect();
+    let doubled: Vec<(&u64, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        missing.is_empty(),
+        "{} lines never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(doubled.is_empty(), "lines stored twice: {doubled:?}");
+    assert_eq!(seen.len() as u64, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_arrives_once_through_rotation_copytruncate_and_sigkills() {
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let mut aggregator =
+        AggregatorProcess::start(&aggregator_dir, &[("INDEX_REFRESH_INTERVAL_MS", "100")]);
+    let paths = format!(
+        "{}/var/log/pods/*/*/*.log,{}/app/*.log",
+        root.path().display(),
+        root.path().display()
+    );
+    let log = pod_log(root.path(), "nginx", 0);
+    write_cri(&log, 0, 300);
+    let mut agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[("AGENT_PATHS", paths.as_str())],
+    );
+    let entries = wait_for_count(&aggregator, 300).await;
+    assert_exactly_once(&entries, 300);
+
+    // The metadata of a kubelet pod log.
+    let entry = &entries[0];
+    assert_eq!(entry["service"], "web");
+    assert_eq!(entry["context"]["stream"], "stdout");
+    assert_eq!(
+        entry["context"]["agent"], "logging-agent",
+        "the aggregator's record of who sent it"
+    );
+    let k8s = &entry["context"]["kubernetes"];
+    assert_eq!(k8s["namespace"], "shop");
+    assert_eq!(k8s["pod"], "web-7d4b9c5f6-x2k9p");
+    assert_eq!(k8s["pod_uid"], "0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6");
+    assert_eq!(k8s["container"], "nginx");
+    assert_eq!(k8s["restart_count"], 0);
+    assert_eq!(k8s["node"], "node-e2e");
+
+    // Kubelet rotation: the file is renamed away, a new one takes its name; lines written to
+    // the old one just before the rename are not lost.
+    write_cri(&log, 300, 400);
+    std::fs::rename(&log, log.with_extension("log.20261127-100000")).unwrap();
+    write_cri(&log, 400, 500);
+
+    // The agent is killed mid-stream and restarted.
+    agent.restart();
+    write_cri(&log, 500, 600);
+    agent.kill();
+    write_cri(&log, 600, 700);
+    agent.restart();
+
+    // The aggregator is killed too; the agent keeps retrying.
+    aggregator.kill();
+    write_cri(&log, 700, 800);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    aggregator.restart();
+    write_cri(&log, 800, 900);
+    if std::env::var_os("E2E_DEBUG").is_some() {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        eprintln!("agent log:\n{}", agent.log_text());
+    }
+    let entries = wait_for_count(&aggregator, 900).await;
+    assert_exactly_once(&entries, 900);
+
+    // copytruncate: the content is copied aside and the file emptied in place.
+    let app = root.path().join("app/server.log");
+    std::fs::create_dir_all(app.parent().unwrap()).unwrap();
+    let mut file = std::fs::File::create(&app).unwrap();
+    for seq in 900..1000 {
+        writeln!(
+            file,
+            "{{\"level\":\"warn\",\"msg\":\"plain file line\",\"seq\":{seq}}}"
+        )
+        .unwrap();
+    }
+    drop(file);
+    wait_for_count(&aggregator, 1000).await;
+    std::fs::copy(&app, app.with_extension("log.1")).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&app).unwrap();
+    file.set_len(0).unwrap();
+    drop(file);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&app).unwrap();
+    for seq in 1000..1100 {
+        writeln!(
+            file,
+            "{{\"level\":\"error\",\"msg\":\"after truncation\",\"seq\":{seq}}}"
+        )
+        .unwrap();
+    }
+    drop(file);
+    let entries = wait_for_count(&aggregator, 1100).await;
+    assert_exactly_once(&entries, 1100);
+    let plain = entries
+        .iter()
+        .find(|e| e["context"]["seq"] == 1050)
+        .unwrap();
+    assert_eq!(plain["service"], "app");
+    assert_eq!(plain["level"], "error");
+    assert!(
+        plain["context"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("app/server.log")
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_and_stack_traces_arrive_joined_and_secrets_redacted() {
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let aggregator =
+        AggregatorProcess::start(&aggregator_dir, &[("INDEX_REFRESH_INTERVAL_MS", "100")]);
+    let log = pod_log(root.path(), "api", 2);
+    let t = now_rfc3339();
+    let mut text = String::new();
+    // A long line split by the runtime into CRI pieces, with a stderr line in between.
+    text.push_str(&format!("{t} stdout P {{\"msg\":\"a long line \n"));
+    text.push_str(&format!("{t} stderr F ERROR something failed\n"));
+    text.push_str(&format!(
+        "{t} stderr F java.lang.IllegalStateException: cart is empty\n"
+    ));
+    text.push_str(&format!(
+        "{t} stderr F \tat com.example.Shop.checkout(Shop.java:42)\n"
+    ));
+    text.push_str(&format!(
+        "{t} stderr F \tat com.example.Api.handle(Api.java:7)\n"
+    ));
+    text.push_str(&format!("{t} stdout F joined at last\",\"seq\":1}}\n"));
+    text.push_str(&format!(
+        "{t} stdout F login user=bob password=hunter2 Authorization: Bearer abc.def.ghi\n"
+    ));
+    std::fs::write(&log, text).unwrap();
+    let docker = root.path().join("docker/x-json.log");
+    std::fs::create_dir_all(docker.parent().unwrap()).unwrap();
+    let piece = "z".repeat(16 * 1024);
+    std::fs::write(
+        &docker,
+        format!(
+            "{{\"log\":\"{piece}\",\"stream\":\"stdout\",\"time\":\"{t}\"}}\n{{\"log\":\"end\\n\",\"stream\":\"stdout\",\"time\":\"{t}\"}}\n"
+        ),
+    )
+    .unwrap();
+    let paths = format!(
+        "{}/var/log/pods/*/*/*.log,{}/docker/*.log",
+        root.path().display(),
+        root.path().display()
+    );
+    let agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[("AGENT_PATHS", paths.as_str())],
+    );
+    let entries = wait_for_count(&aggregator, 5).await;
+    let messages: Vec<&str> = entries
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        messages.contains(&"a long line joined at last"),
+        "{messages:#?}"
+    );
+    let trace = messages
+        .iter()
+        .find(|m| m.starts_with("java.lang.IllegalStateException"))
+        .unwrap();
+    assert!(
+        trace.ends_with("(Api.java:7)") && trace.lines().count() == 3,
+        "{trace}"
+    );
+    let error = entries
+        .iter()
+        .find(|e| e["message"] == "ERROR something failed")
+        .unwrap();
+    assert_eq!(error["level"], "error");
+    assert_eq!(error["context"]["stream"], "stderr");
+    assert_eq!(error["context"]["kubernetes"]["restart_count"], 2);
+    let secret = entries
+        .iter()
+        .find(|e| e["message"].as_str().unwrap().starts_with("login"))
+        .unwrap();
+    assert_eq!(
+        secret["message"],
+        "login user=bob password=[REDACTED] Authorization: Bearer [REDACTED]"
+    );
+    assert_eq!(
+        secret["context"]["redacted"],
+        serde_json::json!(["bearer_token", "secret"])
+    );
+    let long = entries
+        .iter()
+        .find(|e| e["message"].as_str().unwrap().starts_with("zzz"))
+        .unwrap();
+    assert_eq!(long["message"].as_str().unwrap().len(), 16 * 1024 + 3);
+    assert_eq!(entries.len(), 5, "nothing else, nothing twice");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_aggregator_away_memory_stays_flat_and_everything_arrives_later() {
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let mut aggregator =
+        AggregatorProcess::start(&aggregator_dir, &[("INDEX_REFRESH_INTERVAL_MS", "200")]);
+    aggregator.kill();
+    let paths = format!("{}/var/log/pods/*/*/*.log", root.path().display());
+    let agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[
+            ("AGENT_PATHS", paths.as_str()),
+            ("AGENT_MAX_IN_FLIGHT_BYTES", "2097152"),
+            ("AGENT_BATCH_BYTES", "262144"),
+        ],
+    );
+    let baseline = agent.rss_kib();
+    let log = pod_log(root.path(), "web", 0);
+    let mut peak = baseline;
+    let total = 60_000;
+    for chunk in 0..30 {
+        write_cri(&log, chunk * 2000, (chunk + 1) * 2000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(agent.rss_kib());
+    }
+    // 60,000 lines (~10 MB) written and nowhere to send them: the agent read only up to its
+    // in-flight limit, so its memory did not follow the file.
+    assert!(
+        peak < baseline + 16 * 1024,
+        "RSS grew from {baseline} KiB to {peak} KiB while the aggregator was down"
+    );
+    aggregator.restart();
+    let entries = wait_for_count(&aggregator, total as usize).await;
+    assert_exactly_once(&entries, total);
+    drop(agent);
+}
