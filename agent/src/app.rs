@@ -24,6 +24,8 @@ use crate::discover::Discovery;
 use crate::entry::Encoder;
 use crate::redact::Redactor;
 use crate::ship::{ShipState, Shipper};
+use crate::sockets;
+use crate::spool::Spool;
 use crate::tailer::{Tailer, TailerOptions};
 
 fn metrics_handle() -> Option<PrometheusHandle> {
@@ -41,6 +43,7 @@ fn metrics_handle() -> Option<PrometheusHandle> {
 /// A running agent.
 pub struct Running {
     pub metrics_addr: SocketAddr,
+    pub sockets: SocketAddrs,
     stop: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     tailer: Option<std::thread::JoinHandle<()>>,
@@ -97,7 +100,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (batches, batch_queue) = mpsc::channel(4);
     let shipper = tokio::spawn(shipper.run(batch_queue));
 
-    let discovery = Discovery::new(&config.agent_paths, &config.agent_exclude);
+    // Socket input goes through the spool, which the file pipeline tails.
+    let sockets_on = config.agent_syslog_udp.is_some()
+        || config.agent_syslog_tcp.is_some()
+        || config.agent_socket.is_some();
+    let spool_dir = config.agent_data_dir.join("spool");
+    let mut paths = config.agent_paths.clone();
+    let spool = if sockets_on {
+        paths.push(Spool::pattern(&spool_dir));
+        Some(Arc::new(Spool::new(
+            &spool_dir,
+            config.agent_spool_max_bytes,
+            checkpoints.clone(),
+        )?))
+    } else {
+        None
+    };
+    let discovery = Discovery::new(&paths, &config.agent_exclude);
     let (wake, woken) = std_mpsc::channel();
     let watcher = watch_roots(&discovery, wake);
     let tailer = Tailer::new(
@@ -109,6 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_in_flight_bytes: config.agent_max_in_flight_bytes,
             max_line: config.max_log_size,
             rescan: Duration::from_millis(config.agent_rescan_interval_ms),
+            spool_dir: spool.as_ref().map(|_| spool_dir.clone()),
         },
         discovery,
         Encoder::new(Redactor::new(&config.agent_redact_patterns)?),
@@ -157,10 +177,41 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         checkpoints.clone(),
         shutdown.subscribe(),
     )));
+    let mut socket_addrs = SocketAddrs::default();
+    if let Some(spool) = &spool {
+        if let Some(address) = &config.agent_syslog_udp {
+            let (task, addr) = sockets::udp(address, spool.clone(), shutdown.subscribe())
+                .await
+                .with_context(|| format!("cannot listen on {address} (AGENT_SYSLOG_UDP)"))?;
+            tasks.push(task);
+            socket_addrs.syslog_udp = Some(addr);
+        }
+        if let Some(address) = &config.agent_syslog_tcp {
+            let (task, addr) = sockets::tcp(address, spool.clone(), shutdown.subscribe())
+                .await
+                .with_context(|| format!("cannot listen on {address} (AGENT_SYSLOG_TCP)"))?;
+            tasks.push(task);
+            socket_addrs.syslog_tcp = Some(addr);
+        }
+        if let Some(path) = &config.agent_socket {
+            tasks.push(
+                sockets::unix(path, spool.clone(), shutdown.subscribe())
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen on {} (AGENT_SOCKET)", path.display())
+                    })?,
+            );
+        }
+        tasks.push(tokio::spawn(trim_spool(
+            spool.clone(),
+            shutdown.subscribe(),
+        )));
+    }
     tracing::info!(node = %node, aggregator = %config.aggregator_url, metrics = %metrics_addr,
         paths = ?config.agent_paths, "logging agent started");
     Ok(Running {
         metrics_addr,
+        sockets: socket_addrs,
         stop,
         shutdown,
         tailer: Some(tailer),
@@ -189,6 +240,27 @@ fn watch_roots(
         }
     }
     Some(watcher)
+}
+
+/// Deletes acknowledged spool files and keeps the spool under its cap.
+async fn trim_spool(spool: Arc<Spool>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stopping = tokio::time::timeout(Duration::from_secs(2), stop.wait_for(|s| *s))
+            .await
+            .is_ok();
+        let spool = spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.trim()).await;
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Where the socket inputs listen (useful when configured with port 0).
+#[derive(Clone, Debug, Default)]
+pub struct SocketAddrs {
+    pub syslog_udp: Option<SocketAddr>,
+    pub syslog_tcp: Option<SocketAddr>,
 }
 
 /// Writes acknowledged positions to disk at most once a second.

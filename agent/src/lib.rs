@@ -1,11 +1,12 @@
-//! The node agent: follows container log files (and, later in this crate, local sockets),
+//! The node agent: follows container log files and local sockets (syslog, a Unix socket),
 //! turns their lines into entries, and ships them to the aggregator over mutual TLS without
 //! losing or duplicating any (DESIGN §3, §4, §5).
 //!
 //! Follow one line through the modules in order: [`discover`] finds the file, [`tail`] reads
 //! it (runtime formats in [`decode`], stack traces in [`multiline`]), [`entry`] parses
 //! ([`parse`]), enriches ([`kubernetes`]) and redacts ([`redact`]) it, [`tailer`] batches it,
-//! [`ship`] sends it, and [`checkpoint`] records it once acknowledged.
+//! [`ship`] sends it, and [`checkpoint`] records it once acknowledged. Socket input
+//! ([`sockets`], [`syslog`]) is written to the [`spool`] first, which is tailed like a file.
 
 pub mod app;
 pub mod checkpoint;
@@ -18,5 +19,8 @@ pub mod multiline;
 pub mod parse;
 pub mod redact;
 pub mod ship;
+pub mod sockets;
+pub mod spool;
+pub mod syslog;
 pub mod tail;
 pub mod tailer;

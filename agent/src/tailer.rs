@@ -41,6 +41,8 @@ pub struct TailerOptions {
     pub max_in_flight_bytes: usize,
     pub max_line: usize,
     pub rescan: Duration,
+    /// Where socket input is spooled (its files are not "files" in the entries' context).
+    pub spool_dir: Option<PathBuf>,
 }
 
 pub struct Tailer {
@@ -62,8 +64,20 @@ pub struct Tailer {
 }
 
 /// Builds the metadata of a file source.
-fn source_meta(node: &str, path: &Path, id: FileId) -> SourceMeta {
+fn source_meta(node: &str, spool_dir: Option<&Path>, path: &Path, id: FileId) -> SourceMeta {
     let source_id = format!("{node}\0file\0{}:{}:{:016x}", id.dev, id.ino, id.head).into_bytes();
+    if spool_dir.is_some_and(|dir| path.parent() == Some(dir)) {
+        // Socket input: its lines name their own service and source.
+        return SourceMeta {
+            source_id,
+            service: "socket".into(),
+            kubernetes: None,
+            extra: Some(format!(
+                "\"node\":{}",
+                serde_json::Value::String(node.to_string())
+            )),
+        };
+    }
     match pod_info(path) {
         Some(pod) => {
             let kubernetes = serde_json::json!({
@@ -283,7 +297,9 @@ impl Tailer {
                 continue;
             };
             let node = self.options.node.clone();
-            let meta_for = move |path: &Path, id: FileId| source_meta(&node, path, id);
+            let spool_dir = self.options.spool_dir.clone();
+            let meta_for =
+                move |path: &Path, id: FileId| source_meta(&node, spool_dir.as_deref(), path, id);
             let mut lines = 0u64;
             let result = {
                 let encoder = &self.encoder;
@@ -337,6 +353,7 @@ impl Tailer {
                 continue;
             };
             let node = self.options.node.clone();
+            let spool_dir = self.options.spool_dir.clone();
             {
                 let encoder = &self.encoder;
                 let batch = &mut self.batch;
@@ -346,7 +363,9 @@ impl Tailer {
                     *entries += 1;
                 };
                 // Whatever was written after the last read, then whatever is left over.
-                let meta_for = move |path: &Path, id: FileId| source_meta(&node, path, id);
+                let meta_for = move |path: &Path, id: FileId| {
+                    source_meta(&node, spool_dir.as_deref(), path, id)
+                };
                 while matches!(tailed.read(READ_BUDGET, &meta_for, &mut sink), Ok(n) if n > 0) {}
                 tailed.finish(&mut sink);
             }

@@ -1,1 +1,134 @@
-//! The agent's integration tests.
+//! The agent's integration tests: its socket inputs over real sockets, into the real spool.
+//! (The whole agent with a real aggregator is tested end to end in `tests/`.)
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use logging_agent::checkpoint::Checkpoints;
+use logging_agent::sockets;
+use logging_agent::spool::Spool;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+/// Every line spooled so far, parsed.
+fn spooled(dir: &std::path::Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+async fn wait_for(dir: &std::path::Path, count: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let lines = spooled(dir);
+        if lines.len() >= count {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "only {} of {count} messages spooled: {:?}",
+        spooled(dir).len(),
+        spooled(dir)
+    );
+}
+
+#[tokio::test]
+async fn syslog_over_udp_and_tcp_with_both_framings_is_spooled_as_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state")).unwrap());
+    let spool_dir = dir.path().join("spool");
+    let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints).unwrap());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let (_udp, udp_addr) = sockets::udp("127.0.0.1:0", spool.clone(), stopped.clone())
+        .await
+        .unwrap();
+    let (_tcp, tcp_addr) = sockets::tcp("127.0.0.1:0", spool.clone(), stopped.clone())
+        .await
+        .unwrap();
+
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sender
+        .send_to(
+            b"<34>1 2026-11-27T06:00:00Z web-1 payments 42 - - card declined",
+            udp_addr,
+        )
+        .unwrap();
+    sender
+        .send_to(b"<38>Nov 27 06:00:01 web-1 sshd[7]: Accepted key", udp_addr)
+        .unwrap();
+
+    let mut tcp = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+    let framed = "<11>1 2026-11-27T06:00:02Z db-1 postgres - - - deadlock\ndetected";
+    tcp.write_all(format!("{} {framed}", framed.len()).as_bytes())
+        .await
+        .unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut lines = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+    lines
+        .write_all(b"<13>Nov 27 06:00:03 host app: first\n<13>Nov 27 06:00:04 host app: second\n")
+        .await
+        .unwrap();
+    lines.shutdown().await.unwrap();
+
+    let spooled = wait_for(&spool_dir, 5).await;
+    let find = |msg: &str| {
+        spooled
+            .iter()
+            .find(|e| e["msg"] == msg)
+            .unwrap_or_else(|| panic!("{msg}: {spooled:#?}"))
+    };
+    let udp = find("card declined");
+    assert_eq!(udp["service"], "payments");
+    assert_eq!(udp["level"], "critical");
+    assert_eq!(udp["hostname"], "web-1");
+    assert_eq!(udp["source"], "syslog-udp");
+    assert_eq!(find("Accepted key")["service"], "sshd");
+    let counted = find("deadlock\ndetected");
+    assert_eq!(
+        counted["level"], "error",
+        "octet counting keeps a newline inside a message"
+    );
+    assert_eq!(counted["source"], "syslog-tcp");
+    find("first");
+    find("second");
+}
+
+#[tokio::test]
+async fn the_unix_socket_takes_ndjson_entries_and_raw_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state")).unwrap());
+    let spool_dir = dir.path().join("spool");
+    let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints).unwrap());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let path = dir.path().join("agent.sock");
+    let _unix = sockets::unix(&path, spool, stopped).await.unwrap();
+    let path_for_client = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut client = std::os::unix::net::UnixStream::connect(path_for_client).unwrap();
+        client
+            .write_all(b"{\"level\":\"warn\",\"service\":\"cron\",\"message\":\"job slow\",\"job\":\"backup\"}\nplain text line\n")
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let spooled = wait_for(&spool_dir, 2).await;
+    assert_eq!(spooled[0]["service"], "cron");
+    assert_eq!(spooled[0]["job"], "backup");
+    assert_eq!(spooled[0]["source"], "unix-socket");
+    assert_eq!(spooled[1]["msg"], "plain text line");
+    assert_eq!(spooled[1]["service"], "socket");
+}

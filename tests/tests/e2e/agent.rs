@@ -344,3 +344,83 @@ async fn with_the_aggregator_away_memory_stays_flat_and_everything_arrives_later
     assert_exactly_once(&entries, total);
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_and_socket_messages_arrive_even_when_sent_while_the_aggregator_is_down() {
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let mut aggregator =
+        AggregatorProcess::start(&aggregator_dir, &[("INDEX_REFRESH_INTERVAL_MS", "100")]);
+    let udp_port = logging_tests::free_port();
+    let tcp_port = logging_tests::free_port();
+    let socket = root.path().join("agent.sock");
+    let udp = format!("127.0.0.1:{udp_port}");
+    let tcp = format!("127.0.0.1:{tcp_port}");
+    let paths = format!("{}/nothing/*.log", root.path().display());
+    let socket_path = socket.display().to_string();
+    let agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[
+            ("AGENT_PATHS", paths.as_str()),
+            ("AGENT_SYSLOG_UDP", udp.as_str()),
+            ("AGENT_SYSLOG_TCP", tcp.as_str()),
+            ("AGENT_SOCKET", socket_path.as_str()),
+        ],
+    );
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sender
+        .send_to(
+            b"<11>1 2026-11-27T06:00:00Z web-1 payments - - - card declined",
+            &udp,
+        )
+        .unwrap();
+    let mut stream = std::net::TcpStream::connect(&tcp).unwrap();
+    stream
+        .write_all(b"<38>Nov 27 06:00:01 web-1 sshd[7]: Accepted key\n")
+        .unwrap();
+    drop(stream);
+    let mut unix = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    unix.write_all(b"{\"level\":\"warn\",\"service\":\"cron\",\"message\":\"job slow\"}\n")
+        .unwrap();
+    drop(unix);
+    let entries = wait_for_count(&aggregator, 3).await;
+    let by_message = |m: &str| {
+        entries
+            .iter()
+            .find(|e| e["message"] == m)
+            .unwrap_or_else(|| panic!("{m}: {entries:#?}"))
+            .clone()
+    };
+    let udp_entry = by_message("card declined");
+    assert_eq!(udp_entry["service"], "payments");
+    assert_eq!(udp_entry["level"], "error");
+    assert_eq!(udp_entry["context"]["source"], "syslog-udp");
+    assert_eq!(udp_entry["context"]["hostname"], "web-1");
+    assert_eq!(udp_entry["context"]["node"], "node-e2e");
+    assert_eq!(by_message("Accepted key")["service"], "sshd");
+    assert_eq!(by_message("job slow")["level"], "warning");
+
+    // With the aggregator gone, socket input is spooled to disk and delivered later.
+    aggregator.kill();
+    for seq in 0..50 {
+        let message = format!("<14>1 - host app - - - queued while down {{\"seq\":{seq}}}");
+        sender.send_to(message.as_bytes(), &udp).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    aggregator.restart();
+    let entries = wait_for_count(&aggregator, 53).await;
+    let queued = entries
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("queued while down")
+        })
+        .count();
+    assert_eq!(queued, 50, "each spooled message once");
+    assert_eq!(entries.len(), 53);
+    drop(agent);
+}
