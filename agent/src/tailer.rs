@@ -146,6 +146,7 @@ impl Tailer {
             }
             if last_scan.elapsed() >= self.options.rescan {
                 self.rescan();
+                self.report_lag();
                 last_scan = Instant::now();
             }
             let read = self.read_round();
@@ -221,6 +222,22 @@ impl Tailer {
                 }
             }
         }
+    }
+
+    /// Bytes read but not yet acknowledged, over all files: what a crash now would re-send.
+    fn report_lag(&self) {
+        let lag: u64 = self
+            .files
+            .values()
+            .filter_map(|t| {
+                let id = t.id?;
+                Some(
+                    t.offset
+                        .saturating_sub(self.checkpoints.file_offset(id).unwrap_or(0)),
+                )
+            })
+            .sum();
+        metrics::gauge!("logging_agent_checkpoint_lag_bytes").set(lag as f64);
     }
 
     /// After a restart: finish what was rotated while the agent was down. That is every file

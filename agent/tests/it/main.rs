@@ -132,3 +132,25 @@ async fn the_unix_socket_takes_ndjson_entries_and_raw_lines() {
     assert_eq!(spooled[1]["msg"], "plain text line");
     assert_eq!(spooled[1]["service"], "socket");
 }
+
+/// The README's agent configuration table lists exactly the settings the code reads.
+#[test]
+fn every_agent_setting_is_documented_in_the_readme_and_nothing_else() {
+    let readme = include_str!("../../../README.md");
+    let section = readme
+        .split("### Agent configuration")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("an Agent configuration section");
+    let documented: std::collections::BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(String::from)
+        .collect();
+    let read: std::collections::BTreeSet<String> =
+        logging_common::config::variable_names::<logging_agent::config::Config>()
+            .into_iter()
+            .collect();
+    assert_eq!(documented, read);
+}

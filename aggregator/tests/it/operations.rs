@@ -196,10 +196,10 @@ on_both_databases!(
 fn every_setting_is_documented_in_the_readme_and_nothing_else() {
     let readme = include_str!("../../../README.md");
     let section = readme
-        .split("## Configuration")
+        .split("## Aggregator configuration")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("a Configuration section");
+        .expect("an Aggregator configuration section");
     let documented: BTreeSet<String> = section
         .lines()
         .filter_map(|l| l.strip_prefix("| `"))
