@@ -26,7 +26,7 @@ use crate::redact::Redactor;
 use crate::ship::{ShipState, Shipper};
 use crate::sockets;
 use crate::spool::Spool;
-use crate::tailer::{Tailer, TailerOptions};
+use crate::tailer::{Tailer, TailerOptions, Wake};
 
 fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -222,15 +222,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// One recursive inotify watch per glob root; any event wakes the tailer.
+/// One recursive inotify watch per glob root. Growth wakes the tailer to read; files
+/// appearing, moving or vanishing (or a lost-events overflow) make it rescan. Opens and reads
+/// are ignored: the rescan itself opens the watched directories, and waking on that would
+/// spin.
 fn watch_roots(
     discovery: &Discovery,
-    wake: std_mpsc::Sender<()>,
+    wake: std_mpsc::Sender<Wake>,
 ) -> Option<notify::RecommendedWatcher> {
+    use notify::EventKind;
+    use notify::event::ModifyKind;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = wake.send(());
-        }
+        let reason = match event.map(|e| e.kind) {
+            Ok(EventKind::Access(_)) => return,
+            Ok(EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_))) => Wake::Data,
+            Ok(_) | Err(_) => Wake::Layout,
+        };
+        let _ = wake.send(reason);
     })
     .map_err(|error| tracing::warn!(%error, "no inotify; relying on rescans"))
     .ok()?;

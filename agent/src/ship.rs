@@ -126,6 +126,10 @@ impl Shipper {
                 rejected,
             } => {
                 metrics::counter!("logging_agent_batches_sent_total").increment(1);
+                metrics::counter!("logging_agent_sent_bytes_total")
+                    .increment(batch.body.len() as u64);
+                metrics::counter!("logging_agent_sent_uncompressed_bytes_total")
+                    .increment(batch.raw_bytes as u64);
                 metrics::counter!("logging_agent_entries_sent_total").increment(accepted);
                 metrics::counter!("logging_agent_entries_duplicate_total").increment(duplicates);
                 if rejected > 0 {

@@ -29,10 +29,21 @@ const GONE_GRACE: Duration = Duration::from_secs(5);
 /// Bytes read from one file before the next gets its turn.
 const READ_BUDGET: usize = 512 * 1024;
 const TICK: Duration = Duration::from_millis(100);
+/// The longest sleep between polls when nothing is being written.
+const IDLE_TICK_MAX: Duration = Duration::from_secs(1);
 /// How often checkpoints of files that no longer exist are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The settings the loop needs.
+/// Why inotify woke the tailer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// A watched file grew: read now rather than at the next tick.
+    Data,
+    /// A file appeared, was renamed or deleted: rescan the globs now.
+    Layout,
+}
+
 pub struct TailerOptions {
     pub node: String,
     pub batch_entries: usize,
@@ -135,10 +146,11 @@ impl Tailer {
     }
 
     /// Runs until `stop` is set, then sends what is whole and returns.
-    pub fn run(mut self, wake: std_mpsc::Receiver<()>, stop: Arc<AtomicBool>) {
+    pub fn run(mut self, wake: std_mpsc::Receiver<Wake>, stop: Arc<AtomicBool>) {
         self.resume_rotated();
         let mut last_scan = Instant::now() - self.options.rescan;
         let mut last_prune = Instant::now();
+        let mut idle_wait = TICK;
         loop {
             if stop.load(Ordering::Acquire) {
                 self.shutdown();
@@ -150,6 +162,7 @@ impl Tailer {
                 last_scan = Instant::now();
             }
             let read = self.read_round();
+            metrics::counter!("logging_agent_polls_total").increment(1);
             self.retire_gone();
             if last_prune.elapsed() >= PRUNE_EVERY {
                 self.prune_checkpoints();
@@ -162,12 +175,28 @@ impl Tailer {
                 self.cut();
             }
             metrics::gauge!("logging_agent_files_watched").set(self.files.len() as f64);
-            if read == 0 {
+            if read > 0 {
+                idle_wait = TICK;
+            } else {
                 // Nothing new anywhere: sleep until inotify says something changed (a new
-                // file triggers a rescan at once) or the next tick.
-                if let Ok(()) = wake.recv_timeout(TICK) {
-                    while wake.try_recv().is_ok() {}
-                    last_scan = Instant::now() - self.options.rescan;
+                // file triggers a rescan at once) or the next tick. Ticks stretch while
+                // nothing happens, so that idle polling costs next to nothing; inotify still
+                // wakes at once, and the tick only matters where inotify is missing.
+                let waiting = self.batch_started.is_some()
+                    || self.ship_state.in_flight_bytes.load(Ordering::Acquire) > 0
+                    || self.files.values().any(Tailed::holds);
+                let wait = if waiting { TICK } else { idle_wait };
+                idle_wait = (idle_wait * 2).min(IDLE_TICK_MAX);
+                if let Ok(first) = wake.recv_timeout(wait) {
+                    idle_wait = TICK;
+                    // Drain every queued wake-up, noting whether any asks for a rescan.
+                    let mut layout = first == Wake::Layout;
+                    for reason in wake.try_iter() {
+                        layout |= reason == Wake::Layout;
+                    }
+                    if layout {
+                        last_scan = Instant::now() - self.options.rescan;
+                    }
                 }
             }
         }
@@ -180,6 +209,7 @@ impl Tailer {
 
     /// Opens new files and notices renamed, deleted and truncated ones.
     fn rescan(&mut self) {
+        metrics::counter!("logging_agent_rescans_total").increment(1);
         let found = self.discovery.scan();
         let mut current: HashMap<PathBuf, FileKey> = HashMap::new();
         for path in found {

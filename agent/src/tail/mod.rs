@@ -379,6 +379,11 @@ impl Tailed {
     }
 
     /// Sends held messages that nothing continued within `wait` (or all, with `Duration::ZERO`).
+    /// Whether a multiline entry is held, waiting for its continuation or its timeout.
+    pub fn holds(&self) -> bool {
+        self.streams.iter().any(|state| state.held.is_some())
+    }
+
     pub fn flush_held(&mut self, wait: Duration, sink: Sink<'_>) {
         let Some(meta) = self.meta.clone() else {
             return;

@@ -424,3 +424,40 @@ async fn syslog_and_socket_messages_arrive_even_when_sent_while_the_aggregator_i
     assert_eq!(entries.len(), 53);
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_neither_rescans_on_its_own_reads_nor_polls_busily() {
+    // Regression: inotify reports the opens of the rescan itself; waking on those made the
+    // agent rescan in a loop and burn a core while no line was being written.
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let aggregator = AggregatorProcess::start(&aggregator_dir, &[]);
+    for container in 0..20 {
+        write_cri(&pod_log(root.path(), &format!("c{container}"), 0), 0, 5);
+    }
+    let paths = format!("{}/var/log/pods/*/*/*.log", root.path().display());
+    let agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[("AGENT_PATHS", paths.as_str())],
+    );
+    wait_for_count(&aggregator, 100).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rescans = agent.metric("logging_agent_rescans_total").await;
+    let polls = agent.metric("logging_agent_polls_total").await;
+    assert!(rescans > 0.0 && polls > 0.0, "the counters are exported");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rescans = agent.metric("logging_agent_rescans_total").await - rescans;
+    let polls = agent.metric("logging_agent_polls_total").await - polls;
+    // One rescan a second (AGENT_RESCAN_INTERVAL_MS), and polls backing off to one a second
+    // once nothing arrives: a handful each in four seconds, where the loop made thousands
+    // (and plain 100 ms polling would make 40).
+    assert!(rescans <= 8.0, "{rescans} rescans in 4 s of idleness");
+    assert!(polls <= 16.0, "{polls} polls in 4 s of idleness");
+
+    // Idle does not mean deaf: a new line is still picked up at once through inotify.
+    write_cri(&pod_log(root.path(), "c0", 0), 5, 6);
+    wait_for_count(&aggregator, 101).await;
+    drop(agent);
+}

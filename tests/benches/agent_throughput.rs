@@ -1,0 +1,231 @@
+//! The agent's cost per line, end to end: pre-written CRI files of realistic JSON lines,
+//! agent → aggregator over mutual TLS with zstd, the aggregator storing with durability on.
+//!
+//! ```text
+//! cargo build --release -p logging-aggregator -p logging-agent
+//! cargo bench -p logging-tests --bench agent_throughput
+//! BENCH_LINES=200000 cargo bench -p logging-tests --bench agent_throughput
+//! ```
+//!
+//! Prints, for the agent process alone: lines/s, MB/s, CPU seconds per GB shipped and lines
+//! per CPU-second, peak RSS, the compression ratio on the wire; then RSS with 1,000 files
+//! tailed at once, and the idle CPU with 100 files and no new lines.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use logging_tests::{ADMIN_TOKEN, AgentProcess, AggregatorProcess, http_client};
+use serde_json::Value;
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = text
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Writes `lines` CRI lines (~183 bytes each, JSON bodies as Go/Java/Node services log them)
+/// spread over `files` pod logs. Returns the bytes written.
+fn write_pod_logs(root: &Path, files: usize, lines: usize) -> u64 {
+    let mut bytes = 0;
+    let ts = logging_common::Timestamp::now();
+    let levels = ["info", "info", "info", "debug", "warn", "error"];
+    let paths = [
+        "/api/v1/orders",
+        "/api/v1/cart",
+        "/healthz",
+        "/api/v1/users/me",
+        "/metrics",
+    ];
+    for f in 0..files {
+        let dir = root.join(format!(
+            "var/log/pods/ns{}_app{f}-7d4b9c5f6-x2k9p_0e7b3c3a-1b2c-4d5e-8f90-{f:012}/app",
+            f % 7
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join("0.log")).unwrap());
+        let per_file = lines / files + usize::from(f < lines % files);
+        for i in 0..per_file {
+            let n = f * 1_000_003 + i;
+            let t = ts.saturating_add_nanos(i as i64 * 1000).to_rfc3339();
+            let line = format!(
+                "{t} stdout F {{\"level\":\"{}\",\"ts\":\"{t}\",\"msg\":\"handled request\",\"path\":\"{}\",\"status\":{},\"duration_ms\":{}.{},\"req_id\":\"{:08x}\"}}\n",
+                levels[n % levels.len()],
+                paths[n % paths.len()],
+                [200, 200, 201, 404, 500][n % 5],
+                n % 900,
+                n % 10,
+                n.wrapping_mul(2_654_435_761) as u32
+            );
+            bytes += line.len() as u64;
+            file.write_all(line.as_bytes()).unwrap();
+        }
+    }
+    bytes
+}
+
+async fn stored(aggregator: &AggregatorProcess) -> u64 {
+    let Ok(response) = http_client()
+        .get(format!("{}/api/logs/stats", aggregator.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let stats: Value = response.json().await.unwrap_or_default();
+    stats["entries"].as_u64().unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let lines: usize = std::env::var("BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("agent_throughput: {lines} CRI lines in 10 files, {cores} cores");
+
+    // 1. Throughput and cost per line, with the default settings.
+    let root = tempfile::tempdir().unwrap();
+    let bytes = write_pod_logs(root.path(), 10, lines);
+    println!(
+        "wrote {:.1} MB ({:.0} bytes a line)",
+        bytes as f64 / 1e6,
+        bytes as f64 / lines as f64
+    );
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let aggregator = AggregatorProcess::start(&aggregator_dir, &[("LOG_LEVEL", "warn")]);
+    let paths = format!("{}/var/log/pods/*/*/*.log", root.path().display());
+    let runs: [(&str, &[(&str, &str)]); 1] = [(
+        "default settings (batches of 1,000 entries / 1 MiB, 8 MiB in flight)",
+        &[],
+    )];
+    for (run, (label, settings)) in runs.iter().enumerate() {
+        let mut env = vec![("AGENT_PATHS", paths.as_str()), ("LOG_LEVEL", "warn")];
+        env.extend_from_slice(settings);
+        let started = Instant::now();
+        let agent =
+            AgentProcess::start(&aggregator, &root.path().join(format!("agent{run}")), &env);
+        let pid = agent.child.id();
+        let mut peak_rss = 0;
+        loop {
+            peak_rss = peak_rss.max(status_kib(pid, "VmRSS:"));
+            let sent = agent.metric("logging_agent_entries_sent_total").await
+                + agent.metric("logging_agent_entries_duplicate_total").await;
+            if sent as usize >= lines {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "not shipped in 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = started.elapsed();
+        let agent_cpu = cpu_seconds(pid);
+        peak_rss = peak_rss.max(status_kib(pid, "VmHWM:"));
+        let wire = agent.metric("logging_agent_sent_bytes_total").await;
+        let uncompressed = agent
+            .metric("logging_agent_sent_uncompressed_bytes_total")
+            .await;
+        while stored(&aggregator).await < lines as u64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!();
+        println!("{label}:");
+        println!(
+            "  shipped and acknowledged in {:.1} s: {:>8.0} lines/s, {:.1} MB/s of log files",
+            elapsed.as_secs_f64(),
+            lines as f64 / elapsed.as_secs_f64(),
+            bytes as f64 / 1e6 / elapsed.as_secs_f64()
+        );
+        println!(
+            "  agent CPU: {agent_cpu:.2} s = {:.0} lines per CPU-second, {:.1} CPU-s per GB of log files",
+            lines as f64 / agent_cpu,
+            agent_cpu / (bytes as f64 / 1e9)
+        );
+        println!("  agent peak RSS: {:.1} MiB", peak_rss as f64 / 1024.0);
+        println!(
+            "  on the wire: {:.1} MB zstd of {:.1} MB entry JSON = {:.1}x ({:.1}x against the log files)",
+            wire / 1e6,
+            uncompressed / 1e6,
+            uncompressed / wire.max(1.0),
+            bytes as f64 / wire.max(1.0)
+        );
+    }
+    println!(
+        "(the aggregator, on the same 2 cores, bounds the wall-clock lines/s; lines per agent CPU-second is the agent's own cost)"
+    );
+
+    // 2. 1,000 files tailed at once.
+    let many = tempfile::tempdir().unwrap();
+    write_pod_logs(many.path(), 1000, 100_000);
+    let paths = format!("{}/var/log/pods/*/*/*.log", many.path().display());
+    let agent = AgentProcess::start(
+        &aggregator,
+        &many.path().join("agent"),
+        &[("AGENT_PATHS", paths.as_str()), ("LOG_LEVEL", "warn")],
+    );
+    let pid = agent.child.id();
+    let mut peak = 0;
+    let started = Instant::now();
+    loop {
+        peak = peak.max(status_kib(pid, "VmRSS:"));
+        let sent = agent.metric("logging_agent_entries_sent_total").await
+            + agent.metric("logging_agent_entries_duplicate_total").await;
+        if sent as usize >= 100_000 || started.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watched = agent.metric("logging_agent_files_watched").await;
+    peak = peak.max(status_kib(pid, "VmHWM:"));
+    println!();
+    println!(
+        "1,000 files tailed at once ({watched:.0} watched), 100,000 lines: peak RSS {:.1} MiB",
+        peak as f64 / 1024.0
+    );
+    drop(agent);
+
+    // 3. Idle: 100 files, no new lines.
+    let idle = tempfile::tempdir().unwrap();
+    write_pod_logs(idle.path(), 100, 1000);
+    let paths = format!("{}/var/log/pods/*/*/*.log", idle.path().display());
+    let agent = AgentProcess::start(
+        &aggregator,
+        &idle.path().join("agent"),
+        &[("AGENT_PATHS", paths.as_str()), ("LOG_LEVEL", "warn")],
+    );
+    let pid = agent.child.id();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = cpu_seconds(pid);
+    let window = Duration::from_secs(20);
+    tokio::time::sleep(window).await;
+    let idle_cpu = cpu_seconds(pid) - before;
+    println!(
+        "idle, 100 files, no new lines: {:.2}% of a core over {} s, RSS {:.1} MiB",
+        100.0 * idle_cpu / window.as_secs_f64(),
+        window.as_secs(),
+        status_kib(pid, "VmRSS:") as f64 / 1024.0
+    );
+    drop(agent);
+}
