@@ -15,31 +15,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use logging_tests::{ADMIN_TOKEN, AgentProcess, AggregatorProcess, http_client};
+use logging_tests::{ADMIN_TOKEN, AgentProcess, AggregatorProcess, http_client, proc};
 use serde_json::Value;
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = text
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Writes `lines` CRI lines (~183 bytes each, JSON bodies as Go/Java/Node services log them)
 /// spread over `files` pod logs. Returns the bytes written.
@@ -128,7 +105,7 @@ async fn main() {
         let pid = agent.child.id();
         let mut peak_rss = 0;
         loop {
-            peak_rss = peak_rss.max(status_kib(pid, "VmRSS:"));
+            peak_rss = peak_rss.max(proc::status_kib(pid, "VmRSS:"));
             let sent = agent.metric("logging_agent_entries_sent_total").await
                 + agent.metric("logging_agent_entries_duplicate_total").await;
             if sent as usize >= lines {
@@ -141,8 +118,8 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed();
-        let agent_cpu = cpu_seconds(pid);
-        peak_rss = peak_rss.max(status_kib(pid, "VmHWM:"));
+        let agent_cpu = proc::cpu_seconds(pid);
+        peak_rss = peak_rss.max(proc::status_kib(pid, "VmHWM:"));
         let wire = agent.metric("logging_agent_sent_bytes_total").await;
         let uncompressed = agent
             .metric("logging_agent_sent_uncompressed_bytes_total")
@@ -189,7 +166,7 @@ async fn main() {
     let mut peak = 0;
     let started = Instant::now();
     loop {
-        peak = peak.max(status_kib(pid, "VmRSS:"));
+        peak = peak.max(proc::status_kib(pid, "VmRSS:"));
         let sent = agent.metric("logging_agent_entries_sent_total").await
             + agent.metric("logging_agent_entries_duplicate_total").await;
         if sent as usize >= 100_000 || started.elapsed() > Duration::from_secs(300) {
@@ -198,7 +175,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let watched = agent.metric("logging_agent_files_watched").await;
-    peak = peak.max(status_kib(pid, "VmHWM:"));
+    peak = peak.max(proc::status_kib(pid, "VmHWM:"));
     println!();
     println!(
         "1,000 files tailed at once ({watched:.0} watched), 100,000 lines: peak RSS {:.1} MiB",
@@ -217,15 +194,15 @@ async fn main() {
     );
     let pid = agent.child.id();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = cpu_seconds(pid);
+    let before = proc::cpu_seconds(pid);
     let window = Duration::from_secs(20);
     tokio::time::sleep(window).await;
-    let idle_cpu = cpu_seconds(pid) - before;
+    let idle_cpu = proc::cpu_seconds(pid) - before;
     println!(
         "idle, 100 files, no new lines: {:.2}% of a core over {} s, RSS {:.1} MiB",
         100.0 * idle_cpu / window.as_secs_f64(),
         window.as_secs(),
-        status_kib(pid, "VmRSS:") as f64 / 1024.0
+        proc::status_kib(pid, "VmRSS:") as f64 / 1024.0
     );
     drop(agent);
 }

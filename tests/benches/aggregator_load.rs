@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use logging_tests::{ADMIN_TOKEN, AggregatorProcess};
+use logging_tests::{ADMIN_TOKEN, AggregatorProcess, proc};
 use serde_json::Value;
 
 const SERVICES: [&str; 20] = [
@@ -234,29 +234,6 @@ fn generate(total: usize) -> Bodies {
     }
 }
 
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) the process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = text
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
 /// (busy, total) CPU ticks of the whole machine, from /proc/stat.
 fn machine_ticks() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -358,8 +335,8 @@ async fn main() {
     let bodies = Arc::new(data.bodies);
     let next = Arc::new(AtomicUsize::new(0));
     let retries = Arc::new(AtomicUsize::new(0));
-    let cpu_before = cpu_seconds(pid);
-    let own_cpu_before = cpu_seconds(std::process::id());
+    let cpu_before = proc::cpu_seconds(pid);
+    let own_cpu_before = proc::cpu_seconds(std::process::id());
     let machine_before = machine_ticks();
     let started = Instant::now();
     let mut senders = Vec::new();
@@ -402,8 +379,8 @@ async fn main() {
     let mut peak_rss_kb = 0;
     let mut peak_anon_kb = 0;
     while senders.iter().any(|s| !s.is_finished()) {
-        peak_rss_kb = peak_rss_kb.max(proc_status(pid, "VmRSS:"));
-        peak_anon_kb = peak_anon_kb.max(proc_status(pid, "RssAnon:"));
+        peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmRSS:"));
+        peak_anon_kb = peak_anon_kb.max(proc::status_kib(pid, "RssAnon:"));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in senders {
@@ -418,8 +395,8 @@ async fn main() {
         {
             break;
         }
-        peak_rss_kb = peak_rss_kb.max(proc_status(pid, "VmRSS:"));
-        peak_anon_kb = peak_anon_kb.max(proc_status(pid, "RssAnon:"));
+        peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmRSS:"));
+        peak_anon_kb = peak_anon_kb.max(proc::status_kib(pid, "RssAnon:"));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let searchable_in = started.elapsed();
@@ -468,11 +445,11 @@ async fn main() {
         phase("apply"),
         phase("refresh")
     );
-    let cpu_used = cpu_seconds(pid) - cpu_before;
-    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
+    let cpu_used = proc::cpu_seconds(pid) - cpu_before;
+    let own_cpu = proc::cpu_seconds(std::process::id()) - own_cpu_before;
     let (busy, all) = machine_ticks();
     let machine_busy = (busy - machine_before.0) as f64 / (all - machine_before.1).max(1) as f64;
-    peak_rss_kb = peak_rss_kb.max(proc_status(pid, "VmHWM:"));
+    peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmHWM:"));
     // Stored bytes once background merges have settled (they leave old files behind until
     // they finish): the smallest size seen over a quiet period.
     let mut index_bytes = u64::MAX;
@@ -602,7 +579,7 @@ async fn main() {
     println!("GET /api/search common terms:    p50 {p50:>7.1} ms   p99 {p99:>7.1} ms");
     println!(
         "aggregator peak RSS (whole run): {:>9.0} MiB",
-        proc_status(pid, "VmHWM:") as f64 / 1024.0
+        proc::status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
     if std::env::var_os("BENCH_KEEP").is_some() {
         drop(aggregator);

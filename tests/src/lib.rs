@@ -276,14 +276,7 @@ impl AgentProcess {
 
     /// Resident memory, in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        proc::status_kib(self.child.id(), "VmRSS:")
     }
 }
 
@@ -311,4 +304,32 @@ fn spawn_agent(env: &[(String, String)], metrics_port: u16, log: &Path) -> Child
         command.env(k, v);
     }
     command.spawn().expect("start logging-agent")
+}
+
+/// Figures about a running process, from /proc.
+pub mod proc {
+    /// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `VmHWM:`, `RssAnon:`…); 0 if absent.
+    pub fn status_kib(pid: u32, key: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU seconds (user + system) the process has used.
+    pub fn cpu_seconds(pid: u32) -> f64 {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = text
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        ticks as f64 / 100.0
+    }
 }
