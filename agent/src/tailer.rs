@@ -210,7 +210,11 @@ impl Tailer {
     /// Opens new files and notices renamed, deleted and truncated ones.
     fn rescan(&mut self) {
         metrics::counter!("logging_agent_rescans_total").increment(1);
-        let found = self.discovery.scan();
+        let mut found = self.discovery.scan();
+        // One file can be matched twice: kubelet's /var/log/containers/*.log are symlinks
+        // into /var/log/pods. Files are keyed by device and inode, so each is tailed once;
+        // the kubelet path goes first, so that it is the one whose metadata the entries carry.
+        found.sort_by_key(|path| pod_info(path).is_none());
         let mut current: HashMap<PathBuf, FileKey> = HashMap::new();
         for path in found {
             let Ok(metadata) = std::fs::metadata(&path) else {

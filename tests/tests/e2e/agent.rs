@@ -461,3 +461,60 @@ async fn an_idle_agent_neither_rescans_on_its_own_reads_nor_polls_busily() {
     wait_for_count(&aggregator, 101).await;
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_laid_out_as_the_daemonset_sees_it_has_each_file_read_once() {
+    // kubelet writes /var/log/pods/<ns>_<pod>_<uid>/<container>/<n>.log and links
+    // /var/log/containers/<pod>_<ns>_<container>-<id>.log to it; the agent globs both.
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let aggregator = AggregatorProcess::start(&aggregator_dir, &[]);
+    let containers = root.path().join("var/log/containers");
+    std::fs::create_dir_all(&containers).unwrap();
+    let mut total = 0;
+    for (i, container) in ["web", "sidecar"].into_iter().enumerate() {
+        let log = pod_log(root.path(), container, 0);
+        write_cri(&log, total, total + 50);
+        total += 50;
+        std::os::unix::fs::symlink(
+            &log,
+            containers.join(format!("web-7d4b9c5f6-x2k9p_shop_{container}-{i:064x}.log")),
+        )
+        .unwrap();
+    }
+    let paths = format!(
+        "{0}/var/log/pods/*/*/*.log,{0}/var/log/containers/*.log",
+        root.path().display()
+    );
+    let agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[("AGENT_PATHS", paths.as_str())],
+    );
+    write_cri(&pod_log(root.path(), "web", 0), total, total + 10);
+    total += 10;
+    let entries = wait_for_count(&aggregator, total as usize).await;
+    // A few rescans later, still nothing twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let entries = if all_entries(&aggregator).await.len() > entries.len() {
+        all_entries(&aggregator).await
+    } else {
+        entries
+    };
+    assert_exactly_once(&entries, total);
+    // Each entry carries the metadata of the kubelet path, not the symlink's.
+    for entry in &entries {
+        let kubernetes = &entry["context"]["kubernetes"];
+        assert_eq!(kubernetes["namespace"], "shop", "{entry}");
+        assert_eq!(kubernetes["pod"], "web-7d4b9c5f6-x2k9p");
+        assert_eq!(
+            kubernetes["pod_uid"],
+            "0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
+        );
+        assert_eq!(entry["service"], "web");
+    }
+    let watched = agent.metric("logging_agent_files_watched").await;
+    assert_eq!(watched, 2.0, "two files, each tailed once");
+    drop(agent);
+}
