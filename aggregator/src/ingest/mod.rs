@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log_entry};
-use logging_common::{Context, LogEntry, Timestamp};
+use logging_common::{Context, LogEntry, LogLevel, Timestamp};
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -255,6 +255,7 @@ impl Ingest {
             });
         }
         let batch = Batch::new(&entries);
+        let volume = VolumeCounts::of(&entries);
         drop(entries);
         let entry_ids = batch.ids.clone();
         let appended = self.wal.append(batch).await?;
@@ -263,7 +264,7 @@ impl Ingest {
         for (position, id) in positions.into_iter().zip(entry_ids) {
             ids[position] = Some(id);
         }
-        metrics::counter!("logging_aggregator_ingested_entries_total").increment(accepted as u64);
+        volume.record(&appended.duplicates);
         metrics::counter!("logging_aggregator_duplicate_entries_total")
             .increment(duplicates as u64);
         self.rate.record(accepted as u64);
@@ -280,6 +281,53 @@ impl Ingest {
     pub async fn wait_visible(&self, outcome: &IngestOutcome) {
         if let Some(lsn) = outcome.visible_after {
             self.index.wait_searchable(lsn).await;
+        }
+    }
+}
+
+/// Accepted entries per (service, level) of one batch, for
+/// `logging_aggregator_ingested_entries_total{service,level}`: counted per batch so the hot
+/// path touches the metrics registry once per group, not once per entry.
+struct VolumeCounts {
+    groups: Vec<(String, LogLevel)>,
+    /// The group of each entry, in batch order.
+    members: Vec<usize>,
+}
+
+impl VolumeCounts {
+    fn of(entries: &[LogEntry]) -> VolumeCounts {
+        let mut groups: Vec<(String, LogLevel)> = Vec::new();
+        let mut members = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let found = groups
+                .iter()
+                .position(|(service, level)| *level == entry.level && *service == entry.service);
+            let group = found.unwrap_or_else(|| {
+                groups.push((entry.service.clone(), entry.level));
+                groups.len() - 1
+            });
+            members.push(group);
+        }
+        VolumeCounts { groups, members }
+    }
+
+    /// Counts every entry that was not a duplicate.
+    fn record<T>(self, duplicates: &[Option<T>]) {
+        let mut counts = vec![0u64; self.groups.len()];
+        for (i, group) in self.members.iter().enumerate() {
+            if duplicates.get(i).is_none_or(Option::is_none) {
+                counts[*group] += 1;
+            }
+        }
+        for ((service, level), count) in self.groups.into_iter().zip(counts) {
+            if count > 0 {
+                metrics::counter!(
+                    "logging_aggregator_ingested_entries_total",
+                    "service" => service,
+                    "level" => level.as_str()
+                )
+                .increment(count);
+            }
         }
     }
 }

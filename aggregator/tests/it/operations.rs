@@ -36,7 +36,12 @@ async fn metrics_follow_prometheus_conventions(db: Db) {
         listener.local_addr().unwrap().port()
     };
     let app = TestApp::start_with(db, |c| c.prometheus_port = port).await;
-    app.ingest(vec![entry("api", "info", "counted", 1)]).await;
+    app.ingest(vec![
+        entry("api", "info", "counted", 1),
+        entry("api", "error", "counted too", 1),
+        entry("web", "error", "and this", 1),
+    ])
+    .await;
     let text = app
         .request(Method::GET, "/metrics", None)
         .send()
@@ -54,6 +59,17 @@ async fn metrics_follow_prometheus_conventions(db: Db) {
         "logging_aggregator_http_request_duration_seconds_bucket",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    // Stored volume per service and level, for dashboards.
+    for line in [
+        "logging_aggregator_ingested_entries_total{service=\"api\",level=\"info\"} 1",
+        "logging_aggregator_ingested_entries_total{service=\"api\",level=\"error\"} 1",
+        "logging_aggregator_ingested_entries_total{service=\"web\",level=\"error\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from /metrics:\n{text}"
+        );
     }
     // The same metrics on the dedicated PROMETHEUS_PORT listener.
     let separate = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
