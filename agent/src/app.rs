@@ -40,6 +40,10 @@ fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// How long SIGTERM waits for the last batches to be acknowledged. The DaemonSet's
+/// termination grace period must be longer (a test holds it to that).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// A running agent.
 pub struct Running {
     pub metrics_addr: SocketAddr,

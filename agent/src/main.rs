@@ -2,16 +2,11 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use logging_agent::app;
 use logging_agent::config::Config;
 use tracing_subscriber::EnvFilter;
-
-/// How long SIGTERM waits for the last batches to be acknowledged (Kubernetes gives 30 s by
-/// default; the DaemonSet sets more).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// The node agent: tails container logs, ships them to the aggregator over mTLS.
 ///
@@ -73,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let running = app::start(config).await?;
         wait_for_signal().await;
-        running.shutdown(SHUTDOWN_GRACE).await;
+        running.shutdown(app::SHUTDOWN_GRACE).await;
         Ok(())
     })
 }

@@ -37,6 +37,10 @@ enum Command {
         #[arg(long, default_value = "logging-agent")]
         agent_name: String,
     },
+    /// Print the admin token the aggregator generated in DATA_DIR on its first start (when
+    /// API_TOKENS is unset), for containers without a shell:
+    /// `kubectl exec logging-aggregator-0 -- logging-aggregator admin-token`.
+    AdminToken,
 }
 
 fn init_logging(config: &Config) {
@@ -85,9 +89,9 @@ async fn run() -> anyhow::Result<()> {
         out,
         server_names,
         agent_name,
-    }) = cli.command
+    }) = &cli.command
     {
-        let paths = logging_aggregator::certs::generate(&out, &server_names, &agent_name)?;
+        let paths = logging_aggregator::certs::generate(out, server_names, agent_name)?;
         for path in [
             &paths.ca,
             &paths.server,
@@ -106,6 +110,20 @@ async fn run() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    if let Some(Command::AdminToken) = cli.command {
+        let path = config.data_dir.join("admin-token");
+        match std::fs::read_to_string(&path) {
+            Ok(token) => println!("{}", token.trim()),
+            Err(error) => {
+                eprintln!(
+                    "logging-aggregator: no generated admin token at {} ({error}); it is written on the first start without API_TOKENS",
+                    path.display()
+                );
+                std::process::exit(1);
+            }
+        }
+        return Ok(());
+    }
     init_logging(&config);
     let running = app::start(config).await?;
     wait_for_signal().await;

@@ -51,7 +51,8 @@ pub struct AggregatorProcess {
 }
 
 impl AggregatorProcess {
-    /// Starts `logging-aggregator` on `data_dir` and waits until it is ready.
+    /// Starts `logging-aggregator` on `data_dir` and waits until it is ready. `extra_env` adds
+    /// or overrides variables; an empty value unsets one.
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> AggregatorProcess {
         let port = free_port();
         let ingest_port = free_port();
@@ -166,7 +167,12 @@ fn spawn(
         .stdout(log.try_clone().expect("log file"))
         .stderr(log);
     for (k, v) in extra_env {
-        command.env(k, v);
+        // An empty value unsets a variable the helper would set (e.g. API_TOKENS).
+        if v.is_empty() {
+            command.env_remove(k);
+        } else {
+            command.env(k, v);
+        }
     }
     command.spawn().expect("start logging-aggregator")
 }
