@@ -3,3 +3,4 @@
 mod agent;
 mod config;
 mod durability;
+mod manifests;
