@@ -15,6 +15,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::alerts::evaluator::{ALERTS_CONSUMER, Evaluator, ForgetList};
+use crate::alerts::manager::Manager;
+use crate::alerts::notify::{Channels, Dispatcher};
+use crate::alerts::{self, Alerting, RuleRegistry};
 use crate::api::{self, AppState, SharedState};
 use crate::auth::{TokenTable, load_or_create_admin_token};
 use crate::config::Config;
@@ -58,11 +62,14 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     indexer_stop: Arc<AtomicBool>,
     indexer: Option<std::thread::JoinHandle<()>>,
+    evaluator_stop: Arc<AtomicBool>,
+    evaluator: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Opens everything and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
+    logging_common::tls::install_crypto_provider();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create DATA_DIR {}", config.data_dir.display()))?;
@@ -134,6 +141,51 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .spawn(move || indexer.run(stop))?
     };
 
+    // Alerting: its own WAL consumer, the lifecycle manager and the notification outbox.
+    let registry = Arc::new(RuleRegistry::default());
+    registry.replace(
+        alerts::load_rules(&db, &config.alert_rules)
+            .await
+            .context("cannot load the alert rules")?,
+    );
+    let channels = Arc::new(Channels::from_config(&config)?);
+    let (evaluations, evaluations_rx) = tokio::sync::mpsc::channel(16);
+    let (commands, commands_rx) = tokio::sync::mpsc::channel(64);
+    let wake_dispatcher = Arc::new(tokio::sync::Notify::new());
+    let forget = ForgetList::default();
+    let manager = Manager::load(
+        db.clone(),
+        registry.clone(),
+        config.alert_cooldown,
+        channels.names(),
+        wake_dispatcher.clone(),
+        forget.clone(),
+    )
+    .await
+    .context("cannot read the open alerts")?;
+    let alerts_dir = config.data_dir.join("alerts");
+    std::fs::create_dir_all(&alerts_dir)?;
+    let evaluator = Evaluator::new(
+        wal.reader(ALERTS_CONSUMER)?,
+        registry.clone(),
+        evaluations,
+        Duration::from_secs(config.alert_check_interval),
+        &alerts_dir,
+        forget,
+    );
+    let evaluator_stop = Arc::new(AtomicBool::new(false));
+    let evaluator = {
+        let stop = evaluator_stop.clone();
+        std::thread::Builder::new()
+            .name("alerts".into())
+            .spawn(move || evaluator.run(stop))?
+    };
+    let alerting = Arc::new(Alerting {
+        registry,
+        commands: commands.clone(),
+        channels: channels.names(),
+    });
+
     let ingest = Arc::new(Ingest::new(
         wal.clone(),
         dedup,
@@ -179,6 +231,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         started: Instant::now(),
         indexer_healthy,
+        alerts: alerting,
     });
 
     // Certificates first: once the API answers, everything an agent needs exists.
@@ -242,6 +295,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         database = db.engine().name(), "logging aggregator started");
 
     let background = vec![
+        tokio::spawn(manager.run(evaluations_rx, commands_rx, shutdown.subscribe())),
+        tokio::spawn(
+            Dispatcher {
+                db: db.clone(),
+                channels,
+                wake: wake_dispatcher,
+                commands,
+            }
+            .run(shutdown.subscribe()),
+        ),
         tokio::spawn(update_gauges(state.clone(), shutdown.subscribe())),
         tokio::spawn(check_dependencies(state.clone(), shutdown.subscribe())),
         tokio::spawn(purge_expired_deletions(state.clone(), shutdown.subscribe())),
@@ -257,6 +320,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         background,
         indexer_stop,
         indexer: Some(indexer),
+        evaluator_stop,
+        evaluator: Some(evaluator),
     })
 }
 
@@ -393,6 +458,11 @@ impl Running {
         }
         for task in self.background.drain(..) {
             let _ = task.await;
+        }
+        // The evaluator writes its windows once more, so a restart resumes them exactly.
+        self.evaluator_stop.store(true, Ordering::Release);
+        if let Some(evaluator) = self.evaluator.take() {
+            let _ = tokio::task::spawn_blocking(move || evaluator.join()).await;
         }
         self.indexer_stop.store(true, Ordering::Release);
         if let Some(indexer) = self.indexer.take() {

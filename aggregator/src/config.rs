@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::rules::{RuleSpec, default_rules};
 use crate::auth::TokenTable;
 
 /// Every setting of the aggregator.
@@ -70,6 +71,12 @@ pub struct Config {
     pub broker_retry_attempts: u32,
     /// Milliseconds between broker publish attempts.
     pub broker_retry_delay: u64,
+    /// Seconds between evaluations of the alert rules (at least 1).
+    pub alert_check_interval: u64,
+    /// Seconds after an alert resolves before the same rule and group may fire again.
+    pub alert_cooldown: u64,
+    /// Where alerts are sent: webhook, slack, alertmanager, email, sms (comma-separated).
+    pub alert_notification_channels: Vec<String>,
 
     // --- DESIGN §8 ---
     /// Data directory: WAL, embedded index, SQLite database, generated admin token.
@@ -100,6 +107,35 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// The aggregator's own log format: `json`, `text`, or `auto` (text on a terminal).
     pub log_format: String,
+
+    // --- alerting (beyond the seed's three variables) ---
+    /// Rules from the configuration (YAML list; as an environment variable, a JSON array).
+    /// The default is the seed's four patterns; `[]` turns them off.
+    pub alert_rules: Vec<RuleSpec>,
+    /// `webhook` channel: where the JSON body is POSTed.
+    pub alert_webhook_url: Option<String>,
+    /// `slack` channel: a Slack (or Mattermost, Rocket.Chat…) incoming-webhook URL.
+    pub alert_slack_webhook_url: Option<String>,
+    /// `alertmanager` channel: Alertmanager's base URL (`/api/v2/alerts` is appended).
+    pub alertmanager_url: Option<String>,
+    /// `email` channel: `smtp://user:password@host:587` (STARTTLS required) or `smtps://…`.
+    pub alert_smtp_url: Option<String>,
+    /// Extra CA (PEM) to trust for the SMTP server, besides the system's.
+    pub alert_smtp_ca: Option<PathBuf>,
+    pub alert_email_from: Option<String>,
+    /// Recipients, comma-separated.
+    pub alert_email_to: Vec<String>,
+    /// `sms` channel: the provider's HTTP endpoint (POST; basic auth in the URL if needed).
+    pub alert_sms_url: Option<String>,
+    /// Phone numbers, comma-separated; one request each.
+    pub alert_sms_to: Vec<String>,
+    /// Bearer token for the SMS provider, if it takes one.
+    pub alert_sms_token: Option<String>,
+    /// The request body, with `{to}` and `{message}`: JSON if it starts with `{`, otherwise
+    /// form-encoded (e.g. `To={to}&From=+15550100&Body={message}`).
+    pub alert_sms_body: String,
+    /// This aggregator's address as operators reach it, for links in notifications.
+    pub alert_external_url: Option<String>,
 }
 
 impl Default for Config {
@@ -132,6 +168,9 @@ impl Default for Config {
             broker_topic: "logs".into(),
             broker_retry_attempts: 3,
             broker_retry_delay: 1000,
+            alert_check_interval: 60,
+            alert_cooldown: 300,
+            alert_notification_channels: Vec::new(),
             data_dir: PathBuf::from("./data"),
             api_tokens: None,
             ingest_port: 8443,
@@ -145,6 +184,19 @@ impl Default for Config {
             ingest_max_lag_bytes: 64 * 1024 * 1024,
             max_request_bytes: 64 * 1024 * 1024,
             log_format: "auto".into(),
+            alert_rules: default_rules(),
+            alert_webhook_url: None,
+            alert_slack_webhook_url: None,
+            alertmanager_url: None,
+            alert_smtp_url: None,
+            alert_smtp_ca: None,
+            alert_email_from: None,
+            alert_email_to: Vec::new(),
+            alert_sms_url: None,
+            alert_sms_to: Vec::new(),
+            alert_sms_token: None,
+            alert_sms_body: r#"{"to":"{to}","message":"{message}"}"#.into(),
+            alert_external_url: None,
         }
     }
 }
@@ -258,6 +310,24 @@ impl Config {
         }
         if !matches!(self.log_format.as_str(), "auto" | "json" | "text") {
             return Err(invalid("LOG_FORMAT", "expected auto, json or text"));
+        }
+        if self.alert_check_interval == 0 {
+            return Err(invalid("ALERT_CHECK_INTERVAL", "must be at least 1 second"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, rule) in self.alert_rules.iter().enumerate() {
+            rule.validate().map_err(|e| {
+                invalid(
+                    "ALERT_RULES",
+                    format!("rule {i} ({:?}): {}: {}", rule.name, e.field, e.reason),
+                )
+            })?;
+            if !names.insert(rule.name.trim()) {
+                return Err(invalid(
+                    "ALERT_RULES",
+                    format!("two rules are named {:?}", rule.name),
+                ));
+            }
         }
         if let Some(tokens) = &self.api_tokens {
             TokenTable::parse(tokens).map_err(|reason| invalid("API_TOKENS", reason))?;

@@ -6,6 +6,7 @@
 //! (dedup, group commit, fsync: now it is acknowledged) → [`index::indexer`] (the WAL
 //! consumer that feeds the day partitions of [`index`]) → reads through [`api`] again.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -135,6 +135,9 @@ fn coerce(name: &str, default: &Value, text: &str) -> Result<Value, ConfigError>
                 return Err(invalid(format!("expected a number, got {text:?}")));
             }
         }
+        // A list can also be given as a JSON array (lists of objects, such as rules).
+        Value::Array(_) if text.starts_with('[') => serde_json::from_str(text)
+            .map_err(|e| invalid(format!("not a valid JSON array: {e}")))?,
         Value::Array(_) => Value::Array(
             text.split(',')
                 .map(str::trim)

@@ -269,7 +269,7 @@ pub async fn get_one(
     }
 }
 
-fn client_details(headers: &HeaderMap) -> (Option<String>, Option<String>) {
+pub(super) fn client_details(headers: &HeaderMap) -> (Option<String>, Option<String>) {
     let ip = headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())

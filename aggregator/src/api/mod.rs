@@ -1,6 +1,7 @@
 //! The operator API (DESIGN §6): routes, shared state, access control and the helpers every
 //! handler uses. Handlers are thin: they parse, call the store, and shape the answer.
 
+mod alerts;
 mod analytics;
 mod audit;
 pub mod health;
@@ -17,7 +18,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Router, body::Bytes};
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -41,6 +42,7 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     pub started: Instant,
     pub indexer_healthy: Arc<AtomicBool>,
+    pub alerts: Arc<crate::alerts::Alerting>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -57,6 +59,20 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/audit", get(audit::list).post(audit::create))
         .route("/api/audit/verify", get(audit::verify))
         .route("/api/audit/{id}", get(audit::get_one))
+        .route("/api/alerts", get(alerts::list))
+        .route(
+            "/api/alerts/rules",
+            get(alerts::list_rules).post(alerts::create_rule),
+        )
+        .route(
+            "/api/alerts/rules/{id}",
+            get(alerts::get_rule)
+                .put(alerts::update_rule)
+                .delete(alerts::delete_rule),
+        )
+        .route("/api/alerts/{id}", get(alerts::get_one))
+        .route("/api/alerts/{id}/ack", post(alerts::acknowledge))
+        .route("/api/alerts/{id}/resolve", post(alerts::resolve))
         .route("/health", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
@@ -176,7 +192,11 @@ permission_extractor!(
     Permission::Write,
     "A caller allowed to send logs and audit events."
 );
-permission_extractor!(Admin, Permission::Admin, "A caller allowed to delete.");
+permission_extractor!(
+    Admin,
+    Permission::Admin,
+    "A caller allowed to delete, and to manage alerts and rules."
+);
 
 /// The request body, with an oversize body answered as 413 problem+json.
 pub struct Body(pub Bytes);

@@ -1,10 +1,12 @@
 //! The relational store (sqlx): SQLite in the data directory by default, PostgreSQL when
-//! `DATABASE_URL` says so. It holds the audit trail and the soft deletes of log entries.
+//! `DATABASE_URL` says so. It holds the audit trail, the soft deletes of log entries, and the
+//! alert rules, alerts and their notification outbox.
 //!
 //! One set of queries serves both engines through sqlx's `Any` driver: timestamps are BIGINT
 //! nanoseconds, JSON objects are TEXT, placeholders are `$n`. Each engine has its own
 //! migrations (`migrations/sqlite`, `migrations/postgres`) for what differs (triggers).
 
+mod alerts;
 mod audit;
 
 use std::borrow::Cow;
@@ -15,6 +17,10 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Row, SqlSafeStr};
 use uuid::Uuid;
 
+pub use alerts::{
+    AlertFilter, AlertPage, AlertRow, NewNotification, NotificationRow, StoredRule,
+    is_unique_violation,
+};
 pub use audit::{AuditFilter, AuditPage, ChainReport, deletion_actor};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +63,22 @@ fn migrator(engine: Engine) -> Migrator {
         Engine::Sqlite => include_str!("../../migrations/sqlite/0001_init.sql"),
         Engine::Postgres => include_str!("../../migrations/postgres/0001_init.sql"),
     };
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("init"),
-        MigrationType::Simple,
-        sql.into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            Cow::Borrowed("init"),
+            MigrationType::Simple,
+            sql.into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            Cow::Borrowed("alerts"),
+            MigrationType::Simple,
+            include_str!("../../migrations/0002_alerts.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 impl Database {

@@ -4,6 +4,7 @@
 mod support;
 
 mod access;
+mod alerts;
 mod audit;
 mod errors;
 mod ingest;

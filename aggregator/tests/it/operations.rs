@@ -42,14 +42,7 @@ async fn metrics_follow_prometheus_conventions(db: Db) {
         entry("web", "error", "and this", 1),
     ])
     .await;
-    let text = app
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     for name in [
         "logging_aggregator_ingested_entries_total",
         "logging_aggregator_indexed_entries_total",
@@ -98,13 +91,23 @@ async fn metrics_follow_prometheus_conventions(db: Db) {
 fn routes_in_source() -> BTreeSet<(String, String)> {
     let source = include_str!("../../src/api/mod.rs");
     let mut routes = BTreeSet::new();
-    for line in source
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with(".route(\""))
-    {
-        let path = line.split('"').nth(1).unwrap().to_string();
-        let handlers = &line[line.find(", ").unwrap() + 2..];
+    // Each `.route(` call, however rustfmt wrapped it, up to its closing parenthesis.
+    for call in source.split(".route(").skip(1) {
+        let mut depth = 1;
+        let end = call
+            .char_indices()
+            .find(|(_, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })
+            .map_or(call.len(), |(i, _)| i);
+        let call: String = call[..end].split_whitespace().collect();
+        let path = call.split('"').nth(1).unwrap().to_string();
+        let handlers = &call[call.find("\",").unwrap() + 2..];
         for method in ["get", "post", "put", "delete", "patch"] {
             if handlers.starts_with(&format!("{method}("))
                 || handlers.contains(&format!(".{method}("))

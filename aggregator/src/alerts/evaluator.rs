@@ -1,0 +1,444 @@
+//! The alert evaluator: a WAL consumer of its own (`alerts`) that updates every rule's
+//! windows as entries become durable, and every `ALERT_CHECK_INTERVAL` reads them and hands
+//! the results to the lifecycle manager.
+//!
+//! Its state (the windows) is written to `DATA_DIR/alerts/windows.json` every few seconds
+//! together with the WAL position it reflects; only then is its WAL cursor advanced. After a
+//! restart (or a crash) it loads that snapshot and replays the WAL from exactly there, so the
+//! windows are what they would have been without the restart: no count is lost or doubled.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use logging_common::Timestamp;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::rules::{GroupKey, Rule, RuleKind};
+use super::window::{Series, bucket_nanos};
+use super::{RuleRegistry, RuleSet};
+use crate::index::indexer::EntryView;
+use crate::wal::WalReader;
+
+/// The evaluator's WAL consumer name.
+pub const ALERTS_CONSUMER: &str = "alerts";
+/// Most groups one rule tracks; more are dropped (and counted), so that a `group_by` on a
+/// high-cardinality field cannot exhaust memory.
+pub const MAX_GROUPS_PER_RULE: usize = 10_000;
+/// How often the windows are written down (and the WAL cursor advanced).
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+/// An absence group unseen this long is forgotten (the service is gone, not silent).
+const FORGET_ABSENT_AFTER_NANOS: i64 = 7 * 86_400 * 1_000_000_000;
+
+/// One group's reading at a check.
+#[derive(Clone, Debug)]
+pub struct GroupResult {
+    pub key: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+    pub holds: bool,
+}
+
+/// One rule's reading at a check.
+#[derive(Clone, Debug)]
+pub struct RuleResult {
+    pub rule: Arc<Rule>,
+    pub groups: Vec<GroupResult>,
+}
+
+/// Every enabled rule, read at one instant.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    pub at: Timestamp,
+    pub rules: Vec<RuleResult>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RuleState {
+    version: i64,
+    /// When this version of the rule started watching (ns).
+    since: i64,
+    groups: HashMap<String, Series>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "format")]
+enum Snapshot {
+    #[serde(rename = "1")]
+    V1 {
+        lsn: u64,
+        rules: HashMap<Uuid, RuleState>,
+    },
+}
+
+/// Group keys to forget (an absence alert resolved by hand).
+pub type ForgetList = Arc<Mutex<Vec<(Uuid, String)>>>;
+
+pub struct Evaluator {
+    reader: WalReader,
+    registry: Arc<RuleRegistry>,
+    rules: Arc<RuleSet>,
+    states: HashMap<Uuid, RuleState>,
+    output: tokio::sync::mpsc::Sender<Evaluation>,
+    check_every: Duration,
+    snapshot_path: PathBuf,
+    forget: ForgetList,
+}
+
+fn context_path<'v>(context: &'v Value, path: &[String]) -> Option<&'v Value> {
+    path.iter().try_fold(context, |value, key| value.get(key))
+}
+
+fn label_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+impl Evaluator {
+    pub fn new(
+        reader: WalReader,
+        registry: Arc<RuleRegistry>,
+        output: tokio::sync::mpsc::Sender<Evaluation>,
+        check_every: Duration,
+        data_dir: &Path,
+        forget: ForgetList,
+    ) -> Evaluator {
+        let rules = registry.current();
+        Evaluator {
+            reader,
+            registry,
+            rules,
+            states: HashMap::new(),
+            output,
+            check_every,
+            snapshot_path: data_dir.join("windows.json"),
+            forget,
+        }
+    }
+
+    /// Loads the last snapshot and moves the WAL reader to the position it reflects.
+    fn restore(&mut self) {
+        let Ok(bytes) = std::fs::read(&self.snapshot_path) else {
+            return;
+        };
+        match serde_json::from_slice::<Snapshot>(&bytes) {
+            Ok(Snapshot::V1 { lsn, rules }) => {
+                if lsn != self.reader.position() {
+                    tracing::info!(
+                        snapshot = lsn,
+                        cursor = self.reader.position(),
+                        "alert windows: replaying the WAL from the snapshot's position"
+                    );
+                }
+                self.reader.seek(lsn);
+                self.states = rules;
+            }
+            Err(error) => tracing::warn!(
+                file = %self.snapshot_path.display(), %error,
+                "alert windows: unreadable snapshot; starting with empty windows"
+            ),
+        }
+    }
+
+    /// Keeps the state of rules that still exist at the same version; starts the others.
+    fn adopt_rules(&mut self, now: i64) {
+        self.rules = self.registry.current();
+        let mut states = std::mem::take(&mut self.states);
+        for rule in &self.rules.rules {
+            let state = match states.remove(&rule.id) {
+                Some(state) if state.version == rule.version => state,
+                _ => RuleState {
+                    version: rule.version,
+                    since: now,
+                    groups: HashMap::new(),
+                },
+            };
+            self.states.insert(rule.id, state);
+        }
+    }
+
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        self.restore();
+        let mut seen_version = self.registry.version();
+        self.adopt_rules(Timestamp::now().as_nanos());
+        let mut next_check = Instant::now() + self.check_every;
+        let mut next_snapshot = Instant::now() + SNAPSHOT_EVERY;
+        loop {
+            let stopping = stop.load(Ordering::Acquire);
+            let wait = next_check
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200));
+            let read = self.reader.next_records(8 << 20, wait);
+            // After the read: a rule created while the reader waited sees the entries that
+            // arrived after it.
+            let version = self.registry.version();
+            if version != seen_version {
+                seen_version = version;
+                self.adopt_rules(Timestamp::now().as_nanos());
+            }
+            match read {
+                Ok(records) => {
+                    let now = Timestamp::now().as_nanos();
+                    for record in records {
+                        for line in record.lines() {
+                            self.observe(&line, now);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "alert evaluator cannot read the WAL");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + self.check_every;
+                let evaluation = self.evaluate(Timestamp::now());
+                if self.output.blocking_send(evaluation).is_err() && !stopping {
+                    tracing::warn!("the alert manager stopped; evaluations are dropped");
+                }
+            }
+            if stopping || Instant::now() >= next_snapshot {
+                next_snapshot = Instant::now() + SNAPSHOT_EVERY;
+                if let Err(error) = self.snapshot() {
+                    tracing::error!(%error, "cannot write the alert windows");
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Writes the windows and, once they are durable, advances the WAL cursor past what
+    /// they reflect.
+    fn snapshot(&self) -> std::io::Result<()> {
+        let lsn = self.reader.position();
+        let snapshot = Snapshot::V1 {
+            lsn,
+            rules: self.states.clone(),
+        };
+        let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
+        let tmp = self.snapshot_path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.snapshot_path)?;
+        if let Some(dir) = self.snapshot_path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.reader.commit(lsn).map_err(std::io::Error::other)
+    }
+
+    /// Feeds one stored entry line to every rule it may concern.
+    pub fn observe(&mut self, line: &[u8], now: i64) {
+        if self.rules.rules.is_empty() {
+            return;
+        }
+        let Ok(entry) = serde_json::from_slice::<EntryView>(line) else {
+            return;
+        };
+        let rules = self.rules.clone();
+        let candidates = rules
+            .by_service
+            .get(entry.service.as_ref())
+            .into_iter()
+            .flatten()
+            .chain(rules.any_service.iter());
+        let mut context: Option<Option<Value>> = None;
+        for &i in candidates {
+            let rule = &rules.rules[i];
+            let filter = &rule.spec.filter;
+            if filter.level.is_some_and(|l| l != entry.level)
+                || filter.min_level.is_some_and(|l| entry.level < l)
+            {
+                continue;
+            }
+            if rule
+                .query
+                .as_ref()
+                .is_some_and(|q| !q.matches(&entry.message))
+            {
+                continue;
+            }
+            let window = rule.spec.window.nanos();
+            let ts = entry.timestamp.as_nanos().min(now);
+            if ts <= now - window {
+                continue;
+            }
+            let ctx = if rule.needs_context() {
+                context
+                    .get_or_insert_with(|| {
+                        entry
+                            .context
+                            .and_then(|c| serde_json::from_str::<Value>(c.get()).ok())
+                    })
+                    .as_ref()
+            } else {
+                None
+            };
+            if let (Some(predicate), Some(path)) = (&filter.field, &rule.predicate_path) {
+                let found = ctx.and_then(|c| context_path(c, path));
+                let holds = match (found, &predicate.value) {
+                    (Some(Value::Number(a)), Value::Number(b)) => predicate.op.holds(
+                        a.as_f64().unwrap_or(f64::NAN),
+                        b.as_f64().unwrap_or(f64::NAN),
+                    ),
+                    (Some(Value::String(a)), Value::String(b)) => match predicate.op {
+                        super::rules::Comparison::Equal => a == b,
+                        super::rules::Comparison::NotEqual => a != b,
+                        _ => false,
+                    },
+                    (None, Value::String(_)) => predicate.op == super::rules::Comparison::NotEqual,
+                    _ => false,
+                };
+                if !holds {
+                    continue;
+                }
+            }
+            let value = match &rule.field_path {
+                Some(path) => {
+                    match ctx
+                        .and_then(|c| context_path(c, path))
+                        .and_then(Value::as_f64)
+                    {
+                        Some(v) => Some((
+                            v,
+                            rule.spec.aggregation.and_then(|a| a.quantile()).is_some(),
+                        )),
+                        None => continue,
+                    }
+                }
+                None => None,
+            };
+            let mut labels = BTreeMap::new();
+            for (name, key) in rule.spec.group_by.iter().zip(&rule.group_by) {
+                let text = match key {
+                    GroupKey::Service => entry.service.to_string(),
+                    GroupKey::Level => entry.level.as_str().to_string(),
+                    GroupKey::Context(path) => ctx
+                        .and_then(|c| context_path(c, path))
+                        .map(label_text)
+                        .unwrap_or_default(),
+                };
+                labels.insert(name.clone(), text);
+            }
+            let key = group_key(&labels);
+            let Some(state) = self.states.get_mut(&rule.id) else {
+                continue;
+            };
+            if !state.groups.contains_key(&key) && state.groups.len() >= MAX_GROUPS_PER_RULE {
+                metrics::counter!("logging_aggregator_alert_groups_dropped_total").increment(1);
+                continue;
+            }
+            let series = state.groups.entry(key).or_insert_with(|| Series {
+                labels,
+                ..Series::default()
+            });
+            series.observe(ts, bucket_nanos(window), entry.level.is_error(), value);
+        }
+    }
+
+    /// Reads every enabled rule's windows at `at`.
+    pub fn evaluate(&mut self, at: Timestamp) -> Evaluation {
+        let started = Instant::now();
+        let now = at.as_nanos();
+        let forget: HashSet<(Uuid, String)> = self.forget.lock().drain(..).collect();
+        let mut results = Vec::with_capacity(self.rules.rules.len());
+        let mut groups_tracked = 0;
+        for rule in &self.rules.rules {
+            let Some(state) = self.states.get_mut(&rule.id) else {
+                continue;
+            };
+            let spec = &rule.spec;
+            let window = spec.window.nanos();
+            let width = bucket_nanos(window);
+            state
+                .groups
+                .retain(|key, _| !forget.contains(&(rule.id, key.clone())));
+            if spec.kind == RuleKind::Absence && spec.group_by.is_empty() {
+                state.groups.entry(String::new()).or_default();
+            }
+            let mut groups = Vec::new();
+            state.groups.retain(|key, series| {
+                series.expire(now, window, width);
+                if spec.kind == RuleKind::Absence {
+                    let last = series.last_seen.unwrap_or(state.since).max(state.since);
+                    if now - last > FORGET_ABSENT_AFTER_NANOS && !spec.group_by.is_empty() {
+                        return false;
+                    }
+                } else if series.buckets.is_empty() {
+                    return false;
+                }
+                let summary = series.summary(now, window, width);
+                let reading = match spec.kind {
+                    RuleKind::Count => {
+                        let value = summary.count as f64;
+                        Some((value, spec.op.holds(value, spec.threshold)))
+                    }
+                    RuleKind::ErrorRate => {
+                        let value = if summary.count == 0 {
+                            0.0
+                        } else {
+                            summary.errors as f64 / summary.count as f64
+                        };
+                        let enough = summary.count > 0 && summary.count >= spec.min_volume;
+                        Some((value, enough && spec.op.holds(value, spec.threshold)))
+                    }
+                    RuleKind::Numeric => {
+                        let value = match spec.aggregation {
+                            Some(super::rules::Aggregation::Avg) => summary.average(),
+                            Some(super::rules::Aggregation::Max) => summary.max,
+                            Some(a) => a.quantile().and_then(|q| summary.quantile(q)),
+                            None => None,
+                        };
+                        value.map(|v| (v, spec.op.holds(v, spec.threshold)))
+                    }
+                    RuleKind::Absence => {
+                        let last = series.last_seen.unwrap_or(state.since).max(state.since);
+                        let silent = (now - last).max(0);
+                        let value = silent as f64 / 1e9;
+                        Some((value, summary.count == 0 && silent >= window))
+                    }
+                };
+                if let Some((value, holds)) = reading {
+                    groups.push(GroupResult {
+                        key: key.clone(),
+                        labels: series.labels.clone(),
+                        value,
+                        holds,
+                    });
+                }
+                true
+            });
+            groups_tracked += state.groups.len();
+            results.push(RuleResult {
+                rule: rule.clone(),
+                groups,
+            });
+        }
+        metrics::gauge!("logging_aggregator_alert_groups").set(groups_tracked as f64);
+        metrics::histogram!("logging_aggregator_alert_evaluation_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Evaluation { at, rules: results }
+    }
+}
+
+/// The stable text key of a group.
+pub fn group_key(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("\u{1f}")
+}

@@ -1,0 +1,261 @@
+//! Alerting: rules evaluated on the live stream of entries, alerts with a lifecycle
+//! (pending → firing → resolved, acknowledged on the way), and notifications that are sent
+//! once and retried until the receiver accepts them.
+//!
+//! ```text
+//! WAL ─► evaluator.rs (thread; windows per rule and group; snapshot + WAL replay on restart)
+//!          │ every ALERT_CHECK_INTERVAL: the readings
+//!          ▼
+//!        manager.rs (task; the only writer of alerts: transitions, `for`, cooldown, ack,
+//!          │          resolve; alert + notifications written in one transaction)
+//!          ▼
+//!        notify.rs (task; the outbox: webhook, Slack, Alertmanager, email, SMS; retries)
+//! ```
+
+pub mod evaluator;
+pub mod manager;
+pub mod notify;
+pub mod rules;
+pub mod text;
+pub mod window;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use logging_common::{Alert, Timestamp};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use rules::Rule;
+
+/// The rules in force, indexed for the evaluator's hot path: most rules name a service, so
+/// an entry is only offered to the rules of its service and to those that name none.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    pub rules: Vec<Arc<Rule>>,
+    pub by_service: HashMap<String, Vec<usize>>,
+    pub any_service: Vec<usize>,
+}
+
+impl RuleSet {
+    pub fn new(rules: Vec<Arc<Rule>>) -> RuleSet {
+        let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.spec.enabled).collect();
+        let mut by_service: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut any_service = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            match &rule.spec.filter.service {
+                Some(service) => by_service.entry(service.clone()).or_default().push(i),
+                None => any_service.push(i),
+            }
+        }
+        RuleSet {
+            rules,
+            by_service,
+            any_service,
+        }
+    }
+}
+
+/// Every rule (enabled or not), shared by the API, the evaluator and the manager.
+#[derive(Default)]
+pub struct RuleRegistry {
+    all: RwLock<Vec<Arc<Rule>>>,
+    active: RwLock<Arc<RuleSet>>,
+    version: AtomicU64,
+}
+
+impl RuleRegistry {
+    pub fn replace(&self, rules: Vec<Arc<Rule>>) {
+        *self.active.write() = Arc::new(RuleSet::new(rules.clone()));
+        *self.all.write() = rules;
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The enabled rules, indexed.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.active.read().clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Rule>> {
+        self.all.read().clone()
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<Arc<Rule>> {
+        self.all.read().iter().find(|r| r.id == id).cloned()
+    }
+
+    /// Bumped on every change.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+}
+
+/// Why an alert stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// The condition no longer holds.
+    Cleared,
+    /// An operator resolved it (`POST /api/alerts/{id}/resolve`).
+    Manual,
+    /// Its rule was deleted or disabled.
+    RuleRemoved,
+}
+
+/// An alert as stored and served: the seed's `Alert`, and what an operator needs besides.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AlertRecord {
+    #[serde(flatten)]
+    pub alert: Alert,
+    pub rule_id: Uuid,
+    /// The rule's name (also `name`).
+    pub rule: String,
+    /// The group this alert is about (`{"service": "checkout"}`; empty without group_by).
+    pub group: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// When the condition started to hold.
+    pub pending_since: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<String>,
+    /// The last time the condition was evaluated for this alert.
+    pub evaluated_at: Timestamp,
+    /// The group's key, as the evaluator names it.
+    pub group_key: String,
+}
+
+impl AlertRecord {
+    /// Whether the alert still needs attention.
+    pub fn is_open(&self) -> bool {
+        self.alert.status != logging_common::AlertStatus::Resolved
+    }
+}
+
+/// What the API holds of alerting.
+pub struct Alerting {
+    pub registry: Arc<RuleRegistry>,
+    pub commands: tokio::sync::mpsc::Sender<manager::Command>,
+    /// The configured notification channels, by name.
+    pub channels: Vec<String>,
+}
+
+fn stored(rule: &Rule) -> crate::db::StoredRule {
+    crate::db::StoredRule {
+        id: rule.id,
+        name: rule.spec.name.clone(),
+        source: rule.source.as_str().into(),
+        spec: serde_json::to_string(&rule.spec).unwrap_or_default(),
+        created_at_ns: rule.created_at.as_nanos(),
+        updated_at_ns: rule.updated_at.as_nanos(),
+    }
+}
+
+/// Turns a stored rule back into a rule; `None` (logged) if it no longer validates.
+pub fn from_stored(row: &crate::db::StoredRule) -> Option<Rule> {
+    let source = match row.source.as_str() {
+        "config" => rules::RuleSource::Config,
+        _ => rules::RuleSource::Api,
+    };
+    let spec = match rules::parse_spec(row.spec.as_bytes()) {
+        Ok(spec) => spec,
+        Err(error) => {
+            tracing::error!(rule = %row.name, %error, "a stored alert rule is invalid; it is not evaluated");
+            return None;
+        }
+    };
+    Rule::new(
+        row.id,
+        spec,
+        source,
+        Timestamp::from_nanos(row.created_at_ns),
+        Timestamp::from_nanos(row.updated_at_ns),
+    )
+    .ok()
+}
+
+/// Brings the stored rules in line with the configuration's (which win over a rule of the
+/// same name made through the API), and returns every rule.
+pub async fn load_rules(
+    db: &crate::db::Database,
+    configured: &[rules::RuleSpec],
+) -> anyhow::Result<Vec<Arc<Rule>>> {
+    let existing = db.alert_rules().await?;
+    let now = Timestamp::now();
+    for spec in configured {
+        let name = spec.name.trim();
+        match existing.iter().find(|r| r.name == name) {
+            Some(row) => {
+                let same = rules::parse_spec(row.spec.as_bytes()).is_ok_and(|s| s == *spec)
+                    && row.source == "config";
+                if !same {
+                    if row.source != "config" {
+                        tracing::warn!(
+                            rule = name,
+                            "the configuration's rule replaces the one of the same name made through the API"
+                        );
+                    }
+                    let rule = Rule::new(
+                        row.id,
+                        spec.clone(),
+                        rules::RuleSource::Config,
+                        Timestamp::from_nanos(row.created_at_ns),
+                        now,
+                    )
+                    .map_err(|e| anyhow::anyhow!("ALERT_RULES: {name}: {e}"))?;
+                    db.update_alert_rule(&stored(&rule)).await?;
+                }
+            }
+            None => {
+                let rule = Rule::new(
+                    Uuid::now_v7(),
+                    spec.clone(),
+                    rules::RuleSource::Config,
+                    now,
+                    now,
+                )
+                .map_err(|e| anyhow::anyhow!("ALERT_RULES: {name}: {e}"))?;
+                db.insert_alert_rule(&stored(&rule)).await?;
+            }
+        }
+    }
+    for row in &existing {
+        let still_configured = configured.iter().any(|s| s.name.trim() == row.name);
+        if row.source == "config" && !still_configured {
+            db.delete_alert_rule(row.id).await?;
+        }
+    }
+    Ok(db
+        .alert_rules()
+        .await?
+        .iter()
+        .filter_map(from_stored)
+        .map(Arc::new)
+        .collect())
+}
+
+impl Alerting {
+    /// Re-reads the rules from the store into the registry, after a change.
+    pub async fn reload(&self, db: &crate::db::Database) -> Result<(), crate::db::DbError> {
+        let rules = db
+            .alert_rules()
+            .await?
+            .iter()
+            .filter_map(from_stored)
+            .map(Arc::new)
+            .collect();
+        self.registry.replace(rules);
+        Ok(())
+    }
+
+    pub fn stored(rule: &Rule) -> crate::db::StoredRule {
+        stored(rule)
+    }
+}
