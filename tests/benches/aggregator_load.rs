@@ -13,226 +13,12 @@
 //! filtered listing, a rare-term search and a 24-hour analytics query.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
+use logging_tests::load::{self, BATCH, Rng, SERVICES, generate, in_flight};
 use logging_tests::{ADMIN_TOKEN, AggregatorProcess, proc};
 use serde_json::Value;
-
-const SERVICES: [&str; 20] = [
-    "api-gateway",
-    "auth",
-    "billing",
-    "cart",
-    "catalog",
-    "checkout",
-    "email",
-    "inventory",
-    "notifications",
-    "orders",
-    "payments",
-    "pricing",
-    "recommendations",
-    "search",
-    "sessions",
-    "shipping",
-    "tax",
-    "users",
-    "warehouse",
-    "web",
-];
-const BATCH: usize = 1000;
-fn in_flight() -> usize {
-    std::env::var("BENCH_IN_FLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
-}
-
-/// A small deterministic generator (xorshift), so every run loads the same data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn hex(&mut self, len: usize) -> String {
-        let mut s = String::with_capacity(len);
-        while s.len() < len {
-            s.push_str(&format!("{:016x}", self.next()));
-        }
-        s.truncate(len);
-        s
-    }
-}
-
-/// One entry as a client would send it: ~200 bytes of message, a JSON context, some ids.
-fn entry(rng: &mut Rng, n: usize, ts_ms: u64, out: &mut String) {
-    let service = SERVICES[rng.below(SERVICES.len() as u64) as usize];
-    let level = match rng.below(100) {
-        0..=9 => "debug",
-        10..=79 => "info",
-        80..=91 => "warning",
-        92..=98 => "error",
-        _ => "critical",
-    };
-    let duration = (rng.below(2000) as f64) / 10.0 + (rng.below(100) as f64);
-    let status = [200, 200, 200, 201, 204, 301, 400, 404, 500, 503][rng.below(10) as usize];
-    // Twelve templates with variable parts, as real services log: ~200 bytes each.
-    let mut message = match rng.below(12) {
-        0 => format!(
-            "GET /api/v1/{service}/items/{} returned {status} in {duration:.1} ms (upstream={service}-svc, cache=miss, bytes={}, client=10.{}.{}.{})",
-            rng.below(100_000),
-            rng.below(50_000),
-            rng.below(256),
-            rng.below(256),
-            rng.below(256)
-        ),
-        1 => format!(
-            "user {} logged in from 10.{}.{}.{} using Mozilla/5.0 (X11; Linux x86_64) session {} mfa=true region=eu-west-1",
-            rng.below(1_000_000),
-            rng.below(256),
-            rng.below(256),
-            rng.below(256),
-            rng.hex(16)
-        ),
-        2 => format!(
-            "payment {} failed: card declined by issuer (code {}); the order stays pending and the customer will be notified by email after {} s",
-            rng.hex(12),
-            rng.below(60),
-            rng.below(30)
-        ),
-        3 => format!(
-            "cache miss for key session:{} after {} ms; falling back to the primary database, which answered in {duration:.1} ms with {} rows",
-            rng.hex(16),
-            rng.below(50),
-            rng.below(100)
-        ),
-        4 => format!(
-            "db query took {duration:.2} ms: SELECT id, status, total, created_at FROM orders WHERE customer_id = {} AND status IN ('new', 'paid') ORDER BY created_at DESC LIMIT 50",
-            rng.below(10_000_000)
-        ),
-        5 => format!(
-            "worker {} processed job {}-{} from queue {service}.events in {duration:.1} ms (attempt {}, {} messages left, lag {} ms)",
-            rng.below(64),
-            rng.hex(8),
-            rng.hex(4),
-            rng.below(3) + 1,
-            rng.below(10_000),
-            rng.below(5_000)
-        ),
-        6 => format!(
-            "retrying upstream call to {service}.svc.cluster.local:8080/internal/health attempt {} of 5 after connection reset by peer; backing off for {} ms",
-            rng.below(5) + 1,
-            rng.below(2_000)
-        ),
-        7 => format!(
-            "order {} moved from {} to {} by {} after review; inventory reserved in warehouse {} and shipping label requested from the carrier",
-            rng.below(100_000_000),
-            ["new", "paid", "packed"][rng.below(3) as usize],
-            ["shipped", "cancelled", "refunded"][rng.below(3) as usize],
-            ["system", "operator", "customer"][rng.below(3) as usize],
-            rng.below(40)
-        ),
-        8 => format!(
-            "token for client {} expired {} s ago; issuing a new access token with scope orders:read orders:write valid for 3600 s (refresh token rotated)",
-            rng.hex(10),
-            rng.below(600)
-        ),
-        9 => format!(
-            "health check of dependency redis-{} answered in {duration:.1} ms; pool has {} idle and {} active connections of 64, {} waiters queued",
-            rng.below(6),
-            rng.below(64),
-            rng.below(64),
-            rng.below(10)
-        ),
-        10 => format!(
-            "rendered template emails/order_confirmation.html for order {} in {duration:.1} ms and queued the message to {} recipients via the smtp relay",
-            rng.below(100_000_000),
-            rng.below(4) + 1
-        ),
-        _ => format!(
-            "garbage collection paused the process for {duration:.1} ms; heap {} MiB of {} MiB in use, {} objects freed in generation {}",
-            rng.below(2_000),
-            2_048,
-            rng.below(5_000_000),
-            rng.below(3)
-        ),
-    };
-    // One entry in 500,000 carries a rare word, for the rare-term search.
-    if n % 500_000 == 250_000 {
-        message.push_str(&format!(" xylophone{}", n / 500_000));
-    }
-    out.push_str(&format!(
-        r#"{{"timestamp":{ts_ms},"level":"{level}","service":"{service}","message":"{message}","context":{{"duration_ms":{duration:.1},"status":{status},"method":"GET","host":"node-{}","pod":"{service}-7d4b9c5f6-{}","region":"eu-west-1"}}"#,
-        rng.below(12),
-        rng.hex(5),
-    ));
-    if rng.below(2) == 0 {
-        out.push_str(&format!(
-            r#","trace_id":"{}","span_id":"{}""#,
-            rng.hex(32),
-            rng.hex(16)
-        ));
-    }
-    if rng.below(2) == 0 {
-        out.push_str(&format!(r#","request_id":"req-{}""#, rng.hex(12)));
-    }
-    if rng.below(3) == 0 {
-        out.push_str(&format!(r#","user_id":"user-{}""#, rng.below(1_000_000)));
-    }
-    out.push('}');
-}
-
-struct Bodies {
-    bodies: Vec<Vec<u8>>,
-    raw_ndjson_bytes: u64,
-    span_ms: u64,
-    end_ms: u64,
-}
-
-fn generate(total: usize) -> Bodies {
-    let end_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    // Spread over the last 24 hours, in arrival order with a little jitter, as a cluster's
-    // logs arrive.
-    let span_ms = 24 * 3600 * 1000 - 60_000;
-    let start_ms = end_ms - span_ms;
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut bodies = Vec::with_capacity(total / BATCH + 1);
-    let mut raw = 0u64;
-    let mut n = 0;
-    while n < total {
-        let mut body = String::with_capacity(BATCH * 520);
-        body.push('[');
-        for i in 0..BATCH.min(total - n) {
-            if i > 0 {
-                body.push(',');
-            }
-            let before = body.len();
-            let ts = start_ms + (n as u64 * span_ms) / total as u64 + rng.below(2000);
-            entry(&mut rng, n, ts.min(end_ms), &mut body);
-            raw += (body.len() - before + 1) as u64;
-            n += 1;
-        }
-        body.push(']');
-        bodies.push(body.into_bytes());
-    }
-    Bodies {
-        bodies,
-        raw_ndjson_bytes: raw,
-        span_ms,
-        end_ms,
-    }
-}
 
 /// (busy, total) CPU ticks of the whole machine, from /proc/stat.
 fn machine_ticks() -> (u64, u64) {
@@ -307,7 +93,7 @@ async fn main() {
         in_flight()
     );
     let generated_at = Instant::now();
-    let data = generate(total);
+    let data = generate(total, 24 * 3600 * 1000 - 60_000);
     println!(
         "generated {} bodies, {:.1} MB of NDJSON entries ({:.0} bytes an entry) in {:.1} s",
         data.bodies.len(),
@@ -332,50 +118,11 @@ async fn main() {
         .build()
         .unwrap();
 
-    let bodies = Arc::new(data.bodies);
-    let next = Arc::new(AtomicUsize::new(0));
-    let retries = Arc::new(AtomicUsize::new(0));
     let cpu_before = proc::cpu_seconds(pid);
     let own_cpu_before = proc::cpu_seconds(std::process::id());
     let machine_before = machine_ticks();
     let started = Instant::now();
-    let mut senders = Vec::new();
-    for _ in 0..in_flight() {
-        let (client, bodies, next, retries, url) = (
-            client.clone(),
-            bodies.clone(),
-            next.clone(),
-            retries.clone(),
-            format!("{base}/api/logs"),
-        );
-        senders.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else { return };
-                loop {
-                    let response = client
-                        .post(&url)
-                        .bearer_auth(ADMIN_TOKEN)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await
-                        .expect("POST");
-                    match response.status().as_u16() {
-                        201 => break,
-                        429 | 503 => {
-                            retries.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        other => panic!(
-                            "POST answered {other}: {}",
-                            response.text().await.unwrap_or_default()
-                        ),
-                    }
-                }
-            }
-        }));
-    }
+    let (senders, retries) = load::send_all(&client, &base, Arc::new(data.bodies));
     let mut peak_rss_kb = 0;
     let mut peak_anon_kb = 0;
     while senders.iter().any(|s| !s.is_finished()) {
@@ -390,9 +137,11 @@ async fn main() {
     // Sustained: until the store has indexed and committed everything.
     loop {
         let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
-        if stats["wal"]["consumers"][0]["lag_entries"].as_u64() == Some(0)
-            && stats["entries"].as_u64() == Some(total as u64)
-        {
+        let index_lag = stats["wal"]["consumers"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "index"))
+            .and_then(|c| c["lag_entries"].as_u64());
+        if index_lag == Some(0) && stats["entries"].as_u64() == Some(total as u64) {
             break;
         }
         peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmRSS:"));

@@ -1,5 +1,7 @@
 //! Runs the real binaries as processes, for the end-to-end tests and the benchmark programs.
 
+pub mod load;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
