@@ -20,6 +20,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::rules::{GroupKey, Rule, RuleKind};
+use super::text::Words;
 use super::window::{Series, bucket_nanos};
 use super::{RuleRegistry, RuleSet};
 use crate::index::indexer::EntryView;
@@ -63,8 +64,12 @@ struct RuleState {
     version: i64,
     /// When this version of the rule started watching (ns).
     since: i64,
-    groups: HashMap<String, Series>,
+    groups: Groups,
 }
+
+/// A rule's groups by key; hashed with xxh3, which costs a fraction of SipHash on these
+/// short keys (looked up once per matching entry and rule).
+type Groups = HashMap<String, Series, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "format")]
@@ -83,7 +88,10 @@ pub struct Evaluator {
     reader: WalReader,
     registry: Arc<RuleRegistry>,
     rules: Arc<RuleSet>,
-    states: HashMap<Uuid, RuleState>,
+    /// The windows of `rules.rules[i]` in `states[i]`.
+    states: Vec<RuleState>,
+    /// Windows read from the snapshot, until the rules they belong to are adopted.
+    restored: HashMap<Uuid, RuleState>,
     output: tokio::sync::mpsc::Sender<Evaluation>,
     check_every: Duration,
     snapshot_path: PathBuf,
@@ -92,14 +100,6 @@ pub struct Evaluator {
 
 fn context_path<'v>(context: &'v Value, path: &[String]) -> Option<&'v Value> {
     path.iter().try_fold(context, |value, key| value.get(key))
-}
-
-fn label_text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }
 
 impl Evaluator {
@@ -116,7 +116,8 @@ impl Evaluator {
             reader,
             registry,
             rules,
-            states: HashMap::new(),
+            states: Vec::new(),
+            restored: HashMap::new(),
             output,
             check_every,
             snapshot_path: data_dir.join("windows.json"),
@@ -139,7 +140,7 @@ impl Evaluator {
                     );
                 }
                 self.reader.seek(lsn);
-                self.states = rules;
+                self.restored = rules;
             }
             Err(error) => tracing::warn!(
                 file = %self.snapshot_path.display(), %error,
@@ -150,19 +151,24 @@ impl Evaluator {
 
     /// Keeps the state of rules that still exist at the same version; starts the others.
     fn adopt_rules(&mut self, now: i64) {
+        let mut previous = std::mem::take(&mut self.restored);
+        for (rule, state) in self.rules.rules.iter().zip(self.states.drain(..)) {
+            previous.insert(rule.id, state);
+        }
         self.rules = self.registry.current();
-        let mut states = std::mem::take(&mut self.states);
-        for rule in &self.rules.rules {
-            let state = match states.remove(&rule.id) {
+        self.states = self
+            .rules
+            .rules
+            .iter()
+            .map(|rule| match previous.remove(&rule.id) {
                 Some(state) if state.version == rule.version => state,
                 _ => RuleState {
                     version: rule.version,
                     since: now,
-                    groups: HashMap::new(),
+                    groups: Groups::default(),
                 },
-            };
-            self.states.insert(rule.id, state);
-        }
+            })
+            .collect();
     }
 
     pub fn run(mut self, stop: Arc<AtomicBool>) {
@@ -223,7 +229,13 @@ impl Evaluator {
         let lsn = self.reader.position();
         let snapshot = Snapshot::V1 {
             lsn,
-            rules: self.states.clone(),
+            rules: self
+                .rules
+                .rules
+                .iter()
+                .zip(&self.states)
+                .map(|(rule, state)| (rule.id, state.clone()))
+                .collect(),
         };
         let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
         let tmp = self.snapshot_path.with_extension("json.tmp");
@@ -256,6 +268,8 @@ impl Evaluator {
             .flatten()
             .chain(rules.any_service.iter());
         let mut context: Option<Option<Value>> = None;
+        let mut message_words: Option<Words> = None;
+        let mut key = String::new();
         for &i in candidates {
             let rule = &rules.rules[i];
             let filter = &rule.spec.filter;
@@ -264,12 +278,11 @@ impl Evaluator {
             {
                 continue;
             }
-            if rule
-                .query
-                .as_ref()
-                .is_some_and(|q| !q.matches(&entry.message))
-            {
-                continue;
+            if let Some(query) = &rule.query {
+                let words = message_words.get_or_insert_with(|| Words::of(&entry.message));
+                if !query.matches_words(words) {
+                    continue;
+                }
             }
             let window = rule.spec.window.nanos();
             let ts = entry.timestamp.as_nanos().min(now);
@@ -321,31 +334,55 @@ impl Evaluator {
                 }
                 None => None,
             };
-            let mut labels = BTreeMap::new();
-            for (name, key) in rule.spec.group_by.iter().zip(&rule.group_by) {
-                let text = match key {
-                    GroupKey::Service => entry.service.to_string(),
-                    GroupKey::Level => entry.level.as_str().to_string(),
-                    GroupKey::Context(path) => ctx
-                        .and_then(|c| context_path(c, path))
-                        .map(label_text)
-                        .unwrap_or_default(),
-                };
-                labels.insert(name.clone(), text);
-            }
-            let key = group_key(&labels);
-            let Some(state) = self.states.get_mut(&rule.id) else {
+            let Some(state) = self.states.get_mut(i) else {
                 continue;
             };
-            if !state.groups.contains_key(&key) && state.groups.len() >= MAX_GROUPS_PER_RULE {
+            // The group's key: its `name=value` pairs, sorted by name, joined by U+001F.
+            let push_value = |k: &GroupKey, out: &mut String| match k {
+                GroupKey::Service => out.push_str(&entry.service),
+                GroupKey::Level => out.push_str(entry.level.as_str()),
+                GroupKey::Context(path) => match ctx.and_then(|c| context_path(c, path)) {
+                    Some(Value::String(s)) => out.push_str(s),
+                    Some(Value::Null) | None => {}
+                    Some(other) => out.push_str(&other.to_string()),
+                },
+            };
+            key.clear();
+            for (n, (name, k)) in rule.sorted_group_by.iter().enumerate() {
+                if n > 0 {
+                    key.push('\u{1f}');
+                }
+                key.push_str(name);
+                key.push('=');
+                push_value(k, &mut key);
+            }
+            let width = bucket_nanos(window);
+            let error = entry.level.is_error();
+            if let Some(series) = state.groups.get_mut(key.as_str()) {
+                series.observe(ts, width, error, value);
+                continue;
+            }
+            if state.groups.len() >= MAX_GROUPS_PER_RULE {
                 metrics::counter!("logging_aggregator_alert_groups_dropped_total").increment(1);
                 continue;
             }
-            let series = state.groups.entry(key).or_insert_with(|| Series {
-                labels,
-                ..Series::default()
-            });
-            series.observe(ts, bucket_nanos(window), entry.level.is_error(), value);
+            let labels: BTreeMap<String, String> = rule
+                .sorted_group_by
+                .iter()
+                .map(|(name, k)| {
+                    let mut value = String::new();
+                    push_value(k, &mut value);
+                    (name.clone(), value)
+                })
+                .collect();
+            state
+                .groups
+                .entry(key.clone())
+                .or_insert_with(|| Series {
+                    labels,
+                    ..Series::default()
+                })
+                .observe(ts, width, error, value);
         }
     }
 
@@ -356,10 +393,7 @@ impl Evaluator {
         let forget: HashSet<(Uuid, String)> = self.forget.lock().drain(..).collect();
         let mut results = Vec::with_capacity(self.rules.rules.len());
         let mut groups_tracked = 0;
-        for rule in &self.rules.rules {
-            let Some(state) = self.states.get_mut(&rule.id) else {
-                continue;
-            };
+        for (rule, state) in self.rules.rules.iter().zip(self.states.iter_mut()) {
             let spec = &rule.spec;
             let window = spec.window.nanos();
             let width = bucket_nanos(window);
@@ -432,13 +466,4 @@ impl Evaluator {
             .record(started.elapsed().as_secs_f64());
         Evaluation { at, rules: results }
     }
-}
-
-/// The stable text key of a group.
-pub fn group_key(labels: &BTreeMap<String, String>) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("\u{1f}")
 }

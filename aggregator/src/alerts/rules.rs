@@ -293,6 +293,8 @@ pub struct Rule {
     pub updated_at: Timestamp,
     pub query: Option<TextQuery>,
     pub group_by: Vec<GroupKey>,
+    /// `group_by` with its names, sorted by name (the order of a group's key).
+    pub sorted_group_by: Vec<(String, GroupKey)>,
     pub field_path: Option<Vec<String>>,
     pub predicate_path: Option<Vec<String>>,
 }
@@ -513,8 +515,17 @@ impl Rule {
             .map(|k| GroupKey::parse(k))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("group_by", e))?;
+        let mut sorted_group_by: Vec<(String, GroupKey)> = spec
+            .group_by
+            .iter()
+            .cloned()
+            .zip(group_by.iter().cloned())
+            .collect();
+        sorted_group_by.sort_by(|a, b| a.0.cmp(&b.0));
+        sorted_group_by.dedup_by(|a, b| a.0 == b.0);
         Ok(Rule {
             id,
+            sorted_group_by,
             version: updated_at.as_nanos(),
             field_path: spec.field.as_deref().map(path_of),
             predicate_path: spec.filter.field.as_ref().map(|p| path_of(&p.name)),

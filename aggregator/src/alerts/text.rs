@@ -17,6 +17,40 @@ pub struct TextQuery {
     groups: Vec<Vec<Clause>>,
 }
 
+/// A text lower-cased once, with where each word is: two allocations, however many words
+/// and rules.
+pub struct Words {
+    lower: String,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Words {
+    pub fn of(text: &str) -> Words {
+        let lower = text.to_lowercase();
+        let mut spans = Vec::new();
+        let mut start = None;
+        for (i, c) in lower.char_indices() {
+            match (c.is_alphanumeric(), start) {
+                (true, None) => start = Some(i),
+                (false, Some(s)) => {
+                    spans.push((s, i));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            spans.push((s, lower.len()));
+        }
+        Words { lower, spans }
+    }
+
+    fn word(&self, i: usize) -> &str {
+        let (start, end) = self.spans[i];
+        &self.lower[start..end]
+    }
+}
+
 /// The words of a text, as the matcher sees them.
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
@@ -93,12 +127,21 @@ impl TextQuery {
 
     /// Whether `text` satisfies the query.
     pub fn matches(&self, text: &str) -> bool {
-        let words: Vec<String> = words(text).collect();
+        self.matches_words(&Words::of(text))
+    }
+
+    /// The same, for a text split once and matched by many rules.
+    pub fn matches_words(&self, words: &Words) -> bool {
         self.groups.iter().all(|group| {
             group.iter().any(|clause| {
-                let found = words
-                    .windows(clause.words.len())
-                    .any(|window| window == clause.words.as_slice());
+                let n = clause.words.len();
+                let found = (0..words.spans.len().saturating_sub(n - 1)).any(|start| {
+                    clause
+                        .words
+                        .iter()
+                        .enumerate()
+                        .all(|(j, w)| words.word(start + j) == w)
+                });
                 found != clause.negated
             })
         })

@@ -1,0 +1,307 @@
+//! What alerting costs: the same live load (entries stamped "now", posted as fast as the
+//! aggregator takes them, durability on) into an aggregator without rules and into one with
+//! 1,000 rules, comparing the aggregator's CPU time; and, during the load, how long it takes
+//! from a probe entry that crosses a threshold to its webhook notification arriving.
+//!
+//! ```text
+//! cargo build --release -p logging-aggregator
+//! cargo bench -p logging-tests --bench alerting                          # 2,000,000 entries
+//! BENCH_ENTRIES=500000 BENCH_RULES=1000 cargo bench -p logging-tests --bench alerting
+//! ```
+//!
+//! The 1,000 rules: 190 services × 5 rules (errors counted, error rate, p95 latency, a
+//! full-text count, absence), of which the 20 services in the data have 100 rules between
+//! them, plus 50 rules over every service (critical entries and full-text counts, grouped by
+//! service). So each entry is offered to 55 rules. Thresholds are such that nothing fires but
+//! the probes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use logging_tests::load::{self, SERVICES, generate};
+use logging_tests::{ADMIN_TOKEN, AggregatorProcess, http_client, proc};
+use serde_json::{Value, json};
+use std::sync::Mutex;
+
+/// CPU seconds of the aggregator's thread named `name` (e.g. the evaluator, `alerts`).
+fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .map(|t| {
+            let text = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let fields: Vec<&str> = text
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            ticks as f64 / 100.0
+        })
+        .sum()
+}
+
+fn rules(count: usize) -> Vec<Value> {
+    let mut services: Vec<String> = SERVICES.iter().map(|s| s.to_string()).collect();
+    let mut n = 0;
+    while services.len() < 190 {
+        services.push(format!("svc-{n:03}"));
+        n += 1;
+    }
+    let mut out = Vec::new();
+    let terms = [
+        "declined",
+        "timeout",
+        "retrying",
+        "expired",
+        "garbage",
+        "miss",
+        "reset",
+        "refunded",
+        "cancelled",
+        "pending",
+        "queue",
+        "redis",
+        "smtp",
+        "template",
+        "warehouse",
+        "token",
+        "session",
+        "inventory",
+        "mfa",
+        "upstream",
+        "backing",
+        "heap",
+        "pool",
+        "label",
+        "review",
+    ];
+    for (i, service) in services.iter().enumerate() {
+        let filter = json!({"service": service});
+        out.push(
+            json!({"name": format!("{service}-errors"), "kind": "count", "window": "5m",
+            "threshold": 1e9, "filter": {"service": service, "min_level": "error"}}),
+        );
+        out.push(
+            json!({"name": format!("{service}-error-rate"), "kind": "error_rate",
+            "window": "5m", "threshold": 0.9, "min_volume": 100, "filter": filter}),
+        );
+        out.push(
+            json!({"name": format!("{service}-latency"), "kind": "numeric",
+            "field": "duration_ms", "aggregation": "p95", "window": "5m", "threshold": 1e6,
+            "filter": filter}),
+        );
+        out.push(
+            json!({"name": format!("{service}-resets"), "kind": "count", "window": "5m",
+            "threshold": 1e9, "filter": {"service": service, "query": "\"connection reset\""}}),
+        );
+        out.push(
+            json!({"name": format!("{service}-silent"), "kind": "absence",
+            "window": "1h", "filter": filter, "enabled": i < 20}),
+        );
+    }
+    for (i, term) in terms.iter().enumerate() {
+        out.push(
+            json!({"name": format!("critical-{i}"), "kind": "count", "window": "5m",
+            "threshold": 1e9 + i as f64, "filter": {"min_level": "critical"},
+            "group_by": ["service"]}),
+        );
+        out.push(
+            json!({"name": format!("term-{i}"), "kind": "count", "window": "5m",
+            "threshold": 1e9, "filter": {"query": term}, "group_by": ["service"]}),
+        );
+    }
+    out.truncate(count);
+    out
+}
+
+/// When each probe was acknowledged and when its notification arrived.
+type Probes = Arc<Mutex<Vec<(u64, Option<Instant>, Option<Instant>)>>>;
+
+async fn webhook(
+    axum::extract::State(probes): axum::extract::State<Probes>,
+    body: axum::body::Bytes,
+) -> &'static str {
+    let arrived = Instant::now();
+    if let Ok(value) = serde_json::from_slice::<Value>(&body)
+        && value["event"] == "alert.fired"
+        && let Some(k) = value["alert"]["group"]["context.probe"]
+            .as_str()
+            .and_then(|k| k.parse::<u64>().ok())
+        && let Some(probe) = probes.lock().unwrap().iter_mut().find(|p| p.0 == k)
+    {
+        probe.2 = Some(arrived);
+    }
+    "ok"
+}
+
+struct Run {
+    cpu: f64,
+    alerts_thread: f64,
+    acknowledged: Duration,
+    latencies: Vec<Duration>,
+}
+
+async fn run(bodies: Arc<Vec<Vec<u8>>>, total: usize, rule_count: usize, probe: bool) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let probes: Probes = Arc::default();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(webhook))
+        .with_state(probes.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut all_rules = rules(rule_count);
+    if probe {
+        all_rules.push(json!({"name": "probe", "kind": "count", "window": "5m",
+            "threshold": 0, "filter": {"service": "probe"}, "group_by": ["context.probe"]}));
+    }
+    let config = dir.path().join("config.yaml");
+    // JSON is YAML.
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&json!({
+            "alert_rules": all_rules,
+            "alert_check_interval": 1,
+            "alert_notification_channels": ["webhook"],
+            "alert_webhook_url": hook,
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config_path = config.display().to_string();
+    let aggregator = AggregatorProcess::start(
+        &data,
+        &[("LOG_LEVEL", "warn"), ("CONFIG_FILE", config_path.as_str())],
+    );
+    let pid = aggregator.child.id();
+    let base = aggregator.base.clone();
+    let client = http_client();
+    let cpu_before = proc::cpu_seconds(pid);
+    let started = Instant::now();
+    let (senders, _) = load::send_all(&client, &base, bodies);
+    // One probe every 250 ms while the load runs: a new group, so a new alert.
+    let mut k = 0;
+    while senders.iter().any(|s| !s.is_finished()) {
+        if probe {
+            k += 1;
+            let entry = json!([{"timestamp": logging_common::Timestamp::now().to_rfc3339(),
+                "level": "error", "service": "probe", "message": "probe",
+                "context": {"probe": k.to_string()}}]);
+            let response = client
+                .post(format!("{base}/api/logs"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&entry)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            probes.lock().unwrap().push((k, Some(Instant::now()), None));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let acknowledged = started.elapsed();
+    // Until everything is indexed and evaluated.
+    loop {
+        let stats: Value = client
+            .get(format!("{base}/api/logs/stats"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let lags: Vec<u64> = stats["wal"]["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["lag_entries"].as_u64().unwrap_or(1))
+            .collect();
+        if stats["entries"].as_u64() >= Some(total as u64) && lags.iter().all(|l| *l == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The last probes' notifications.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = proc::cpu_seconds(pid) - cpu_before;
+    let alerts_thread = thread_cpu_seconds(pid, "alerts");
+    let latencies = probes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, sent, got)| Some(got.as_ref()?.duration_since(*sent.as_ref()?)))
+        .collect::<Vec<_>>();
+    let missing = probes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.2.is_none())
+        .count();
+    assert_eq!(missing, 0, "probes without a notification");
+    Run {
+        cpu,
+        alerts_thread,
+        acknowledged,
+        latencies,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let total: usize = std::env::var("BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    let rule_count: usize = std::env::var("BENCH_RULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    println!("alerting: {total} live entries, {rule_count} rules, ALERT_CHECK_INTERVAL=1");
+    let data = generate(total, 1000);
+    let bodies = Arc::new(data.bodies);
+
+    let without = run(bodies.clone(), total, 0, false).await;
+    println!(
+        "no rules:    aggregator CPU {:6.1} s, acknowledged at {:>7.0} entries/s",
+        without.cpu,
+        total as f64 / without.acknowledged.as_secs_f64()
+    );
+    let with = run(bodies, total, rule_count, true).await;
+    println!(
+        "{rule_count} rules: aggregator CPU {:6.1} s, acknowledged at {:>7.0} entries/s; the evaluator thread {:.1} s",
+        with.cpu,
+        total as f64 / with.acknowledged.as_secs_f64(),
+        with.alerts_thread
+    );
+    println!(
+        "alerting adds {:+.1}% to the aggregator's CPU time (the evaluator thread alone: {:.1}% of it; {:.2} µs an entry)",
+        100.0 * (with.cpu - without.cpu) / without.cpu,
+        100.0 * with.alerts_thread / with.cpu,
+        1e6 * with.alerts_thread / total as f64
+    );
+    let mut latencies = with.latencies;
+    latencies.sort();
+    println!(
+        "threshold crossed → webhook received, under load: p50 {:.2} s, p99 {:.2} s, max {:.2} s over {} probes (bar: p99 ≤ 2 × ALERT_CHECK_INTERVAL = 2 s)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().map_or(0.0, Duration::as_secs_f64),
+        latencies.len()
+    );
+}
