@@ -64,6 +64,8 @@ pub struct Running {
     indexer: Option<std::thread::JoinHandle<()>>,
     evaluator_stop: Arc<AtomicBool>,
     evaluator: Option<std::thread::JoinHandle<()>>,
+    sinks_stop: Arc<AtomicBool>,
+    sinks: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Opens everything and starts serving.
@@ -180,6 +182,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .name("alerts".into())
             .spawn(move || evaluator.run(stop))?
     };
+    // Sinks: each reads the WAL on its own thread, from its own cursor.
+    let sink_statuses = crate::sinks::SinkStatuses::default();
+    let sinks_stop = Arc::new(AtomicBool::new(false));
+    let mut sinks = Vec::new();
+    if let Some(url) = &config.loki_url {
+        let settings = config.loki_settings(url)?;
+        tracing::info!(url = %settings.push_url, "Loki sink enabled");
+        let sink = crate::sinks::loki::LokiSink::new(settings).context("the Loki sink")?;
+        sinks.push(crate::sinks::spawn(
+            sink,
+            wal.reader("loki")?,
+            &config.data_dir,
+            sink_statuses.clone(),
+            sinks_stop.clone(),
+        )?);
+    }
     let alerting = Arc::new(Alerting {
         registry,
         commands: commands.clone(),
@@ -232,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         started: Instant::now(),
         indexer_healthy,
         alerts: alerting,
+        sinks: sink_statuses,
     });
 
     // Certificates first: once the API answers, everything an agent needs exists.
@@ -322,6 +341,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         indexer: Some(indexer),
         evaluator_stop,
         evaluator: Some(evaluator),
+        sinks_stop,
+        sinks,
     })
 }
 
@@ -463,6 +484,10 @@ impl Running {
         self.evaluator_stop.store(true, Ordering::Release);
         if let Some(evaluator) = self.evaluator.take() {
             let _ = tokio::task::spawn_blocking(move || evaluator.join()).await;
+        }
+        self.sinks_stop.store(true, Ordering::Release);
+        for sink in self.sinks.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || sink.join()).await;
         }
         self.indexer_stop.store(true, Ordering::Release);
         if let Some(indexer) = self.indexer.take() {

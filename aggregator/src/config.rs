@@ -55,10 +55,14 @@ pub struct Config {
     pub log_processing_workers: usize,
     /// Encryption at rest: not implemented; `true` is refused at start-up.
     pub log_encryption_enabled: bool,
-    /// Loki sink: not implemented yet; setting it is refused at start-up.
+    /// Loki sink: Loki's base URL (`/loki/api/v1/push` is appended); unset = no Loki sink.
     pub loki_url: Option<String>,
     /// Loki tenant (`X-Scope-OrgID`), for the Loki sink.
     pub loki_tenant_id: Option<String>,
+    /// Static labels added to every Loki stream, `name=value,…` (e.g. `cluster=prod`; at most 10).
+    pub loki_labels: Vec<String>,
+    /// Loki push encoding: `protobuf` (snappy, as Promtail sends) or `json`.
+    pub loki_format: String,
     /// Elasticsearch sink: not implemented yet; setting it is refused at start-up.
     pub elasticsearch_url: Option<String>,
     /// Index name prefix, for the Elasticsearch sink.
@@ -162,6 +166,8 @@ impl Default for Config {
             log_encryption_enabled: false,
             loki_url: None,
             loki_tenant_id: None,
+            loki_labels: Vec::new(),
+            loki_format: "protobuf".into(),
             elasticsearch_url: None,
             elasticsearch_index: "logs".into(),
             broker_url: None,
@@ -217,6 +223,20 @@ fn invalid(name: &'static str, reason: impl Into<String>) -> InvalidSetting {
 }
 
 impl Config {
+    /// The Loki sink's settings, checked.
+    pub fn loki_settings(
+        &self,
+        url: &str,
+    ) -> Result<crate::sinks::loki::LokiSettings, InvalidSetting> {
+        crate::sinks::loki::LokiSettings::new(
+            url,
+            self.loki_tenant_id.as_deref(),
+            &self.loki_labels,
+            &self.loki_format,
+        )
+        .map_err(|(name, reason)| invalid(name, reason))
+    }
+
     /// Loads from an optional YAML file and the process environment.
     pub fn load(file: Option<&std::path::Path>) -> Result<Config, anyhow::Error> {
         let config: Config = logging_common::config::load(file, std::env::vars())?;
@@ -234,7 +254,6 @@ impl Config {
             ));
         }
         for (name, value, issue) in [
-            ("LOKI_URL", &self.loki_url, "the Loki sink"),
             (
                 "ELASTICSEARCH_URL",
                 &self.elasticsearch_url,
@@ -254,6 +273,9 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Some(url) = &self.loki_url {
+            self.loki_settings(url)?;
         }
         if self.max_log_size < 64 {
             return Err(invalid("MAX_LOG_SIZE", "must be at least 64 bytes"));

@@ -16,4 +16,5 @@ pub mod db;
 pub mod error;
 pub mod index;
 pub mod ingest;
+pub mod sinks;
 pub mod wal;

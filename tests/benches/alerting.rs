@@ -15,6 +15,7 @@
 //! service). So each entry is offered to 55 rules. Thresholds are such that nothing fires but
 //! the probes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,27 +24,19 @@ use logging_tests::{ADMIN_TOKEN, AggregatorProcess, http_client, proc};
 use serde_json::{Value, json};
 use std::sync::Mutex;
 
-/// CPU seconds of the aggregator's thread named `name` (e.g. the evaluator, `alerts`).
-fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
+/// CPU seconds of the aggregator's threads, summed by thread name (`alerts` is the
+/// evaluator, `index` the indexer, `tokio-runtime-w` the API and ingest).
+fn thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
+        return by_name;
     };
-    tasks
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .map(|t| {
-            let text = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            let fields: Vec<&str> = text
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-                + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-            ticks as f64 / 100.0
-        })
-        .sum()
+    for task in tasks.flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cpu = proc::stat_cpu_seconds(&task.path().join("stat").display().to_string());
+        *by_name.entry(name.trim().to_string()).or_insert(0.0) += cpu;
+    }
+    by_name
 }
 
 fn rules(count: usize) -> Vec<Value> {
@@ -142,7 +135,7 @@ async fn webhook(
 
 struct Run {
     cpu: f64,
-    alerts_thread: f64,
+    threads: BTreeMap<String, f64>,
     acknowledged: Duration,
     latencies: Vec<Duration>,
 }
@@ -235,7 +228,7 @@ async fn run(bodies: Arc<Vec<Vec<u8>>>, total: usize, rule_count: usize, probe: 
     // The last probes' notifications.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu = proc::cpu_seconds(pid) - cpu_before;
-    let alerts_thread = thread_cpu_seconds(pid, "alerts");
+    let threads = thread_cpu_seconds(pid);
     let latencies = probes
         .lock()
         .unwrap()
@@ -251,7 +244,7 @@ async fn run(bodies: Arc<Vec<Vec<u8>>>, total: usize, rule_count: usize, probe: 
     assert_eq!(missing, 0, "probes without a notification");
     Run {
         cpu,
-        alerts_thread,
+        threads,
         acknowledged,
         latencies,
     }
@@ -276,24 +269,54 @@ async fn main() {
     let data = generate(total, 1000);
     let bodies = Arc::new(data.bodies);
 
-    let without = run(bodies.clone(), total, 0, false).await;
+    // The two set-ups alternate and each keeps its cheapest run: on a shared 2-core
+    // machine a neighbour's burst can only add CPU time, never take it away.
+    let repeat: usize = std::env::var("BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let mut without: Option<Run> = None;
+    let mut with: Option<Run> = None;
+    for round in 1..=repeat {
+        let a = run(bodies.clone(), total, 0, false).await;
+        println!(
+            "round {round}, no rules:    aggregator CPU {:6.1} s, acknowledged at {:>7.0} entries/s",
+            a.cpu,
+            total as f64 / a.acknowledged.as_secs_f64()
+        );
+        let b = run(bodies.clone(), total, rule_count, true).await;
+        println!(
+            "round {round}, {rule_count} rules: aggregator CPU {:6.1} s, acknowledged at {:>7.0} entries/s; the evaluator thread {:.1} s",
+            b.cpu,
+            total as f64 / b.acknowledged.as_secs_f64(),
+            b.threads.get("alerts").copied().unwrap_or(0.0)
+        );
+        if without.as_ref().is_none_or(|w| a.cpu < w.cpu) {
+            without = Some(a);
+        }
+        if with.as_ref().is_none_or(|w| b.cpu < w.cpu) {
+            with = Some(b);
+        }
+    }
+    let (without, with) = (without.unwrap(), with.unwrap());
+    let alerts_thread = with.threads.get("alerts").copied().unwrap_or(0.0);
+    println!("CPU seconds by thread (cheapest runs): no rules → {rule_count} rules");
+    let names: std::collections::BTreeSet<&String> =
+        without.threads.keys().chain(with.threads.keys()).collect();
+    for name in names {
+        let a = without.threads.get(name).copied().unwrap_or(0.0);
+        let b = with.threads.get(name).copied().unwrap_or(0.0);
+        if a + b >= 0.1 {
+            println!("  {name:<16} {a:6.1} → {b:6.1}");
+        }
+    }
     println!(
-        "no rules:    aggregator CPU {:6.1} s, acknowledged at {:>7.0} entries/s",
-        without.cpu,
-        total as f64 / without.acknowledged.as_secs_f64()
-    );
-    let with = run(bodies, total, rule_count, true).await;
-    println!(
-        "{rule_count} rules: aggregator CPU {:6.1} s, acknowledged at {:>7.0} entries/s; the evaluator thread {:.1} s",
-        with.cpu,
-        total as f64 / with.acknowledged.as_secs_f64(),
-        with.alerts_thread
-    );
-    println!(
-        "alerting adds {:+.1}% to the aggregator's CPU time (the evaluator thread alone: {:.1}% of it; {:.2} µs an entry)",
+        "alerting adds {:+.1}% to the aggregator's CPU time ({:.1} s → {:.1} s; the evaluator thread alone: {:.1}% of it, {:.2} µs an entry)",
         100.0 * (with.cpu - without.cpu) / without.cpu,
-        100.0 * with.alerts_thread / with.cpu,
-        1e6 * with.alerts_thread / total as f64
+        without.cpu,
+        with.cpu,
+        100.0 * alerts_thread / with.cpu,
+        1e6 * alerts_thread / total as f64
     );
     let mut latencies = with.latencies;
     latencies.sort();

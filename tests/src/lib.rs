@@ -329,7 +329,13 @@ pub mod proc {
 
     /// CPU seconds (user + system) the process has used.
     pub fn cpu_seconds(pid: u32) -> f64 {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+    }
+
+    /// CPU seconds (user + system) in a `stat` file: a process's or one thread's
+    /// (`/proc/<pid>/task/<tid>/stat`).
+    pub fn stat_cpu_seconds(path: &str) -> f64 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
         let fields: Vec<&str> = text
             .rsplit(')')
             .next()

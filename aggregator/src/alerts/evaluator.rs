@@ -20,11 +20,13 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::rules::{GroupKey, Rule, RuleKind};
-use super::text::Words;
+use super::text::Seen;
 use super::window::{Series, bucket_nanos};
 use super::{RuleRegistry, RuleSet};
-use crate::index::indexer::EntryView;
 use crate::wal::WalReader;
+use logging_common::LogLevel;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 /// The evaluator's WAL consumer name.
 pub const ALERTS_CONSUMER: &str = "alerts";
@@ -67,9 +69,9 @@ struct RuleState {
     groups: Groups,
 }
 
-/// A rule's groups by key; hashed with xxh3, which costs a fraction of SipHash on these
+/// A rule's groups by key; hashed with foldhash, which costs a fraction of SipHash on these
 /// short keys (looked up once per matching entry and rule).
-type Groups = HashMap<String, Series, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
+type Groups = HashMap<String, Series, foldhash::fast::RandomState>;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "format")]
@@ -96,6 +98,42 @@ pub struct Evaluator {
     check_every: Duration,
     snapshot_path: PathBuf,
     forget: ForgetList,
+    scratch: Scratch,
+}
+
+/// What the evaluator reads of a stored entry (the rest of the line is skipped unparsed).
+#[derive(Deserialize)]
+struct AlertView<'a> {
+    timestamp: Timestamp,
+    level: LogLevel,
+    #[serde(borrow)]
+    service: Cow<'a, str>,
+    #[serde(borrow)]
+    message: Cow<'a, str>,
+    #[serde(default, borrow)]
+    context: Option<&'a RawValue>,
+}
+
+/// Buffers reused from one entry to the next.
+#[derive(Default)]
+struct Scratch {
+    seen: Seen,
+    /// The entry's group key for each key shape, built on first use.
+    keys: Vec<String>,
+    key_ready: Vec<bool>,
+}
+
+/// Appends the value `key` takes for `entry` to `out`.
+fn group_value(entry: &AlertView, context: Option<&Value>, key: &GroupKey, out: &mut String) {
+    match key {
+        GroupKey::Service => out.push_str(&entry.service),
+        GroupKey::Level => out.push_str(entry.level.as_str()),
+        GroupKey::Context(path) => match context.and_then(|c| context_path(c, path)) {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Null) | None => {}
+            Some(other) => out.push_str(&other.to_string()),
+        },
+    }
 }
 
 fn context_path<'v>(context: &'v Value, path: &[String]) -> Option<&'v Value> {
@@ -122,6 +160,7 @@ impl Evaluator {
             check_every,
             snapshot_path: data_dir.join("windows.json"),
             forget,
+            scratch: Scratch::default(),
         }
     }
 
@@ -257,7 +296,7 @@ impl Evaluator {
         if self.rules.rules.is_empty() {
             return;
         }
-        let Ok(entry) = serde_json::from_slice::<EntryView>(line) else {
+        let Ok(entry) = serde_json::from_slice::<AlertView>(line) else {
             return;
         };
         let rules = self.rules.clone();
@@ -268,8 +307,11 @@ impl Evaluator {
             .flatten()
             .chain(rules.any_service.iter());
         let mut context: Option<Option<Value>> = None;
-        let mut message_words: Option<Words> = None;
-        let mut key = String::new();
+        let mut scanned = false;
+        let scratch = &mut self.scratch;
+        scratch.keys.resize_with(rules.shape_count, String::new);
+        scratch.key_ready.clear();
+        scratch.key_ready.resize(rules.shape_count, false);
         for &i in candidates {
             let rule = &rules.rules[i];
             let filter = &rule.spec.filter;
@@ -278,9 +320,12 @@ impl Evaluator {
             {
                 continue;
             }
-            if let Some(query) = &rule.query {
-                let words = message_words.get_or_insert_with(|| Words::of(&entry.message));
-                if !query.matches_words(words) {
+            if let Some(Some(query)) = rules.queries.get(i) {
+                if !scanned {
+                    rules.vocabulary.scan(&entry.message, &mut scratch.seen);
+                    scanned = true;
+                }
+                if !query.matches(&scratch.seen) {
                     continue;
                 }
             }
@@ -337,24 +382,20 @@ impl Evaluator {
             let Some(state) = self.states.get_mut(i) else {
                 continue;
             };
-            // The group's key: its `name=value` pairs, sorted by name, joined by U+001F.
-            let push_value = |k: &GroupKey, out: &mut String| match k {
-                GroupKey::Service => out.push_str(&entry.service),
-                GroupKey::Level => out.push_str(entry.level.as_str()),
-                GroupKey::Context(path) => match ctx.and_then(|c| context_path(c, path)) {
-                    Some(Value::String(s)) => out.push_str(s),
-                    Some(Value::Null) | None => {}
-                    Some(other) => out.push_str(&other.to_string()),
-                },
-            };
-            key.clear();
-            for (n, (name, k)) in rule.sorted_group_by.iter().enumerate() {
-                if n > 0 {
-                    key.push('\u{1f}');
+            let shape = rules.key_shapes[i];
+            let key = &mut scratch.keys[shape];
+            if !scratch.key_ready[shape] {
+                // The group's key: its `name=value` pairs, sorted by name, joined by U+001F.
+                key.clear();
+                for (n, (name, k)) in rule.sorted_group_by.iter().enumerate() {
+                    if n > 0 {
+                        key.push('\u{1f}');
+                    }
+                    key.push_str(name);
+                    key.push('=');
+                    group_value(&entry, ctx, k, key);
                 }
-                key.push_str(name);
-                key.push('=');
-                push_value(k, &mut key);
+                scratch.key_ready[shape] = true;
             }
             let width = bucket_nanos(window);
             let error = entry.level.is_error();
@@ -371,7 +412,7 @@ impl Evaluator {
                 .iter()
                 .map(|(name, k)| {
                     let mut value = String::new();
-                    push_value(k, &mut value);
+                    group_value(&entry, ctx, k, &mut value);
                     (name.clone(), value)
                 })
                 .collect();

@@ -37,6 +37,14 @@ pub struct RuleSet {
     pub rules: Vec<Arc<Rule>>,
     pub by_service: HashMap<String, Vec<usize>>,
     pub any_service: Vec<usize>,
+    /// Every word the rules' queries look for.
+    pub vocabulary: text::Vocabulary,
+    /// `rules[i]`'s query, compiled against `vocabulary`.
+    pub queries: Vec<Option<text::IdQuery>>,
+    /// `rules[i]`'s group key shape: rules grouping by the same labels share one, so an
+    /// entry's key is built once per shape rather than once per rule.
+    pub key_shapes: Vec<usize>,
+    pub shape_count: usize,
 }
 
 impl RuleSet {
@@ -50,10 +58,31 @@ impl RuleSet {
                 None => any_service.push(i),
             }
         }
+        let mut vocabulary = text::Vocabulary::default();
+        let queries = rules
+            .iter()
+            .map(|rule| rule.query.as_ref().map(|q| q.compile(&mut vocabulary)))
+            .collect();
+        let mut shapes: Vec<&[(String, rules::GroupKey)]> = Vec::new();
+        let key_shapes = rules
+            .iter()
+            .map(|rule| {
+                let shape = rule.sorted_group_by.as_slice();
+                shapes.iter().position(|s| *s == shape).unwrap_or_else(|| {
+                    shapes.push(shape);
+                    shapes.len() - 1
+                })
+            })
+            .collect();
+        let shape_count = shapes.len();
         RuleSet {
             rules,
             by_service,
             any_service,
+            vocabulary,
+            queries,
+            key_shapes,
+            shape_count,
         }
     }
 }

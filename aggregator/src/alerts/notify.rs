@@ -461,11 +461,7 @@ fn backoff(attempts: i64) -> Duration {
         .checked_shl(exponent)
         .unwrap_or(u64::MAX)
         .min(BACKOFF_MAX_SECONDS);
-    let mut byte = [0u8; 1];
-    let _ = getrandom::fill(&mut byte);
-    // ±20% jitter, so that many alerts retrying do not arrive in lockstep.
-    let factor = 0.8 + 0.4 * f64::from(byte[0]) / 255.0;
-    Duration::from_secs_f64(base as f64 * factor)
+    crate::sinks::jitter(Duration::from_secs(base))
 }
 
 /// Sends what is due, forever.

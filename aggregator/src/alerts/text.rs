@@ -3,6 +3,8 @@
 //! Words are compared as the index compares them: lower-cased, split at anything that is not
 //! a letter or a digit.
 
+use std::collections::HashMap;
+
 /// One term or phrase, as lower-case words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Clause {
@@ -17,37 +19,92 @@ pub struct TextQuery {
     groups: Vec<Vec<Clause>>,
 }
 
-/// A text lower-cased once, with where each word is: two allocations, however many words
-/// and rules.
-pub struct Words {
-    lower: String,
-    spans: Vec<(usize, usize)>,
+/// Every word any rule's query looks for, numbered. An entry's message is looked up word
+/// by word once, however many rules read it; a rule then tests bits instead of comparing
+/// strings.
+#[derive(Debug, Default)]
+pub struct Vocabulary {
+    ids: HashMap<String, u32, foldhash::fast::RandomState>,
 }
 
-impl Words {
-    pub fn of(text: &str) -> Words {
-        let lower = text.to_lowercase();
-        let mut spans = Vec::new();
-        let mut start = None;
-        for (i, c) in lower.char_indices() {
-            match (c.is_alphanumeric(), start) {
-                (true, None) => start = Some(i),
-                (false, Some(s)) => {
-                    spans.push((s, i));
-                    start = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = start {
-            spans.push((s, lower.len()));
-        }
-        Words { lower, spans }
+/// A message as the rules see it: the vocabulary id of each word in order (`UNKNOWN` for
+/// words no rule looks for), and the set of ids present.
+#[derive(Debug, Default)]
+pub struct Seen {
+    sequence: Vec<u32>,
+    present: Vec<u64>,
+}
+
+const UNKNOWN: u32 = u32::MAX;
+
+impl Vocabulary {
+    fn id(&mut self, word: &str) -> u32 {
+        let next = self.ids.len() as u32;
+        *self.ids.entry(word.to_string()).or_insert(next)
     }
 
-    fn word(&self, i: usize) -> &str {
-        let (start, end) = self.spans[i];
-        &self.lower[start..end]
+    /// Reads `text` into `seen` (reused between entries, so no allocation in the steady
+    /// state). Does nothing when no rule has a query.
+    pub fn scan(&self, text: &str, seen: &mut Seen) {
+        seen.sequence.clear();
+        seen.present.clear();
+        if self.ids.is_empty() {
+            return;
+        }
+        seen.present.resize(self.ids.len().div_ceil(64), 0);
+        let mut lower = String::new();
+        for word in text.split(|c: char| !c.is_alphanumeric()) {
+            if word.is_empty() {
+                continue;
+            }
+            let id = if word
+                .bytes()
+                .any(|b| b.is_ascii_uppercase() || !b.is_ascii())
+            {
+                lower.clear();
+                lower.extend(word.chars().flat_map(char::to_lowercase));
+                self.ids.get(lower.as_str())
+            } else {
+                self.ids.get(word)
+            };
+            let id = id.copied().unwrap_or(UNKNOWN);
+            if id != UNKNOWN {
+                seen.present[id as usize / 64] |= 1 << (id % 64);
+            }
+            seen.sequence.push(id);
+        }
+    }
+}
+
+impl Seen {
+    fn has(&self, id: u32) -> bool {
+        self.present
+            .get(id as usize / 64)
+            .is_some_and(|bits| bits & (1 << (id % 64)) != 0)
+    }
+}
+
+/// A query compiled against a vocabulary.
+#[derive(Clone, Debug)]
+pub struct IdQuery {
+    groups: Vec<Vec<(Vec<u32>, bool)>>,
+}
+
+impl IdQuery {
+    pub fn matches(&self, seen: &Seen) -> bool {
+        self.groups.iter().all(|group| {
+            group.iter().any(|(words, negated)| {
+                let found = match words.as_slice() {
+                    [] => false,
+                    [one] => seen.has(*one),
+                    phrase => {
+                        phrase.iter().all(|&id| seen.has(id))
+                            && seen.sequence.windows(phrase.len()).any(|w| w == phrase)
+                    }
+                };
+                found != *negated
+            })
+        })
     }
 }
 
@@ -125,26 +182,32 @@ impl TextQuery {
         Ok(TextQuery { groups })
     }
 
-    /// Whether `text` satisfies the query.
-    pub fn matches(&self, text: &str) -> bool {
-        self.matches_words(&Words::of(text))
+    /// The query with its words numbered in `vocabulary` (adding those it lacks).
+    pub fn compile(&self, vocabulary: &mut Vocabulary) -> IdQuery {
+        IdQuery {
+            groups: self
+                .groups
+                .iter()
+                .map(|group| {
+                    group
+                        .iter()
+                        .map(|clause| {
+                            let ids = clause.words.iter().map(|w| vocabulary.id(w)).collect();
+                            (ids, clause.negated)
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
     }
 
-    /// The same, for a text split once and matched by many rules.
-    pub fn matches_words(&self, words: &Words) -> bool {
-        self.groups.iter().all(|group| {
-            group.iter().any(|clause| {
-                let n = clause.words.len();
-                let found = (0..words.spans.len().saturating_sub(n - 1)).any(|start| {
-                    clause
-                        .words
-                        .iter()
-                        .enumerate()
-                        .all(|(j, w)| words.word(start + j) == w)
-                });
-                found != clause.negated
-            })
-        })
+    /// Whether `text` satisfies the query (one-off; the evaluator shares a vocabulary).
+    pub fn matches(&self, text: &str) -> bool {
+        let mut vocabulary = Vocabulary::default();
+        let query = self.compile(&mut vocabulary);
+        let mut seen = Seen::default();
+        vocabulary.scan(text, &mut seen);
+        query.matches(&seen)
     }
 }
 

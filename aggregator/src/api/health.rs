@@ -25,6 +25,22 @@ pub async fn live(State(state): State<SharedState>) -> Response {
     )
 }
 
+/// Each sink's status with its WAL lag (entries and bytes not yet delivered).
+pub fn sink_reports(state: &SharedState, wal: &crate::wal::WalStats) -> Vec<serde_json::Value> {
+    state
+        .sinks
+        .lock()
+        .iter()
+        .map(|sink| {
+            let lag = wal.consumers.iter().find(|c| c.name == sink.name);
+            let mut report = serde_json::to_value(sink).unwrap_or_default();
+            report["lag_entries"] = lag.map_or(0, |l| l.lag_entries).into();
+            report["lag_bytes"] = lag.map_or(0, |l| l.lag_bytes).into();
+            report
+        })
+        .collect()
+}
+
 /// The state of every dependency, as `/health/ready` reports it.
 pub async fn dependency_checks(state: &SharedState) -> (bool, serde_json::Value) {
     let wal_ok = state.ingest.wal().is_healthy();
@@ -50,6 +66,18 @@ pub async fn dependency_checks(state: &SharedState) -> (bool, serde_json::Value)
             "error": db_error,
         },
     });
+    // Sinks are optional: one that fails makes the aggregator degraded, not unready (ingest
+    // and queries go on; the sink catches up when its engine returns).
+    let mut checks = checks;
+    let sinks = sink_reports(state, &state.ingest.wal().stats());
+    for sink in &sinks {
+        let up = sink["status"] == "up";
+        if let Some(name) = sink["name"].as_str() {
+            metrics::gauge!("logging_aggregator_dependency_up", "dependency" => format!("sink:{name}"))
+                .set(if up { 1.0 } else { 0.0 });
+        }
+    }
+    checks["sinks"] = sinks.into();
     for (name, ok) in [("wal", wal_ok), ("index", index_ok), ("database", db_ok)] {
         metrics::gauge!("logging_aggregator_dependency_up", "dependency" => name).set(if ok {
             1.0
@@ -63,13 +91,21 @@ pub async fn dependency_checks(state: &SharedState) -> (bool, serde_json::Value)
 /// `GET /health/ready`: 200 when every dependency is up, 503 (with which one) otherwise.
 pub async fn ready(State(state): State<SharedState>) -> Response {
     let (ok, checks) = dependency_checks(&state).await;
+    let degraded = checks["sinks"]
+        .as_array()
+        .is_some_and(|sinks| sinks.iter().any(|s| s["status"] != "up"));
+    let status = match (ok, degraded) {
+        (false, _) => "not_ready",
+        (true, true) => "degraded",
+        (true, false) => "ready",
+    };
     json_reply(
         if ok {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        &json!({ "status": if ok { "ready" } else { "not_ready" }, "checks": checks }),
+        &json!({ "status": status, "checks": checks }),
     )
 }
 

@@ -359,6 +359,7 @@ pub async fn stats(
             "ingest_rate_per_second": state.ingest.rate.per_second(),
             "services": services,
             "partitions": stats.partitions,
+            "sinks": super::health::sink_reports(&state, &wal),
             "wal": wal,
             "searchable_lsn": state.index.searchable_lsn(),
         }),

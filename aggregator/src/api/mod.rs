@@ -43,6 +43,7 @@ pub struct AppState {
     pub started: Instant,
     pub indexer_healthy: Arc<AtomicBool>,
     pub alerts: Arc<crate::alerts::Alerting>,
+    pub sinks: crate::sinks::SinkStatuses,
 }
 
 pub type SharedState = Arc<AppState>;

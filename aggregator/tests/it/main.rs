@@ -9,5 +9,6 @@ mod audit;
 mod errors;
 mod ingest;
 mod logs;
+mod loki;
 mod operations;
 mod search;

@@ -87,12 +87,24 @@ fn a_bad_setting_stops_the_binary_with_a_message_naming_it() {
     );
     let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
         .env_clear()
-        .env("LOKI_URL", "http://loki:3100")
+        .env("ELASTICSEARCH_URL", "http://es:9200")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&output.stderr)
-            .contains("LOKI_URL: the Loki sink is not implemented yet")
+            .contains("ELASTICSEARCH_URL: the Elasticsearch sink is not implemented yet")
+    );
+    let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
+        .env_clear()
+        .env("LOKI_URL", "http://loki:3100")
+        .env("LOKI_LABELS", "cluster=prod,service=x")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("LOKI_LABELS: \"service\" is set from each entry"),
+        "{stderr}"
     );
 }

@@ -1,0 +1,127 @@
+//! What the Loki sink sustains alone: stored entries (as the WAL holds them) grouped into
+//! streams, encoded as snappy protobuf (and as JSON), and pushed to a local HTTP receiver
+//! that reads each body and answers 204 as Loki does.
+//!
+//! ```text
+//! cargo bench -p logging-tests --bench sinks                 # 500,000 entries
+//! BENCH_ENTRIES=1000000 cargo bench -p logging-tests --bench sinks
+//! ```
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use logging_aggregator::sinks::loki::{LokiSettings, LokiSink};
+use logging_aggregator::sinks::{BATCH_ENTRIES, Outcome, Sink};
+use logging_common::{LogEntry, LogLevel, Timestamp};
+use logging_tests::load::generate;
+use logging_tests::proc;
+use serde_json::Value;
+
+/// Stored lines: what the WAL hands a sink (slices of one record's NDJSON payload per
+/// request body, as `Record::lines` gives them).
+fn stored_lines(total: usize) -> Vec<Bytes> {
+    let data = generate(total, 60_000);
+    let mut lines = Vec::with_capacity(total);
+    for body in &data.bodies {
+        let mut payload = Vec::new();
+        let mut ends = Vec::new();
+        let entries: Vec<Value> = serde_json::from_slice(body).unwrap();
+        for e in entries {
+            let ts = Timestamp::from_nanos(e["timestamp"].as_i64().unwrap() * 1_000_000);
+            let level = LogLevel::parse(e["level"].as_str().unwrap()).unwrap();
+            let mut entry = LogEntry::new(
+                ts,
+                level,
+                e["service"].as_str().unwrap(),
+                e["message"].as_str().unwrap(),
+            );
+            entry.context = serde_json::from_str(&e["context"].to_string()).unwrap();
+            entry.trace_id = e["trace_id"].as_str().map(str::to_string);
+            entry.span_id = e["span_id"].as_str().map(str::to_string);
+            entry.request_id = e["request_id"].as_str().map(str::to_string);
+            entry.user_id = e["user_id"].as_str().map(str::to_string);
+            serde_json::to_writer(&mut payload, &entry).unwrap();
+            ends.push(payload.len());
+            payload.push(b'\n');
+        }
+        let payload = Bytes::from(payload);
+        let mut start = 0;
+        for end in ends {
+            lines.push(payload.slice(start..end));
+            start = end + 1;
+        }
+    }
+    lines
+}
+
+async fn discard(body: axum::body::Bytes) -> axum::http::StatusCode {
+    std::hint::black_box(body.len());
+    axum::http::StatusCode::NO_CONTENT
+}
+
+async fn run(format: &str, lines: &[Bytes], url: &str) {
+    let settings =
+        LokiSettings::new(url, Some("bench"), &["cluster=bench".into()], format).expect("settings");
+    let mut sink = LokiSink::new(settings).unwrap();
+    let pid = std::process::id();
+
+    // Encoding alone.
+    let cpu = proc::cpu_seconds(pid);
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    let mut grouping = 0.0;
+    for batch in lines.chunks(BATCH_ENTRIES) {
+        let t = Instant::now();
+        let grouped = sink.group(batch);
+        grouping += t.elapsed().as_secs_f64();
+        bytes += sink.encode(grouped).len();
+    }
+    let encode_wall = started.elapsed().as_secs_f64();
+    let encode_cpu = proc::cpu_seconds(pid) - cpu;
+    let raw: usize = lines.iter().map(|l| l.len() + 1).sum();
+
+    // Encoding and sending, one request at a time as the sink does.
+    let started = Instant::now();
+    for batch in lines.chunks(BATCH_ENTRIES) {
+        match sink.send(batch).await {
+            Outcome::Delivered => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let send_wall = started.elapsed().as_secs_f64();
+    println!(
+        "loki {format:<8}: encode {:>8.0} entries/s ({:>8.0} per CPU-s; {:.0}% of it parsing and grouping), encode+send {:>8.0} entries/s; body {:.1}% of the stored JSON",
+        lines.len() as f64 / encode_wall,
+        lines.len() as f64 / encode_cpu.max(0.01),
+        100.0 * grouping / encode_wall,
+        lines.len() as f64 / send_wall,
+        100.0 * bytes as f64 / raw as f64
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    let total: usize = std::env::var("BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500_000);
+    let lines = stored_lines(total);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Loki's distributor takes bodies up to 100 MB; axum's default limit is 2 MB.
+    let app = axum::Router::new()
+        .route("/loki/api/v1/push", axum::routing::post(discard))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    println!(
+        "Loki sink: {total} stored entries, {} per request (bar: ≥ 150,000 entries/s)",
+        BATCH_ENTRIES
+    );
+    run("protobuf", &lines, &url).await;
+    run("json", &lines, &url).await;
+}
