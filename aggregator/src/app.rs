@@ -110,6 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Box::new(SharedDedup(dedup.clone())),
     )
     .context("cannot open the write-ahead log")?;
+    wal.set_disk_cap(config.wal_max_bytes);
     if recovered.truncated_bytes > 0 || !recovered.unapplied.is_empty() {
         tracing::info!(
             records = recovered.records,
@@ -192,7 +193,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let sink = crate::sinks::loki::LokiSink::new(settings).context("the Loki sink")?;
         sinks.push(crate::sinks::spawn(
             sink,
-            wal.reader("loki")?,
+            wal.optional_reader("loki")?,
             &config.data_dir,
             sink_statuses.clone(),
             sinks_stop.clone(),

@@ -105,6 +105,9 @@ pub struct Config {
     pub index_writer_memory_mb: usize,
     /// A WAL segment is closed and a new one started past this size.
     pub wal_segment_bytes: u64,
+    /// Most bytes the WAL keeps for sinks that fall behind (0 = no cap); past it a sink skips
+    /// its oldest undelivered entries (counted). The index and alerts are never skipped.
+    pub wal_max_bytes: u64,
     /// When the index lags the WAL by more than this many bytes, writes wait, then get 429.
     pub ingest_max_lag_bytes: u64,
     /// Largest request body accepted, in bytes.
@@ -187,6 +190,7 @@ impl Default for Config {
             index_refresh_interval_ms: 1000,
             index_writer_memory_mb: 128,
             wal_segment_bytes: 64 * 1024 * 1024,
+            wal_max_bytes: 8 * 1024 * 1024 * 1024,
             ingest_max_lag_bytes: 64 * 1024 * 1024,
             max_request_bytes: 64 * 1024 * 1024,
             log_format: "auto".into(),
@@ -294,6 +298,12 @@ impl Config {
         }
         if self.index_writer_memory_mb < 16 {
             return Err(invalid("INDEX_WRITER_MEMORY_MB", "must be at least 16"));
+        }
+        if self.wal_max_bytes != 0 && self.wal_max_bytes < 2 * self.wal_segment_bytes {
+            return Err(invalid(
+                "WAL_MAX_BYTES",
+                "must be 0 (no cap) or at least two segments (2 × WAL_SEGMENT_BYTES)",
+            ));
         }
         if self.wal_segment_bytes < 1024 * 1024 {
             return Err(invalid("WAL_SEGMENT_BYTES", "must be at least 1 MiB"));

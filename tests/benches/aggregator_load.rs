@@ -6,6 +6,7 @@
 //! cargo bench -p logging-tests --bench aggregator_load            # 5,000,000 entries
 //! BENCH_ENTRIES=500000 cargo bench -p logging-tests --bench aggregator_load
 //! BENCH_AGGREGATOR_ENV=LOG_PROCESSING_WORKERS=1 cargo bench …   # settings for the aggregator
+//! BENCH_LOKI=1 cargo bench …                                     # with the Loki sink on
 //! ```
 //!
 //! Prints: ingest rate (acknowledged, and until everything is searchable), the aggregator's
@@ -110,6 +111,29 @@ async fn main() {
     let extra = std::env::var("BENCH_AGGREGATOR_ENV").unwrap_or_default();
     let mut env: Vec<(&str, &str)> = vec![("LOG_LEVEL", "warn")];
     env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    // BENCH_LOKI=1: the Loki sink on, pushing to a local receiver that reads and discards.
+    let loki_url = std::env::var_os("BENCH_LOKI").map(|_| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let app = axum::Router::new()
+            .route(
+                "/loki/api/v1/push",
+                axum::routing::post(|body: axum::body::Bytes| async move {
+                    std::hint::black_box(body.len());
+                    axum::http::StatusCode::NO_CONTENT
+                }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        url
+    });
+    if let Some(url) = &loki_url {
+        env.push(("LOKI_URL", url.as_str()));
+    }
     let aggregator = AggregatorProcess::start(dir.path(), &env);
     let pid = aggregator.child.id();
     let base = aggregator.base.clone();
@@ -149,6 +173,23 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let searchable_in = started.elapsed();
+    if loki_url.is_some() {
+        loop {
+            let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
+            let sink = &stats["sinks"][0];
+            if sink["lag_entries"].as_u64() == Some(0)
+                && sink["delivered"].as_u64() == Some(total as u64)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!(
+            "Loki sink on (local receiver): every entry delivered {:.1} s after the first was sent ({:.0} entries/s)",
+            started.elapsed().as_secs_f64(),
+            total as f64 / started.elapsed().as_secs_f64()
+        );
+    }
     // What the time went on, from the aggregator's own metrics.
     let metrics = client
         .get(format!("{base}/metrics"))

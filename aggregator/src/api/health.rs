@@ -36,6 +36,7 @@ pub fn sink_reports(state: &SharedState, wal: &crate::wal::WalStats) -> Vec<serd
             let mut report = serde_json::to_value(sink).unwrap_or_default();
             report["lag_entries"] = lag.map_or(0, |l| l.lag_entries).into();
             report["lag_bytes"] = lag.map_or(0, |l| l.lag_bytes).into();
+            report["overrun_entries"] = lag.map_or(0, |l| l.overrun_entries).into();
             report
         })
         .collect()

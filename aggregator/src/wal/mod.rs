@@ -14,7 +14,7 @@
 
 mod segment;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -171,6 +171,23 @@ struct State {
     counts: VecDeque<(u64, u64)>,
     counted_before: u64,
     total_entries: u64,
+    /// Consumers that may never be skipped (the index, the alert evaluator). The others (the
+    /// sinks, and cursors left by consumers no longer configured) give way to the disk cap.
+    required: HashSet<String>,
+    /// Entries each optional consumer lost to the disk cap.
+    overrun: HashMap<String, u64>,
+}
+
+impl State {
+    /// Entries appended before `lsn` (as far as the counts still reach).
+    fn entries_at(&self, lsn: u64) -> u64 {
+        let i = self.counts.partition_point(|(e, _)| *e <= lsn);
+        if i == 0 {
+            self.counted_before
+        } else {
+            self.counts[i - 1].1
+        }
+    }
 }
 
 struct Shared {
@@ -180,6 +197,8 @@ struct Shared {
     /// Everything before this LSN is durable.
     durable_end: AtomicU64,
     failed: AtomicBool,
+    /// Most bytes the segments may hold for optional consumers; 0 = no cap.
+    disk_cap: AtomicU64,
 }
 
 impl Shared {
@@ -207,6 +226,8 @@ pub struct ConsumerLag {
     pub read_position: u64,
     pub lag_bytes: u64,
     pub lag_entries: u64,
+    /// Entries this consumer skipped because the WAL reached its disk cap.
+    pub overrun_entries: u64,
 }
 
 /// What the WAL held for consumers when it was opened.
@@ -325,10 +346,13 @@ impl Wal {
                 counts,
                 counted_before: 0,
                 total_entries,
+                required: HashSet::new(),
+                overrun: HashMap::new(),
             }),
             appended: Condvar::new(),
             durable_end: AtomicU64::new(end),
             failed: AtomicBool::new(false),
+            disk_cap: AtomicU64::new(0),
         });
         let (sender, receiver) = mpsc::channel(1024);
         let writer = Writer {
@@ -356,8 +380,28 @@ impl Wal {
         answer.await.map_err(|_| WalError::Closed)?
     }
 
-    /// Opens a reader for the consumer `name`, at its persisted cursor.
+    /// Caps the bytes kept on disk for optional consumers (0 = no cap). Past it, the oldest
+    /// segments go once every required consumer has passed them, and an optional consumer
+    /// still in them skips ahead: counted in `overrun_entries` and
+    /// `logging_aggregator_wal_overrun_entries_total`.
+    pub fn set_disk_cap(&self, bytes: u64) {
+        self.shared.disk_cap.store(bytes, Ordering::Release);
+    }
+
+    /// Opens a reader for a consumer that may never be skipped (see `set_disk_cap`).
     pub fn reader(&self, name: &str) -> Result<WalReader, WalError> {
+        self.shared.lock().required.insert(name.to_string());
+        self.open_reader(name)
+    }
+
+    /// Opens a reader for a consumer that gives way to the disk cap (a sink).
+    pub fn optional_reader(&self, name: &str) -> Result<WalReader, WalError> {
+        self.shared.lock().required.remove(name);
+        self.open_reader(name)
+    }
+
+    /// Opens a reader for the consumer `name`, at its persisted cursor.
+    fn open_reader(&self, name: &str) -> Result<WalReader, WalError> {
         let dir = self.shared.dir.join("cursors");
         let persisted = read_cursors(&dir)?.get(name).copied();
         let mut state = self.shared.lock();
@@ -399,14 +443,6 @@ impl Wal {
             .segments
             .first()
             .map_or(0, |(start, _)| end.saturating_sub(*start));
-        let entries_at = |lsn: u64| -> u64 {
-            let i = state.counts.partition_point(|(e, _)| *e <= lsn);
-            if i == 0 {
-                state.counted_before
-            } else {
-                state.counts[i - 1].1
-            }
-        };
         let mut consumers: Vec<ConsumerLag> = state
             .cursors
             .iter()
@@ -415,7 +451,10 @@ impl Wal {
                 position,
                 read_position: state.positions.get(name).copied().unwrap_or(position),
                 lag_bytes: end.saturating_sub(position),
-                lag_entries: state.total_entries.saturating_sub(entries_at(position)),
+                lag_entries: state
+                    .total_entries
+                    .saturating_sub(state.entries_at(position)),
+                overrun_entries: state.overrun.get(name).copied().unwrap_or(0),
             })
             .collect();
         consumers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -669,6 +708,13 @@ impl WalReader {
     ) -> Result<Vec<Arc<Record>>, WalError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
+        // Segments before this reader went (the disk cap): it goes on from the oldest kept,
+        // even if the records are still in memory, so what it skipped is what was counted.
+        let oldest = state.segments.first().map_or(0, |(s, _)| *s);
+        if self.next < oldest {
+            self.next = oldest;
+            self.disk = None;
+        }
         loop {
             let durable = self.shared.durable_end.load(Ordering::Acquire);
             if self.next < durable {
@@ -756,6 +802,54 @@ impl WalReader {
         Ok(out)
     }
 
+    /// Over the disk cap: drops the oldest segments every required consumer has passed,
+    /// moving optional consumers still in them to the new oldest segment. Returns the files.
+    fn enforce_disk_cap(&self, state: &mut State) -> Vec<PathBuf> {
+        let cap = self.shared.disk_cap.load(Ordering::Acquire);
+        let end = self.shared.durable_end.load(Ordering::Acquire);
+        let mut removable = Vec::new();
+        if cap == 0 {
+            return removable;
+        }
+        let required_slowest = state
+            .cursors
+            .iter()
+            .filter(|(name, _)| state.required.contains(*name))
+            .map(|(_, c)| *c)
+            .min()
+            .unwrap_or(end);
+        while state.segments.len() > 1
+            && end.saturating_sub(state.segments[0].0) > cap
+            && state.segments[1].0 <= required_slowest
+        {
+            let oldest = state.segments[1].0;
+            let behind: Vec<(String, u64)> = state
+                .cursors
+                .iter()
+                .filter(|(_, c)| **c < oldest)
+                .map(|(n, c)| (n.clone(), *c))
+                .collect();
+            // What lies before the current oldest segment was counted when it went.
+            let floor = state.segments[0].0;
+            for (name, cursor) in behind {
+                let skipped = state
+                    .entries_at(oldest)
+                    .saturating_sub(state.entries_at(cursor.max(floor)));
+                tracing::warn!(consumer = %name, entries = skipped, cap_bytes = cap,
+                    "the WAL reached its disk cap: this consumer skips entries it had not delivered");
+                metrics::counter!("logging_aggregator_wal_overrun_entries_total", "consumer" => name.clone())
+                    .increment(skipped);
+                *state.overrun.entry(name.clone()).or_insert(0) += skipped;
+                state.cursors.insert(name.clone(), oldest);
+                if state.positions.get(&name).is_some_and(|p| *p < oldest) {
+                    state.positions.insert(name, oldest);
+                }
+            }
+            removable.push(state.segments.remove(0).1);
+        }
+        removable
+    }
+
     /// Persists that everything before `lsn` has been applied by this consumer, and deletes
     /// segments every consumer has passed.
     pub fn commit(&self, lsn: u64) -> Result<(), WalError> {
@@ -772,6 +866,7 @@ impl WalReader {
 
         let mut state = self.shared.lock();
         state.cursors.insert(self.name.clone(), lsn);
+        let mut removable = self.enforce_disk_cap(&mut state);
         let slowest = state.cursors.values().copied().min().unwrap_or(0);
         while state.counts.front().is_some_and(|(end, _)| *end <= slowest) {
             if let Some((_, total)) = state.counts.pop_front() {
@@ -779,7 +874,6 @@ impl WalReader {
             }
         }
         // A segment can go when the next one starts at or before the slowest cursor.
-        let mut removable = Vec::new();
         while state.segments.len() > 1 && state.segments[1].0 <= slowest {
             removable.push(state.segments.remove(0).1);
         }

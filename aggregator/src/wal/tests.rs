@@ -214,6 +214,69 @@ async fn segments_roll_and_are_deleted_once_every_consumer_passed_them() {
 }
 
 #[tokio::test]
+async fn past_the_disk_cap_a_sink_skips_ahead_and_required_consumers_never_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), 1024 * 1024);
+    wal.set_disk_cap(2 * 1024 * 1024);
+    let mut index = wal.reader("index").unwrap();
+    let mut sink = wal.optional_reader("loki").unwrap();
+    async fn append(wal: &Wal, from: u64, to: u64) {
+        let big = "x".repeat(300 * 1024);
+        for i in from..to {
+            let mut e = entry(i);
+            e.message = format!("{i} {big}");
+            wal.append(Batch::new(&[e])).await.unwrap();
+        }
+    }
+    append(&wal, 0, 20).await;
+    // The index has read nothing yet: nothing may go, whatever the cap.
+    let before = list_segments(dir.path()).unwrap().len();
+    sink.commit(sink.position()).unwrap();
+    assert_eq!(list_segments(dir.path()).unwrap().len(), before);
+    // The index catches up; the sink (its engine down) has not moved.
+    let end = wal.end_lsn();
+    let (index, read) = tokio::task::spawn_blocking(move || {
+        let r = drain(&mut index);
+        (index, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(read.len(), 20, "the index reads every entry");
+    index.commit(end).unwrap();
+    let kept: u64 = list_segments(dir.path())
+        .unwrap()
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(kept <= 3 * 1024 * 1024, "{kept} bytes kept");
+    let stats = wal.stats();
+    let loki = stats.consumers.iter().find(|c| c.name == "loki").unwrap();
+    let skipped = loki.overrun_entries;
+    assert!(skipped > 0 && skipped < 20, "{loki:?}");
+    assert_eq!(loki.lag_entries, 20 - skipped, "{loki:?}");
+    let index_lag = stats.consumers.iter().find(|c| c.name == "index").unwrap();
+    assert_eq!(index_lag.overrun_entries, 0);
+    // The sink goes on from the oldest entry still kept, in order, to the end.
+    let (_, rest) = tokio::task::spawn_blocking(move || {
+        let r = drain(&mut sink);
+        (sink, r)
+    })
+    .await
+    .unwrap();
+    let numbers: Vec<u64> = messages(&rest)
+        .iter()
+        .map(|m| m.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(numbers, (skipped..20).collect::<Vec<_>>());
+    // Without a cap, a consumer that does not move keeps everything.
+    wal.set_disk_cap(0);
+    append(&wal, 20, 30).await;
+    let before = list_segments(dir.path()).unwrap().len();
+    index.commit(wal.end_lsn()).unwrap();
+    assert!(list_segments(dir.path()).unwrap().len() >= before);
+}
+
+#[tokio::test]
 async fn a_reader_far_behind_reads_back_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) = open(dir.path(), 1024 * 1024);
