@@ -84,6 +84,8 @@ fn rfc3339(ms: u64) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // reqwest is built without a crypto provider of its own (see `http_client`).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let total: usize = std::env::var("BENCH_ENTRIES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -112,7 +114,8 @@ async fn main() {
     let mut env: Vec<(&str, &str)> = vec![("LOG_LEVEL", "warn")];
     env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
     // BENCH_LOKI=1: the Loki sink on, pushing to a local receiver that reads and discards.
-    let loki_url = std::env::var_os("BENCH_LOKI").map(|_| {
+    let loki_on = std::env::var("BENCH_LOKI").is_ok_and(|v| !v.is_empty() && v != "0");
+    let loki_url = loki_on.then(|| {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
