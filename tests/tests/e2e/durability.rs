@@ -244,3 +244,114 @@ async fn sigterm_finishes_requests_commits_the_index_and_exits_cleanly() {
         "cursor {cursor} vs end {wal_end}"
     );
 }
+
+/// A Loki receiver for the sink (JSON push): every entry id it was sent, in order of
+/// arrival; `up = false` answers 503 as a Loki that is restarting does.
+#[derive(Clone, Default)]
+struct LokiReceiver {
+    received: Arc<std::sync::Mutex<Vec<String>>>,
+    up: Arc<AtomicBool>,
+}
+
+async fn loki_push(
+    axum::extract::State(loki): axum::extract::State<LokiReceiver>,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    if !loki.up.load(Ordering::Acquire) {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let push: Value = serde_json::from_slice(&body).unwrap();
+    let mut received = loki.received.lock().unwrap();
+    for stream in push["streams"].as_array().unwrap() {
+        for value in stream["values"].as_array().unwrap() {
+            received.push(value[2]["id"].as_str().unwrap().to_string());
+        }
+    }
+    axum::http::StatusCode::NO_CONTENT
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loki_sink_resumes_after_sigkill_with_nothing_lost_or_sent_twice() {
+    let loki = LokiReceiver::default();
+    loki.up.store(true, Ordering::Release);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/loki/api/v1/push", axum::routing::post(loki_push))
+        .with_state(loki.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut aggregator = AggregatorProcess::start(
+        dir.path(),
+        &[("LOKI_URL", url.as_str()), ("LOKI_FORMAT", "json")],
+    );
+    let client = logging_tests::http_client();
+    let mut sent = HashSet::new();
+    let received = |n: usize| {
+        let loki = loki.clone();
+        async move {
+            for _ in 0..600 {
+                if loki.received.lock().unwrap().len() >= n {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!(
+                "Loki received {} of {n}",
+                loki.received.lock().unwrap().len()
+            );
+        }
+    };
+    for i in 0..5 {
+        let ack = post(
+            &client,
+            &aggregator.base,
+            &batch(&format!("up-{i}"), 200, 100),
+        )
+        .await
+        .unwrap();
+        sent.extend(
+            ack["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    received(1000).await;
+    // Loki goes away; entries are acknowledged meanwhile and wait in the WAL.
+    loki.up.store(false, Ordering::Release);
+    for i in 0..5 {
+        let ack = post(
+            &client,
+            &aggregator.base,
+            &batch(&format!("down-{i}"), 200, 100),
+        )
+        .await
+        .unwrap();
+        sent.extend(
+            ack["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(loki.received.lock().unwrap().len(), 1000);
+    // SIGKILL with 1,000 entries undelivered, then Loki returns.
+    aggregator.kill();
+    loki.up.store(true, Ordering::Release);
+    aggregator.restart();
+    received(2000).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let got = loki.received.lock().unwrap().clone();
+    assert_eq!(got.len(), 2000, "nothing sent twice");
+    assert_eq!(
+        got.into_iter().collect::<HashSet<_>>(),
+        sent,
+        "nothing lost"
+    );
+}
