@@ -95,10 +95,14 @@ impl Indexer {
         let mut next_retention = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Acquire);
+            // At most 200 ms: a stop requested while idle is seen promptly, not after a whole
+            // refresh interval (SIGTERM took INDEX_REFRESH_INTERVAL_MS to take effect).
             let wait = if stopping {
                 Duration::ZERO
             } else {
-                next_refresh.saturating_duration_since(Instant::now())
+                next_refresh
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(200))
             };
             let waited = Instant::now();
             let step = self
