@@ -54,7 +54,7 @@ pub async fn dependency_checks(state: &SharedState) -> (bool, serde_json::Value)
         Err(_) => (false, Some("no answer within 2 s".to_string())),
     };
     let status = |ok: bool| if ok { "up" } else { "down" };
-    let checks = json!({
+    let mut checks = json!({
         "wal": { "status": status(wal_ok), "end_lsn": state.ingest.wal().end_lsn() },
         "index": {
             "status": status(index_ok),
@@ -69,7 +69,6 @@ pub async fn dependency_checks(state: &SharedState) -> (bool, serde_json::Value)
     });
     // Sinks are optional: one that fails makes the aggregator degraded, not unready (ingest
     // and queries go on; the sink catches up when its engine returns).
-    let mut checks = checks;
     let sinks = sink_reports(state, &state.ingest.wal().stats());
     for sink in &sinks {
         let up = sink["status"] == "up";

@@ -381,10 +381,12 @@ impl LokiSink {
                         }
                     }
                     labels.sort();
-                    // An escaped value has no borrowed key: find its stream by labels.
-                    match streams.iter().position(|(l, _)| *l == labels) {
-                        Some(n) if key.iter().any(Option::is_none) => streams[n].1.push(entry),
-                        _ => streams.push((labels, vec![entry])),
+                    // An escaped value has no borrowed key: find its stream by labels. (A new
+                    // borrowed key is a new stream; no search needed.)
+                    let escaped = key.iter().any(Option::is_none);
+                    match streams.iter().position(|(l, _)| escaped && *l == labels) {
+                        Some(n) => streams[n].1.push(entry),
+                        None => streams.push((labels, vec![entry])),
                     }
                 }
             }

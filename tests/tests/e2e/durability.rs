@@ -270,6 +270,24 @@ async fn loki_push(
     axum::http::StatusCode::NO_CONTENT
 }
 
+/// Posts five batches of 200 entries tagged `tag`; returns the acknowledged ids.
+async fn post_batches(client: &reqwest::Client, base: &str, tag: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let ack = post(client, base, &batch(&format!("{tag}-{i}"), 200, 100))
+            .await
+            .unwrap();
+        ids.extend(
+            ack["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loki_sink_resumes_after_sigkill_with_nothing_lost_or_sent_twice() {
     let loki = LokiReceiver::default();
@@ -304,41 +322,11 @@ async fn the_loki_sink_resumes_after_sigkill_with_nothing_lost_or_sent_twice() {
             );
         }
     };
-    for i in 0..5 {
-        let ack = post(
-            &client,
-            &aggregator.base,
-            &batch(&format!("up-{i}"), 200, 100),
-        )
-        .await
-        .unwrap();
-        sent.extend(
-            ack["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string()),
-        );
-    }
+    sent.extend(post_batches(&client, &aggregator.base, "up").await);
     received(1000).await;
     // Loki goes away; entries are acknowledged meanwhile and wait in the WAL.
     loki.up.store(false, Ordering::Release);
-    for i in 0..5 {
-        let ack = post(
-            &client,
-            &aggregator.base,
-            &batch(&format!("down-{i}"), 200, 100),
-        )
-        .await
-        .unwrap();
-        sent.extend(
-            ack["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string()),
-        );
-    }
+    sent.extend(post_batches(&client, &aggregator.base, "down").await);
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(loki.received.lock().unwrap().len(), 1000);
     // SIGKILL with 1,000 entries undelivered, then Loki returns.
