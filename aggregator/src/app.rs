@@ -151,7 +151,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .context("cannot load the alert rules")?,
     );
-    let channels = Arc::new(Channels::from_config(&config)?);
+    // The broker: one connection for the audit trail's and the alerts' events here; the
+    // `log.ingested` sink has its own, on its own thread.
+    let broker = match &config.broker_url {
+        Some(url) => {
+            let settings = config.broker_settings(url)?;
+            tracing::info!(kind = ?settings.kind, topic = %settings.topic, "broker events enabled");
+            Some(Arc::new(crate::broker::Publisher::new(settings)))
+        }
+        None => None,
+    };
+    let channels = Arc::new(Channels::from_config(&config, broker.clone())?);
     let (evaluations, evaluations_rx) = tokio::sync::mpsc::channel(16);
     let (commands, commands_rx) = tokio::sync::mpsc::channel(64);
     let wake_dispatcher = Arc::new(tokio::sync::Notify::new());
@@ -194,6 +204,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         sinks.push(crate::sinks::spawn(
             sink,
             wal.optional_reader("loki")?,
+            &config.data_dir,
+            sink_statuses.clone(),
+            sinks_stop.clone(),
+        )?);
+    }
+    if let Some(url) = &config.elasticsearch_url {
+        let settings = config.elasticsearch_settings(url)?;
+        tracing::info!(url = %settings.base, index = %settings.index, "Elasticsearch sink enabled");
+        let sink = crate::sinks::elasticsearch::ElasticsearchSink::new(settings)
+            .context("the Elasticsearch sink")?;
+        sinks.push(crate::sinks::spawn(
+            sink,
+            wal.optional_reader("elasticsearch")?,
+            &config.data_dir,
+            sink_statuses.clone(),
+            sinks_stop.clone(),
+        )?);
+    }
+    if let Some(publisher) = &broker {
+        sinks.push(crate::sinks::spawn(
+            crate::broker::BrokerSink::new(publisher.settings().clone()),
+            wal.optional_reader("broker")?,
             &config.data_dir,
             sink_statuses.clone(),
             sinks_stop.clone(),
@@ -314,7 +346,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(api = %api_addr, ingest = %ingest_addr, metrics = %metrics_listener, data_dir = %config.data_dir.display(),
         database = db.engine().name(), "logging aggregator started");
 
-    let background = vec![
+    let mut background = vec![
         tokio::spawn(manager.run(evaluations_rx, commands_rx, shutdown.subscribe())),
         tokio::spawn(
             Dispatcher {
@@ -329,6 +361,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::spawn(check_dependencies(state.clone(), shutdown.subscribe())),
         tokio::spawn(purge_expired_deletions(state.clone(), shutdown.subscribe())),
     ];
+    if let Some(publisher) = broker
+        && config.audit_log_enabled
+    {
+        let audit = crate::broker::AuditPublisher::new(db.clone(), publisher, &config.data_dir);
+        let cursor = audit
+            .start()
+            .await
+            .context("the broker's audit event cursor")?;
+        background.push(tokio::spawn(audit.run(cursor, shutdown.subscribe())));
+    }
 
     Ok(Running {
         state,

@@ -63,17 +63,27 @@ pub struct Config {
     pub loki_labels: Vec<String>,
     /// Loki push encoding: `protobuf` (snappy, as Promtail sends) or `json`.
     pub loki_format: String,
-    /// Elasticsearch sink: not implemented yet; setting it is refused at start-up.
+    /// Elasticsearch sink: the cluster's base URL; unset = no Elasticsearch sink.
     pub elasticsearch_url: Option<String>,
-    /// Index name prefix, for the Elasticsearch sink.
+    /// Daily indices are `<index>-YYYY.MM.DD`; with `ELASTICSEARCH_DATA_STREAM`, the data stream.
     pub elasticsearch_index: String,
-    /// Message broker: not implemented yet; setting it is refused at start-up.
+    /// Write to the data stream `ELASTICSEARCH_INDEX` instead of daily indices.
+    pub elasticsearch_data_stream: bool,
+    /// Basic authentication for Elasticsearch (with `ELASTICSEARCH_PASSWORD`).
+    pub elasticsearch_username: Option<String>,
+    pub elasticsearch_password: Option<String>,
+    /// An Elasticsearch API key, encoded as Elasticsearch returns it (`base64(id:key)`).
+    pub elasticsearch_api_key: Option<String>,
+    /// A CA (PEM) to trust for Elasticsearch, besides the system's.
+    pub elasticsearch_ca_cert: Option<PathBuf>,
+    /// Message broker: `nats://host:4222` (JetStream) or `amqp://user:pass@host:5672/%2f`
+    /// (RabbitMQ); unset = no events published.
     pub broker_url: Option<String>,
-    /// Broker topic / subject prefix.
+    /// NATS subject prefix (`<topic>.log.ingested`…) or RabbitMQ topic exchange.
     pub broker_topic: String,
-    /// Broker publish attempts.
+    /// Tries per publish before the event waits for a later round (it is never dropped).
     pub broker_retry_attempts: u32,
-    /// Milliseconds between broker publish attempts.
+    /// Milliseconds between those tries.
     pub broker_retry_delay: u64,
     /// Seconds between evaluations of the alert rules (at least 1).
     pub alert_check_interval: u64,
@@ -173,6 +183,11 @@ impl Default for Config {
             loki_format: "protobuf".into(),
             elasticsearch_url: None,
             elasticsearch_index: "logs".into(),
+            elasticsearch_data_stream: false,
+            elasticsearch_username: None,
+            elasticsearch_password: None,
+            elasticsearch_api_key: None,
+            elasticsearch_ca_cert: None,
             broker_url: None,
             broker_topic: "logs".into(),
             broker_retry_attempts: 3,
@@ -241,6 +256,37 @@ impl Config {
         .map_err(|(name, reason)| invalid(name, reason))
     }
 
+    /// The Elasticsearch sink's settings, checked.
+    pub fn elasticsearch_settings(
+        &self,
+        url: &str,
+    ) -> Result<crate::sinks::elasticsearch::ElasticsearchSettings, InvalidSetting> {
+        crate::sinks::elasticsearch::ElasticsearchSettings::new(
+            url,
+            &self.elasticsearch_index,
+            self.elasticsearch_data_stream,
+            self.elasticsearch_username.as_deref(),
+            self.elasticsearch_password.as_deref(),
+            self.elasticsearch_api_key.as_deref(),
+            self.elasticsearch_ca_cert.as_deref(),
+        )
+        .map_err(|(name, reason)| invalid(name, reason))
+    }
+
+    /// The broker's settings, checked.
+    pub fn broker_settings(
+        &self,
+        url: &str,
+    ) -> Result<crate::broker::BrokerSettings, InvalidSetting> {
+        crate::broker::BrokerSettings::new(
+            url,
+            &self.broker_topic,
+            self.broker_retry_attempts,
+            self.broker_retry_delay,
+        )
+        .map_err(|(name, reason)| invalid(name, reason))
+    }
+
     /// Loads from an optional YAML file and the process environment.
     pub fn load(file: Option<&std::path::Path>) -> Result<Config, anyhow::Error> {
         let config: Config = logging_common::config::load(file, std::env::vars())?;
@@ -257,29 +303,14 @@ impl Config {
                  and set this to false",
             ));
         }
-        for (name, value, issue) in [
-            (
-                "ELASTICSEARCH_URL",
-                &self.elasticsearch_url,
-                "the Elasticsearch sink",
-            ),
-            (
-                "BROKER_URL",
-                &self.broker_url,
-                "the message broker publisher",
-            ),
-        ] {
-            if value.is_some() {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "{issue} is not implemented yet; unset it (see README, \"Not yet built\")"
-                    ),
-                ));
-            }
+        if let Some(url) = &self.broker_url {
+            self.broker_settings(url)?;
         }
         if let Some(url) = &self.loki_url {
             self.loki_settings(url)?;
+        }
+        if let Some(url) = &self.elasticsearch_url {
+            self.elasticsearch_settings(url)?;
         }
         if self.max_log_size < 64 {
             return Err(invalid("MAX_LOG_SIZE", "must be at least 64 bytes"));

@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod broker;
 pub mod certs;
 pub mod config;
 pub mod db;

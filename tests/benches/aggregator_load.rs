@@ -6,7 +6,7 @@
 //! cargo bench -p logging-tests --bench aggregator_load            # 5,000,000 entries
 //! BENCH_ENTRIES=500000 cargo bench -p logging-tests --bench aggregator_load
 //! BENCH_AGGREGATOR_ENV=LOG_PROCESSING_WORKERS=1 cargo bench …   # settings for the aggregator
-//! BENCH_LOKI=1 cargo bench …                                     # with the Loki sink on
+//! BENCH_SINKS=loki,elasticsearch,nats cargo bench …               # with sinks on
 //! ```
 //!
 //! Prints: ingest rate (acknowledged, and until everything is searchable), the aggregator's
@@ -16,6 +16,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+#[path = "common/discard.rs"]
+mod discard;
 
 use logging_tests::load::{self, BATCH, Rng, SERVICES, generate, in_flight};
 use logging_tests::{ADMIN_TOKEN, AggregatorProcess, proc};
@@ -113,29 +116,27 @@ async fn main() {
     let extra = std::env::var("BENCH_AGGREGATOR_ENV").unwrap_or_default();
     let mut env: Vec<(&str, &str)> = vec![("LOG_LEVEL", "warn")];
     env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
-    // BENCH_LOKI=1: the Loki sink on, pushing to a local receiver that reads and discards.
-    let loki_on = std::env::var("BENCH_LOKI").is_ok_and(|v| !v.is_empty() && v != "0");
-    let loki_url = loki_on.then(|| {
+    // BENCH_SINKS: sinks on — Loki and Elasticsearch pushing to a local receiver that reads,
+    // discards and answers as they do; `nats` publishing log.ingested to the local NATS.
+    let sinks = std::env::var("BENCH_SINKS").unwrap_or_default();
+    let receiver = (sinks.contains("loki") || sinks.contains("elasticsearch")).then(|| {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let app = axum::Router::new()
-            .route(
-                "/loki/api/v1/push",
-                axum::routing::post(|body: axum::body::Bytes| async move {
-                    std::hint::black_box(body.len());
-                    axum::http::StatusCode::NO_CONTENT
-                }),
-            )
-            .layer(axum::extract::DefaultBodyLimit::disable());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        discard::serve(tokio::net::TcpListener::from_std(listener).unwrap());
         url
     });
-    if let Some(url) = &loki_url {
-        env.push(("LOKI_URL", url.as_str()));
+    let topic = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    for name in sinks.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match (name, &receiver) {
+            ("loki", Some(url)) => env.push(("LOKI_URL", url.as_str())),
+            ("elasticsearch", Some(url)) => env.push(("ELASTICSEARCH_URL", url.as_str())),
+            ("nats", _) => {
+                env.push(("BROKER_URL", "nats://127.0.0.1:4222"));
+                env.push(("BROKER_TOPIC", topic.as_str()));
+            }
+            _ => panic!("BENCH_SINKS: unknown sink {name:?} (loki, elasticsearch, nats)"),
+        }
     }
     let aggregator = AggregatorProcess::start(dir.path(), &env);
     let pid = aggregator.child.id();
@@ -176,22 +177,32 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let searchable_in = started.elapsed();
-    if loki_url.is_some() {
+    if !sinks.is_empty() {
         loop {
             let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
-            let sink = &stats["sinks"][0];
-            if sink["lag_entries"].as_u64() == Some(0)
-                && sink["delivered"].as_u64() == Some(total as u64)
-            {
+            let all = stats["sinks"].as_array().cloned().unwrap_or_default();
+            let done = all.iter().all(|sink| {
+                sink["lag_entries"].as_u64() == Some(0)
+                    && sink["delivered"].as_u64() == Some(total as u64)
+            });
+            if done && !all.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         println!(
-            "Loki sink on (local receiver): every entry delivered {:.1} s after the first was sent ({:.0} entries/s)",
+            "sinks on ({sinks}): every entry delivered to each {:.1} s after the first was sent ({:.0} entries/s)",
             started.elapsed().as_secs_f64(),
             total as f64 / started.elapsed().as_secs_f64()
         );
+        if sinks.contains("nats") {
+            // The events stream holds every entry: the shared NATS keeps nothing of the run.
+            let stream = topic.to_ascii_uppercase().replace('-', "_");
+            let nats = async_nats::connect("127.0.0.1:4222").await.unwrap();
+            let _ = async_nats::jetstream::new(nats)
+                .delete_stream(&stream)
+                .await;
+        }
     }
     // What the time went on, from the aggregator's own metrics.
     let metrics = client

@@ -49,6 +49,8 @@ enum Channel {
         token: Option<String>,
         body: String,
     },
+    /// `alert.fired` / `alert.resolved` on the message broker (whenever `BROKER_URL` is set).
+    Broker(Arc<crate::broker::Publisher>),
 }
 
 /// The configured channels, by name.
@@ -139,8 +141,14 @@ fn smtp_transport(
 impl Channels {
     /// Builds the channels `ALERT_NOTIFICATION_CHANNELS` names, or says which setting is
     /// missing or wrong.
-    pub fn from_config(config: &Config) -> anyhow::Result<Channels> {
+    pub fn from_config(
+        config: &Config,
+        broker: Option<Arc<crate::broker::Publisher>>,
+    ) -> anyhow::Result<Channels> {
         let mut channels = Vec::new();
+        if let Some(publisher) = broker {
+            channels.push(("broker".to_string(), Channel::Broker(publisher)));
+        }
         for name in &config.alert_notification_channels {
             let name = name.trim().to_ascii_lowercase();
             let channel = match name.as_str() {
@@ -202,6 +210,11 @@ impl Channels {
                         body: config.alert_sms_body.clone(),
                     }
                 }
+                // Always on with BROKER_URL; naming it is allowed, not needed.
+                "broker" if channels.iter().any(|(n, _)| n == "broker") => continue,
+                "broker" => anyhow::bail!(
+                    "ALERT_NOTIFICATION_CHANNELS names broker, which needs BROKER_URL"
+                ),
                 "" => continue,
                 other => anyhow::bail!(
                     "ALERT_NOTIFICATION_CHANNELS: unknown channel {other:?}; one of {}",
@@ -336,6 +349,11 @@ impl Channels {
                     "alert": alert,
                 });
                 self.post(url, &body, &key, None).await
+            }
+            Channel::Broker(publisher) => {
+                let payload =
+                    crate::broker::event_json(&row.event, &key, json!({ "alert": alert }));
+                publisher.publish(&row.event, &key, payload).await
             }
             Channel::Slack(url) => {
                 let body = json!({ "text": Self::one_line(&row.event, &alert) });

@@ -4,6 +4,7 @@
 //! engine accepted or that were written to its dead-letter file, so after an outage or a
 //! restart it catches up with nothing lost.
 
+pub mod elasticsearch;
 pub mod loki;
 
 use std::io::Write;

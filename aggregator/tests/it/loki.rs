@@ -14,7 +14,7 @@ use logging_aggregator::config::Config;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-use crate::support::{Db, TestApp, entry};
+use crate::support::{Db, LocalServer, TestApp, entry, ingest_rounds, sink_report, wait_for_sink};
 
 /// Loki's `pkg/push/push.proto`, as the test's own prost definitions.
 mod push {
@@ -235,48 +235,24 @@ async fn push(
     (AxumStatus::NO_CONTENT, String::new())
 }
 
-/// A fake Loki on `listener`; dropping the returned handle's task takes it away.
-fn serve_loki(listener: tokio::net::TcpListener, state: Shared) -> tokio::task::JoinHandle<()> {
-    let router = axum::Router::new()
-        .route("/loki/api/v1/push", axum::routing::post(push))
-        .with_state(state);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    })
-}
-
 struct FakeLoki {
+    server: LocalServer,
     url: String,
-    address: std::net::SocketAddr,
     state: Shared,
-    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl FakeLoki {
     async fn start() -> FakeLoki {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
         let state = Shared::default();
-        let server = Some(serve_loki(listener, state.clone()));
+        let router = axum::Router::new()
+            .route("/loki/api/v1/push", axum::routing::post(push))
+            .with_state(state.clone());
+        let server = LocalServer::start(router).await;
         FakeLoki {
-            url: format!("http://{address}"),
-            address,
-            state,
+            url: server.url.clone(),
             server,
+            state,
         }
-    }
-
-    /// Stops listening: connections are refused, as when Loki is down.
-    async fn go_away(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.abort();
-            let _ = server.await;
-        }
-    }
-
-    async fn come_back(&mut self) {
-        let listener = tokio::net::TcpListener::bind(self.address).await.unwrap();
-        self.server = Some(serve_loki(listener, self.state.clone()));
     }
 
     fn stored(&self) -> Vec<Stored> {
@@ -308,17 +284,6 @@ fn loki(config: &mut Config, url: &str) {
 /// The entries' ids, as the fake Loki stored them (structured metadata `id`).
 fn ids(stored: &[Stored]) -> Vec<String> {
     stored.iter().map(|s| s.metadata["id"].clone()).collect()
-}
-
-async fn sink_report(app: &TestApp) -> Value {
-    let stats = app.get_json("/api/logs/stats").await;
-    stats["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "loki")
-        .cloned()
-        .unwrap_or_else(|| panic!("no loki sink in {stats}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,7 +388,7 @@ async fn entries_reach_loki_as_snappy_protobuf_with_labels_metadata_and_json_lin
     assert_eq!(line["truncated"], true);
     assert!(line["message"].as_str().unwrap().len() > 250 * 1024);
 
-    let report = sink_report(&app).await;
+    let report = sink_report(&app, "loki").await;
     assert_eq!(report["status"], "up", "{report}");
     assert_eq!(report["delivered"], 4);
     let metrics = app.metrics().await;
@@ -475,7 +440,7 @@ async fn a_refused_entry_is_dead_lettered_and_costs_its_neighbours_nothing() {
     assert_eq!(stored.len(), 39);
     assert_eq!(stored_ids.len(), 39, "each entry stored once");
     assert!(!stored_ids.contains(&sent[17]));
-    let report = sink_report(&app).await;
+    let report = sink_report(&app, "loki").await;
     assert_eq!(report["dead_letters"], 1, "{report}");
     assert_eq!(report["delivered"], 39, "{report}");
     assert!(report["errors"].as_u64().unwrap() >= 2, "{report}");
@@ -506,41 +471,16 @@ async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
     let mut fake = FakeLoki::start().await;
     let mut app = TestApp::start_with(Db::Sqlite, |c| loki(c, &fake.url)).await;
     let mut sent = Vec::new();
-    for i in 0..5 {
-        sent.extend(
-            app.ingest(
-                (0..20)
-                    .map(|j| entry("web", "info", &format!("before {i}-{j}"), 0))
-                    .collect(),
-            )
-            .await,
-        );
-    }
+    sent.extend(ingest_rounds(&app, "web", "before", 5, 20).await);
     fake.wait_for(100, 20).await;
 
-    fake.go_away().await;
+    fake.server.go_away().await;
     let gone = std::time::Instant::now();
     // Ingest and queries go on while Loki is away; the sink falls behind and says so.
-    for i in 0..10 {
-        sent.extend(
-            app.ingest(
-                (0..50)
-                    .map(|j| entry("web", "info", &format!("during {i}-{j}"), 0))
-                    .collect(),
-            )
-            .await,
-        );
-    }
+    sent.extend(ingest_rounds(&app, "web", "during", 10, 50).await);
     let stats = app.get_json("/api/logs/stats").await;
     assert_eq!(stats["services"]["web"], 600, "{stats}");
-    let mut report = Value::Null;
-    for _ in 0..200 {
-        report = sink_report(&app).await;
-        if report["status"] == "failing" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut report = wait_for_sink(&app, "loki", |r| r["status"] == "failing").await;
     assert_eq!(report["status"], "failing", "{report}");
     assert!(report["lag_entries"].as_u64().unwrap() >= 500, "{report}");
     assert!(
@@ -565,19 +505,10 @@ async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
 
     // A restart while Loki is away: the cursor is where deliveries stopped.
     app.restart(|c| loki(c, &fake.url)).await;
-    for i in 0..4 {
-        sent.extend(
-            app.ingest(
-                (0..25)
-                    .map(|j| entry("web", "info", &format!("after restart {i}-{j}"), 0))
-                    .collect(),
-            )
-            .await,
-        );
-    }
+    sent.extend(ingest_rounds(&app, "web", "after restart", 4, 25).await);
     let away = Duration::from_secs(30).saturating_sub(gone.elapsed());
     tokio::time::sleep(away).await;
-    fake.come_back().await;
+    fake.server.come_back().await;
     let stored = fake.wait_for(sent.len(), 90).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stored_ids = ids(&fake.stored());
@@ -588,13 +519,10 @@ async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
         sent.into_iter().collect::<HashSet<_>>(),
         "everything arrives"
     );
-    for _ in 0..100 {
-        report = sink_report(&app).await;
-        if report["lag_entries"] == 0 && report["status"] == "up" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    report = wait_for_sink(&app, "loki", |report| {
+        report["lag_entries"] == 0 && report["status"] == "up"
+    })
+    .await;
     assert_eq!(report["lag_entries"], 0, "{report}");
     assert_eq!(report["status"], "up", "{report}");
     app.stop().await;
@@ -602,7 +530,7 @@ async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
 
 #[tokio::test]
 async fn bad_loki_settings_stop_the_start_with_the_setting_named() {
-    for (adjust, name) in [
+    crate::support::assert_refused(vec![
         (
             Box::new(|c: &mut Config| c.loki_url = Some("loki:3100".into()))
                 as Box<dyn Fn(&mut Config)>,
@@ -636,13 +564,7 @@ async fn bad_loki_settings_stop_the_start_with_the_setting_named() {
             }),
             "LOKI_FORMAT",
         ),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = crate::support::test_config(dir.path().to_path_buf());
-        adjust(&mut config);
-        let error = config.validate().unwrap_err();
-        assert_eq!(error.name, name, "{error}");
-    }
+    ]);
 }
 
 /// Against a real Loki when `TEST_LOKI_URL` is set (e.g. `deploy/compose`'s): what the sink

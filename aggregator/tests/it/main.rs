@@ -6,6 +6,8 @@ mod support;
 mod access;
 mod alerts;
 mod audit;
+mod broker;
+mod elasticsearch;
 mod errors;
 mod ingest;
 mod logs;

@@ -286,3 +286,110 @@ pub async fn expect_problem(response: Response, status: StatusCode) -> Value {
     assert_eq!(body["status"], status.as_u16());
     body
 }
+
+/// Ingests `rounds` requests of `per` entries of `service` (messages `<label> <round>-<i>`),
+/// returning the ids.
+pub async fn ingest_rounds(
+    app: &TestApp,
+    service: &str,
+    label: &str,
+    rounds: usize,
+    per: usize,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for round in 0..rounds {
+        ids.extend(
+            app.ingest(
+                (0..per)
+                    .map(|i| entry(service, "info", &format!("{label} {round}-{i}"), 0))
+                    .collect(),
+            )
+            .await,
+        );
+    }
+    ids
+}
+
+/// What `/api/logs/stats` says about the sink `name`.
+pub async fn sink_report(app: &TestApp, name: &str) -> Value {
+    let stats = app.get_json("/api/logs/stats").await;
+    stats["sinks"]
+        .as_array()
+        .and_then(|sinks| sinks.iter().find(|s| s["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} sink in {stats}"))
+}
+
+/// Waits (up to 10 s) until the sink's report satisfies `done`; returns the last report.
+pub async fn wait_for_sink(app: &TestApp, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut report = Value::Null;
+    for _ in 0..200 {
+        report = sink_report(app, name).await;
+        if done(&report) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    report
+}
+
+/// A change to the test configuration, and the setting `validate` must name for it.
+pub type Refusal = (Box<dyn Fn(&mut Config)>, &'static str);
+
+/// Asserts that each change makes `Config::validate` fail naming its setting.
+pub fn assert_refused(cases: Vec<Refusal>) {
+    for (adjust, name) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(dir.path().to_path_buf());
+        adjust(&mut config);
+        let error = config.validate().expect_err(name);
+        assert_eq!(error.name, name, "{error}");
+    }
+}
+
+/// A local HTTP server standing in for an engine (Loki, Elasticsearch), which a test can take
+/// away (connections refused, as when the engine is down) and bring back on the same address.
+pub struct LocalServer {
+    pub url: String,
+    address: std::net::SocketAddr,
+    router: axum::Router,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalServer {
+    pub async fn start(router: axum::Router) -> LocalServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut server = LocalServer {
+            url: format!("http://{address}"),
+            address,
+            router,
+            task: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let router = self.router.clone();
+        self.task = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        }));
+    }
+
+    pub async fn go_away(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    pub async fn come_back(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.address)
+            .await
+            .expect("bind again");
+        self.serve(listener);
+    }
+}

@@ -88,12 +88,14 @@ fn a_bad_setting_stops_the_binary_with_a_message_naming_it() {
     let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
         .env_clear()
         .env("ELASTICSEARCH_URL", "http://es:9200")
+        .env("ELASTICSEARCH_INDEX", "Logs")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        String::from_utf8_lossy(&output.stderr)
-            .contains("ELASTICSEARCH_URL: the Elasticsearch sink is not implemented yet")
+        stderr.contains("ELASTICSEARCH_INDEX: \"Logs\" must be lower case"),
+        "{stderr}"
     );
     let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
         .env_clear()
