@@ -361,3 +361,211 @@ on_both_databases!(
     invalid_audit_events_name_their_fields,
     the_audit_trail_can_be_switched_off,
 );
+
+/// A PostgreSQL server of the test's own (the machine's binaries, run as the `postgres`
+/// user), so that crashing it costs the other tests nothing.
+struct OwnPostgres {
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl OwnPostgres {
+    /// `None` where PostgreSQL is not installed (a failure under CI).
+    fn create() -> Option<OwnPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(Result::ok)
+                    .map(|v| v.path().join("bin"))
+                    .max()
+            })
+            .filter(|bin| bin.join("initdb").exists());
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL's binaries are not in /usr/lib/postgresql, and CI is set"
+            );
+            eprintln!("PostgreSQL's binaries are not installed: test skipped");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let postgres = OwnPostgres { bin, dir, port };
+        let output = postgres
+            .as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(postgres.data())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "initdb: {output:?}");
+        postgres.start();
+        Some(postgres)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A PostgreSQL program run as the `postgres` user (it refuses to run as root).
+    fn as_postgres(&self, program: &str) -> std::process::Command {
+        let mut command = std::process::Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program));
+        command
+    }
+
+    fn start(&self) {
+        let output = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "pg_ctl start: {output:?}");
+    }
+
+    /// Stops at once, without a checkpoint: on the next start PostgreSQL recovers from its
+    /// WAL, as after a crash.
+    fn crash(&self) {
+        let output = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "pg_ctl stop: {output:?}");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_crash_mid_run_loses_no_acknowledged_audit_entry() {
+    let Some(postgres) = OwnPostgres::create() else {
+        return;
+    };
+    let url = postgres.url();
+    let app = std::sync::Arc::new(
+        TestApp::start_with(Db::Sqlite, |c| {
+            c.database_url = Some(url.clone());
+            c.database_pool_size = 2;
+            c.database_max_overflow = 2;
+        })
+        .await,
+    );
+    // Two writers record audit entries without pause; each keeps the ids it was answered
+    // 201 for, and counts the refusals.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..2)
+        .map(|writer| {
+            let (app, running) = (app.clone(), running.clone());
+            tokio::spawn(async move {
+                let (mut acknowledged, mut refused) = (Vec::new(), 0);
+                let mut n = 0;
+                while running.load(std::sync::atomic::Ordering::Acquire) {
+                    n += 1;
+                    let response = app
+                        .request(Method::POST, "/api/audit", Some(WRITER))
+                        .json(&event(
+                            "order.paid",
+                            &format!("w{writer}"),
+                            &format!("o-{n}"),
+                        ))
+                        .send()
+                        .await
+                        .unwrap();
+                    if response.status() == StatusCode::CREATED {
+                        let body: Value = response.json().await.unwrap();
+                        acknowledged.push(body["id"].as_str().unwrap().to_string());
+                    } else {
+                        assert!(response.status().is_server_error(), "{response:?}");
+                        refused += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                }
+                (acknowledged, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let crash = tokio::task::spawn_blocking(move || {
+        postgres.crash();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        postgres.start();
+        postgres
+    });
+    let postgres = crash.await.unwrap();
+    // Writes succeed again once PostgreSQL is back: the pool reconnects by itself.
+    let before = app.get_json("/api/audit/verify").await["entries_checked"].as_u64();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    running.store(false, std::sync::atomic::Ordering::Release);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for writer in writers {
+        let (ids, refusals) = writer.await.unwrap();
+        acknowledged.extend(ids);
+        refused += refusals;
+    }
+    assert!(refused > 0, "the crash was felt: some writes were refused");
+    let report = app.get_json("/api/audit/verify").await;
+    assert_eq!(report["valid"], true, "{report}");
+    assert!(
+        report["entries_checked"].as_u64() > before,
+        "writes resumed after the restart: {report}"
+    );
+    // Every acknowledged entry survived the crash.
+    for id in &acknowledged {
+        let response = app
+            .request(Method::GET, &format!("/api/audit/{id}"), Some(ADMIN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "{id} acknowledged, then lost"
+        );
+    }
+    assert!(acknowledged.len() >= 20, "{}", acknowledged.len());
+    match std::sync::Arc::try_unwrap(app) {
+        Ok(app) => app.stop().await,
+        Err(_) => panic!("the writers still hold the app"),
+    }
+    drop(postgres);
+}

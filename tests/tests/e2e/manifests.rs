@@ -1107,7 +1107,15 @@ fn the_compose_stack_and_the_dashboards_agree_with_the_code() {
                 "{title}: datasource {uid} is not provisioned"
             );
             for target in panel["targets"].as_array().unwrap() {
-                assert!(provisioned.contains(target["datasource"]["uid"].as_str().unwrap()));
+                let target_uid = target["datasource"]["uid"].as_str().unwrap();
+                assert!(provisioned.contains(target_uid));
+                if target_uid == "elasticsearch" {
+                    // Lucene over the sink's documents: the fields the index template maps.
+                    let query = target["query"].as_str().unwrap();
+                    assert!(query.starts_with("level:"), "{title}: {query}");
+                    assert_eq!(target["timeField"], "@timestamp", "{title}");
+                    continue;
+                }
                 let expr = target["expr"].as_str().unwrap();
                 for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                     if !word.starts_with("logging_") {
@@ -1124,4 +1132,31 @@ fn the_compose_stack_and_the_dashboards_agree_with_the_code() {
         }
     }
     assert!(panels_seen >= 6);
+
+    // Prometheus loads the pipeline's alert rules, and each queries metrics that exist.
+    assert!(
+        prometheus["rule_files"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("/etc/prometheus/rules.yml"))
+    );
+    let rules = &yaml_docs("deploy/compose/prometheus-rules.yml")[0];
+    let mut alerts = BTreeSet::new();
+    for rule in rules["groups"][0]["rules"].as_array().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        alerts.insert(name.to_string());
+        let expr = rule["expr"].as_str().unwrap();
+        let metrics: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("logging_"))
+            .collect();
+        assert!(!metrics.is_empty(), "{name}: {expr}");
+        for metric in metrics {
+            assert!(
+                exported.contains(metric),
+                "{name}: {metric} is not exported"
+            );
+        }
+    }
+    assert!(alerts.contains("LoggingWalOverrun") && alerts.contains("LoggingSinkFailing"));
 }
