@@ -177,8 +177,10 @@ struct View<'a> {
     level: LogLevel,
     #[serde(borrow)]
     service: Cow<'a, str>,
+    /// The message as written in the stored line (a JSON string, escapes and all): the Loki
+    /// line splices it in as is.
     #[serde(borrow)]
-    message: Cow<'a, str>,
+    message: &'a RawValue,
     #[serde(default, borrow)]
     context: Option<&'a RawValue>,
     #[serde(default, borrow)]
@@ -190,7 +192,7 @@ struct View<'a> {
     #[serde(default, borrow)]
     user_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    tags: Vec<Cow<'a, str>>,
+    tags: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -216,33 +218,60 @@ struct Line<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     context: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    tags: &'a [Cow<'a, str>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     truncated: bool,
 }
 
-/// The line Loki stores for an entry, within `MAX_LINE_BYTES`.
+/// The entry's tags, unless there are none.
+fn tags_of<'a>(view: &View<'a>) -> Option<&'a RawValue> {
+    view.tags
+        .filter(|t| !matches!(t.get().trim(), "[]" | "null"))
+}
+
+/// The line Loki stores for an entry, within `MAX_LINE_BYTES`: the stored JSON of the
+/// message, context and tags spliced together as written (nothing is escaped again).
 fn line_of(view: &View) -> String {
+    let tags = tags_of(view);
+    let context = view.context.filter(|c| c.get().trim() != "null");
+    let mut line =
+        String::with_capacity(view.message.get().len() + context.map_or(0, |c| c.get().len()) + 64);
+    line.push_str("{\"message\":");
+    line.push_str(view.message.get());
+    if let Some(context) = context {
+        line.push_str(",\"context\":");
+        line.push_str(context.get());
+    }
+    if let Some(tags) = tags {
+        line.push_str(",\"tags\":");
+        line.push_str(tags.get());
+    }
+    line.push('}');
+    if line.len() <= MAX_LINE_BYTES {
+        return line;
+    }
+    truncated_line(view, context, tags)
+}
+
+/// A line over `MAX_LINE_BYTES`: the message cut to fit and `"truncated":true` added.
+fn truncated_line(view: &View, context: Option<&RawValue>, tags: Option<&RawValue>) -> String {
+    let message: String = serde_json::from_str(view.message.get()).unwrap_or_default();
     let mut line = Line {
-        message: &view.message,
-        context: view.context,
-        tags: &view.tags,
-        truncated: false,
+        message: &message,
+        context,
+        tags,
+        truncated: true,
     };
     let text = serde_json::to_string(&line).unwrap_or_default();
-    if text.len() <= MAX_LINE_BYTES {
-        return text;
-    }
-    line.truncated = true;
-    // The message is cut by what is over, plus room for the flag and escapes it may lose.
-    let over = text.len() - MAX_LINE_BYTES + 64;
-    let mut keep = view.message.len().saturating_sub(over);
+    // The message is cut by what is over, plus room for escapes it may lose.
+    let over = text.len().saturating_sub(MAX_LINE_BYTES) + 64;
+    let mut keep = message.len().saturating_sub(over);
     loop {
-        while !view.message.is_char_boundary(keep) {
+        while !message.is_char_boundary(keep) {
             keep -= 1;
         }
-        line.message = &view.message[..keep];
+        line.message = &message[..keep];
         let text = serde_json::to_string(&line).unwrap_or_default();
         if text.len() <= MAX_LINE_BYTES {
             return text;
@@ -250,8 +279,8 @@ fn line_of(view: &View) -> String {
         if keep == 0 {
             // The context alone is too large: keep what fits of the message, without it.
             line.context = None;
-            line.tags = &[];
-            keep = view.message.len().min(MAX_LINE_BYTES / 2);
+            line.tags = None;
+            keep = message.len().min(MAX_LINE_BYTES / 2);
             continue;
         }
         keep = keep.saturating_sub((text.len() - MAX_LINE_BYTES).max(keep / 8));
