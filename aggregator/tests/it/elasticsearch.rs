@@ -16,7 +16,9 @@ use logging_aggregator::config::Config;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-use crate::support::{Db, LocalServer, TestApp, entry, ingest_rounds, sink_report, wait_for_sink};
+use crate::support::{
+    Db, LocalServer, TestApp, assert_delivered, entry, ingest_rounds, sink_report, wait_for_sink,
+};
 
 #[derive(Default)]
 struct EsState {
@@ -362,14 +364,7 @@ async fn entries_reach_elasticsearch_over_tls_as_bulk_creates_under_an_index_tem
         );
     }
 
-    let report = sink_report(&app, "elasticsearch").await;
-    assert_eq!(report["status"], "up", "{report}");
-    assert_eq!(report["delivered"], 3, "{report}");
-    let metrics = app.metrics().await;
-    assert!(
-        metrics.contains("logging_aggregator_sink_entries_total{sink=\"elasticsearch\"} 3"),
-        "{metrics}"
-    );
+    assert_delivered(&app, "elasticsearch", 3).await;
     app.stop().await;
 }
 

@@ -14,7 +14,9 @@ use logging_aggregator::config::Config;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-use crate::support::{Db, LocalServer, TestApp, entry, ingest_rounds, sink_report, wait_for_sink};
+use crate::support::{
+    Db, LocalServer, TestApp, assert_delivered, entry, ingest_rounds, sink_report, wait_for_sink,
+};
 
 /// Loki's `pkg/push/push.proto`, as the test's own prost definitions.
 mod push {
@@ -388,14 +390,7 @@ async fn entries_reach_loki_as_snappy_protobuf_with_labels_metadata_and_json_lin
     assert_eq!(line["truncated"], true);
     assert!(line["message"].as_str().unwrap().len() > 250 * 1024);
 
-    let report = sink_report(&app, "loki").await;
-    assert_eq!(report["status"], "up", "{report}");
-    assert_eq!(report["delivered"], 4);
-    let metrics = app.metrics().await;
-    assert!(
-        metrics.contains("logging_aggregator_sink_entries_total{sink=\"loki\"} 4"),
-        "{metrics}"
-    );
+    assert_delivered(&app, "loki", 4).await;
     app.stop().await;
 }
 

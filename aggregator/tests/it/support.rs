@@ -393,3 +393,13 @@ impl LocalServer {
         self.serve(listener);
     }
 }
+
+/// Asserts the sink is up, has delivered `count` entries, and says so in `/metrics`.
+pub async fn assert_delivered(app: &TestApp, name: &str, count: u64) {
+    let report = sink_report(app, name).await;
+    assert_eq!(report["status"], "up", "{report}");
+    assert_eq!(report["delivered"], count, "{report}");
+    let metrics = app.metrics().await;
+    let line = format!("logging_aggregator_sink_entries_total{{sink=\"{name}\"}} {count}");
+    assert!(metrics.contains(&line), "{line} not in {metrics}");
+}
