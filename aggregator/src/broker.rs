@@ -512,7 +512,13 @@ impl AuditPublisher {
                     for entry in page.entries {
                         let id = entry.id.to_string();
                         let payload = event_json(AUDIT_RECORDED, &id, json!({ "audit": entry }));
-                        match self.publisher.publish(AUDIT_RECORDED, &id, payload).await {
+                        // A stop does not wait out an absent broker: the event is published
+                        // again (same id) after the restart.
+                        let published = tokio::select! {
+                            published = self.publisher.publish(AUDIT_RECORDED, &id, payload) => published,
+                            _ = stop.wait_for(|s| *s) => return,
+                        };
+                        match published {
                             Ok(()) => {
                                 cursor = entry.sequence;
                                 backoff = Duration::from_millis(500);
@@ -526,9 +532,6 @@ impl AuditPublisher {
                                 backoff = (backoff * 2).min(Duration::from_secs(30));
                                 break;
                             }
-                        }
-                        if *stop.borrow() {
-                            return;
                         }
                     }
                 }

@@ -196,7 +196,18 @@ impl<S: Sink> Runner<S> {
         let mut backoff = FIRST_BACKOFF;
         while !pending.is_empty() {
             let batch: Vec<Bytes> = pending.iter().map(|&i| lines[i].clone()).collect();
-            let outcome = self.sink.send(&batch).await;
+            // A stop does not wait out a slow engine: the request is dropped, the cursor
+            // stays before the batch, and it is sent again after the restart.
+            let stop = self.stop.clone();
+            let stopped = async move {
+                while !stop.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = self.sink.send(&batch) => outcome,
+                () = stopped => return false,
+            };
             let error = match outcome {
                 Outcome::Delivered => {
                     self.delivered(batch.len());

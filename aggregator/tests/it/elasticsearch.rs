@@ -38,6 +38,8 @@ struct EsState {
     /// Items whose message contains "busy" are answered 429 in the first this many requests.
     busy_requests: usize,
     bulk_requests: usize,
+    /// `_bulk` requests are read and never answered, as by a node that hangs.
+    hang: bool,
 }
 
 type Shared = Arc<Mutex<EsState>>;
@@ -87,6 +89,16 @@ async fn bulk(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> (AxumStatus, String) {
+    let hang = {
+        let mut state = state.lock();
+        if state.hang {
+            state.events.push("hung".into());
+        }
+        state.hang
+    };
+    if hang {
+        std::future::pending::<()>().await;
+    }
     let mut state = state.lock();
     record_headers(&mut state, &headers);
     if let Some(value) = headers.get("content-type") {
@@ -496,6 +508,36 @@ async fn elasticsearch_gone_for_thirty_seconds_and_a_restart_lose_and_double_not
     .await;
     assert_eq!(report["lag_entries"], 0, "{report}");
     assert_eq!(report["status"], "up", "{report}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_engine_does_not_hold_up_shutdown_and_nothing_is_lost() {
+    let mut fake = FakeEs::start().await;
+    fake.state.lock().hang = true;
+    let url = fake.url.clone();
+    let mut app = TestApp::start_with(Db::Sqlite, |c| elasticsearch(c, &url)).await;
+    let sent = app.ingest(vec![entry("api", "info", "held", 0)]).await;
+    for _ in 0..200 {
+        if fake.state.lock().events.iter().any(|e| e == "hung") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fake.state.lock().events.iter().any(|e| e == "hung"));
+    // The sink's HTTP timeout is 60 s; a stop must not wait for it (a pod's grace period is
+    // 30 s by default). The bound is a liveness check, far above what the stop takes.
+    let running = app.running.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running.shutdown())
+        .await
+        .expect("the stop waited for the hanging request");
+    // The batch was not acknowledged, so it is sent again after the restart.
+    fake.state.lock().hang = false;
+    fake.server().go_away().await;
+    fake.server().come_back().await;
+    app.restart(|c| elasticsearch(c, &url)).await;
+    fake.wait_for(1, 20).await;
+    assert_eq!(fake.ids(), sent.into_iter().collect::<HashSet<_>>());
     app.stop().await;
 }
 
