@@ -203,7 +203,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let sink = crate::sinks::loki::LokiSink::new(settings).context("the Loki sink")?;
         sinks.push(crate::sinks::spawn(
             sink,
-            wal.optional_reader("loki")?,
+            &wal,
             &config.data_dir,
             sink_statuses.clone(),
             sinks_stop.clone(),
@@ -216,7 +216,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("the Elasticsearch sink")?;
         sinks.push(crate::sinks::spawn(
             sink,
-            wal.optional_reader("elasticsearch")?,
+            &wal,
             &config.data_dir,
             sink_statuses.clone(),
             sinks_stop.clone(),
@@ -225,7 +225,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(publisher) = &broker {
         sinks.push(crate::sinks::spawn(
             crate::broker::BrokerSink::new(publisher.settings().clone()),
-            wal.optional_reader("broker")?,
+            &wal,
             &config.data_dir,
             sink_statuses.clone(),
             sinks_stop.clone(),

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::wal::WalReader;
+use crate::wal::{Wal, WalReader};
 
 /// Most entries sent in one request.
 pub const BATCH_ENTRIES: usize = 5_000;
@@ -68,15 +68,17 @@ pub struct SinkStatus {
 
 pub type SinkStatuses = Arc<Mutex<Vec<SinkStatus>>>;
 
-/// Runs `sink` on its own thread until `stop` is set.
+/// Runs `sink` on its own thread, reading the WAL as the optional consumer named after it,
+/// until `stop` is set.
 pub fn spawn<S: Sink>(
     sink: S,
-    reader: WalReader,
+    wal: &Wal,
     data_dir: &Path,
     statuses: SinkStatuses,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let name = sink.name();
+    let reader = wal.optional_reader(name)?;
     let dir = data_dir.join("sinks").join(name);
     std::fs::create_dir_all(&dir)?;
     let dead_letter = dir.join("dead-letter.ndjson");
@@ -98,7 +100,7 @@ pub fn spawn<S: Sink>(
         slot,
         stop,
     };
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -112,7 +114,8 @@ pub fn spawn<S: Sink>(
                 }
             };
             runtime.block_on(runner.run());
-        })
+        })?;
+    Ok(thread)
 }
 
 struct Runner<S: Sink> {
@@ -198,15 +201,9 @@ impl<S: Sink> Runner<S> {
             let batch: Vec<Bytes> = pending.iter().map(|&i| lines[i].clone()).collect();
             // A stop does not wait out a slow engine: the request is dropped, the cursor
             // stays before the batch, and it is sent again after the restart.
-            let stop = self.stop.clone();
-            let stopped = async move {
-                while !stop.load(Ordering::Acquire) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            };
             let outcome = tokio::select! {
                 outcome = self.sink.send(&batch) => outcome,
-                () = stopped => return false,
+                () = stopped(self.stop.clone()) => return false,
             };
             let error = match outcome {
                 Outcome::Delivered => {
@@ -255,12 +252,9 @@ impl<S: Sink> Runner<S> {
                 s.last_error = Some(error);
             });
             metrics::gauge!("logging_aggregator_sink_up", "sink" => name).set(0.0);
-            let deadline = Instant::now() + jitter(backoff);
-            while Instant::now() < deadline {
-                if self.stopping() {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::select! {
+                () = tokio::time::sleep(jitter(backoff)) => {}
+                () = stopped(self.stop.clone()) => return false,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -319,6 +313,13 @@ impl<S: Sink> Runner<S> {
         metrics::counter!("logging_aggregator_sink_dead_letters_total", "sink" => name)
             .increment(rejected.len() as u64);
         self.status(|s| s.dead_letters += rejected.len() as u64);
+    }
+}
+
+/// Resolves once `stop` is set (checked every 50 ms: the flag is a plain atomic).
+async fn stopped(stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

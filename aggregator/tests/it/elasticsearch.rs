@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Db, LocalServer, TestApp, assert_delivered, entry, ingest_rounds, sink_report, wait_for_sink,
+    Db, LocalServer, TestApp, assert_delivered, assert_failing, entry, ingest_rounds, sink_report,
+    wait_for_sink,
 };
 
 #[derive(Default)]
@@ -452,23 +453,13 @@ async fn elasticsearch_gone_for_thirty_seconds_and_a_restart_lose_and_double_not
         c.elasticsearch_password = Some("s3cret".into());
     };
     let mut app = TestApp::start_with(Db::Sqlite, settings).await;
-    let mut sent = Vec::new();
-    sent.extend(ingest_rounds(&app, "web", "before", 5, 20).await);
+    let mut sent = ingest_rounds(&app, "web", "before", 5, 20).await;
     fake.wait_for(100, 20).await;
 
     fake.server().go_away().await;
     let gone = std::time::Instant::now();
     sent.extend(ingest_rounds(&app, "web", "during", 10, 50).await);
-    let mut report = wait_for_sink(&app, "elasticsearch", |r| r["status"] == "failing").await;
-    assert_eq!(report["status"], "failing", "{report}");
-    assert!(report["lag_entries"].as_u64().unwrap() >= 500, "{report}");
-    assert!(
-        report["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("Elasticsearch unreachable"),
-        "{report}"
-    );
+    assert_failing(&app, "elasticsearch", 500, "Elasticsearch unreachable").await;
     let ready: Value = app.get_json("/health/ready").await;
     assert_eq!(ready["status"], "degraded", "{ready}");
 
@@ -502,7 +493,7 @@ async fn elasticsearch_gone_for_thirty_seconds_and_a_restart_lose_and_double_not
             HashSet::from(["Basic ZWxhc3RpYzpzM2NyZXQ=".to_string()])
         );
     }
-    report = wait_for_sink(&app, "elasticsearch", |report| {
+    let report = wait_for_sink(&app, "elasticsearch", |report| {
         report["lag_entries"] == 0 && report["status"] == "up"
     })
     .await;

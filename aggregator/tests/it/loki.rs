@@ -15,7 +15,8 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Db, LocalServer, TestApp, assert_delivered, entry, ingest_rounds, sink_report, wait_for_sink,
+    Db, LocalServer, TestApp, assert_delivered, assert_failing, entry, ingest_rounds, sink_report,
+    wait_for_sink,
 };
 
 /// Loki's `pkg/push/push.proto`, as the test's own prost definitions.
@@ -465,8 +466,7 @@ async fn a_refused_entry_is_dead_lettered_and_costs_its_neighbours_nothing() {
 async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
     let mut fake = FakeLoki::start().await;
     let mut app = TestApp::start_with(Db::Sqlite, |c| loki(c, &fake.url)).await;
-    let mut sent = Vec::new();
-    sent.extend(ingest_rounds(&app, "web", "before", 5, 20).await);
+    let mut sent = ingest_rounds(&app, "web", "before", 5, 20).await;
     fake.wait_for(100, 20).await;
 
     fake.server.go_away().await;
@@ -475,16 +475,7 @@ async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
     sent.extend(ingest_rounds(&app, "web", "during", 10, 50).await);
     let stats = app.get_json("/api/logs/stats").await;
     assert_eq!(stats["services"]["web"], 600, "{stats}");
-    let mut report = wait_for_sink(&app, "loki", |r| r["status"] == "failing").await;
-    assert_eq!(report["status"], "failing", "{report}");
-    assert!(report["lag_entries"].as_u64().unwrap() >= 500, "{report}");
-    assert!(
-        report["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("Loki unreachable"),
-        "{report}"
-    );
+    assert_failing(&app, "loki", 500, "Loki unreachable").await;
     let ready = app
         .request(reqwest::Method::GET, "/health/ready", None)
         .send()
@@ -514,7 +505,7 @@ async fn loki_gone_for_thirty_seconds_and_a_restart_lose_and_double_nothing() {
         sent.into_iter().collect::<HashSet<_>>(),
         "everything arrives"
     );
-    report = wait_for_sink(&app, "loki", |report| {
+    let report = wait_for_sink(&app, "loki", |report| {
         report["lag_entries"] == 0 && report["status"] == "up"
     })
     .await;

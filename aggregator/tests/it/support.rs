@@ -403,3 +403,18 @@ pub async fn assert_delivered(app: &TestApp, name: &str, count: u64) {
     let line = format!("logging_aggregator_sink_entries_total{{sink=\"{name}\"}} {count}");
     assert!(metrics.contains(&line), "{line} not in {metrics}");
 }
+
+/// Waits until the sink reports `failing` and asserts it is at least `min_lag` entries behind
+/// with a last error containing `error`.
+pub async fn assert_failing(app: &TestApp, name: &str, min_lag: u64, error: &str) {
+    let report = wait_for_sink(app, name, |r| r["status"] == "failing").await;
+    assert_eq!(report["status"], "failing", "{report}");
+    assert!(
+        report["lag_entries"].as_u64().unwrap() >= min_lag,
+        "{report}"
+    );
+    assert!(
+        report["last_error"].as_str().unwrap().contains(error),
+        "{report}"
+    );
+}
