@@ -30,6 +30,28 @@ use crate::ingest::listener::{AgentPeer, TlsListener};
 use crate::ingest::{INDEX_CONSUMER, Ingest, IngestOptions};
 use crate::wal::Wal;
 
+/// The engine `LOG_QUERY_BACKEND` names (the settings were checked at load).
+fn query_backend(config: &Config) -> anyhow::Result<crate::read::QueryBackend> {
+    use crate::read::QueryBackend;
+    Ok(
+        match (
+            config.log_query_backend.as_str(),
+            &config.loki_url,
+            &config.elasticsearch_url,
+        ) {
+            ("loki", Some(url), _) => QueryBackend::Loki(
+                crate::read::loki::LokiReader::new(config.loki_settings(url)?)
+                    .context("the Loki query backend")?,
+            ),
+            ("elasticsearch", _, Some(url)) => QueryBackend::Elasticsearch(
+                crate::read::elasticsearch::EsReader::new(config.elasticsearch_settings(url)?)
+                    .context("the Elasticsearch query backend")?,
+            ),
+            _ => QueryBackend::Embedded,
+        },
+    )
+}
+
 /// The process-wide Prometheus recorder (one per process, however many apps a test starts).
 fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -273,7 +295,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None
     };
 
+    let reads = Arc::new(query_backend(&config)?);
+    tracing::info!(backend = reads.name(), "reads answered by");
     let state: SharedState = Arc::new(AppState {
+        reads,
         config: config.clone(),
         ingest,
         index: index.clone(),

@@ -76,6 +76,9 @@ pub struct Config {
     pub elasticsearch_api_key: Option<String>,
     /// A CA (PEM) to trust for Elasticsearch, besides the system's.
     pub elasticsearch_ca_cert: Option<PathBuf>,
+    /// Which engine answers `/api/logs`, `/api/logs/{id}`, `/api/search` and `/api/analytics`:
+    /// `embedded`, `elasticsearch` (needs `ELASTICSEARCH_URL`) or `loki` (needs `LOKI_URL`).
+    pub log_query_backend: String,
     /// Message broker: `nats://host:4222` (JetStream) or `amqp://user:pass@host:5672/%2f`
     /// (RabbitMQ); unset = no events published.
     pub broker_url: Option<String>,
@@ -182,6 +185,7 @@ impl Default for Config {
             loki_labels: Vec::new(),
             loki_format: "protobuf".into(),
             elasticsearch_url: None,
+            log_query_backend: "embedded".into(),
             elasticsearch_index: "logs".into(),
             elasticsearch_data_stream: false,
             elasticsearch_username: None,
@@ -311,6 +315,31 @@ impl Config {
         }
         if let Some(url) = &self.elasticsearch_url {
             self.elasticsearch_settings(url)?;
+        }
+        match (
+            self.log_query_backend.as_str(),
+            &self.loki_url,
+            &self.elasticsearch_url,
+        ) {
+            ("embedded", _, _) | ("loki", Some(_), _) | ("elasticsearch", _, Some(_)) => {}
+            ("loki", None, _) => {
+                return Err(invalid(
+                    "LOG_QUERY_BACKEND",
+                    "loki reads what the Loki sink writes: set LOKI_URL",
+                ));
+            }
+            ("elasticsearch", _, None) => {
+                return Err(invalid(
+                    "LOG_QUERY_BACKEND",
+                    "elasticsearch reads what the Elasticsearch sink writes: set ELASTICSEARCH_URL",
+                ));
+            }
+            (other, _, _) => {
+                return Err(invalid(
+                    "LOG_QUERY_BACKEND",
+                    format!("{other:?}: expected embedded, elasticsearch or loki"),
+                ));
+            }
         }
         if self.max_log_size < 64 {
             return Err(invalid("MAX_LOG_SIZE", "must be at least 64 bytes"));

@@ -17,5 +17,6 @@ pub mod db;
 pub mod error;
 pub mod index;
 pub mod ingest;
+pub mod read;
 pub mod sinks;
 pub mod wal;

@@ -14,7 +14,6 @@ use super::params::{Params, log_filter};
 use super::{Reader, SharedState, json};
 use crate::error::ApiError;
 use crate::index::AnalyticsRequest;
-use crate::index::query::QueryError;
 
 const NANOS_PER_SEC: i64 = 1_000_000_000;
 const MAX_BUCKETS: i64 = 10_000;
@@ -59,50 +58,6 @@ struct ServiceRate {
     total: u64,
     errors: u64,
     error_rate: f64,
-}
-
-#[derive(Serialize)]
-struct FieldStats {
-    field: String,
-    count: usize,
-    min: Option<f64>,
-    max: Option<f64>,
-    avg: Option<f64>,
-    p50: Option<f64>,
-    p90: Option<f64>,
-    p95: Option<f64>,
-    p99: Option<f64>,
-}
-
-/// Exact percentile by the nearest-rank method. Selects rather than sorts: O(n) per
-/// percentile instead of O(n log n) for millions of values.
-fn percentile(values: &mut [f64], p: f64) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
-    let index = rank.clamp(1, values.len()) - 1;
-    let (_, value, _) = values.select_nth_unstable_by(index, f64::total_cmp);
-    Some(*value)
-}
-
-fn field_stats(field: String, mut values: Vec<f64>) -> FieldStats {
-    let count = values.len();
-    let (min, max, sum) = values.iter().fold(
-        (f64::INFINITY, f64::NEG_INFINITY, 0.0),
-        |(lo, hi, sum), v| (lo.min(*v), hi.max(*v), sum + v),
-    );
-    FieldStats {
-        field,
-        count,
-        min: (count > 0).then_some(min),
-        max: (count > 0).then_some(max),
-        avg: (count > 0).then(|| sum / count as f64),
-        p50: percentile(&mut values, 50.0),
-        p90: percentile(&mut values, 90.0),
-        p95: percentile(&mut values, 95.0),
-        p99: percentile(&mut values, 99.0),
-    }
 }
 
 fn level_map(counts: &[u64; 9]) -> Map<String, Value> {
@@ -176,15 +131,7 @@ pub async fn analytics(
         value_field: Some(field.clone()),
         top_patterns: top,
     };
-    let index = state.index.clone();
-    let (fruit, patterns) = tokio::task::spawn_blocking(move || index.analytics(&request))
-        .await
-        .map_err(|e| ApiError::internal("the analytics task failed", e))?
-        .map_err(|e| match e {
-            QueryError::Invalid { field, reason } => ApiError::field(field, reason),
-            QueryError::Index(e) => ApiError::internal("the embedded index failed", e),
-        })?;
-
+    let fruit = state.reads.analytics(&state.index, request).await?;
     let mut per_bucket_services: Vec<Map<String, Value>> = vec![Map::new(); fruit.by_level.len()];
     for ((bucket, service), n) in &fruit.by_service {
         if let Some(map) = per_bucket_services.get_mut(*bucket) {
@@ -229,11 +176,10 @@ pub async fn analytics(
             .then_with(|| a.service.cmp(&b.service))
     });
     let total: u64 = level_totals.iter().sum();
+    let caveats = fruit.caveats;
     metrics::histogram!("logging_aggregator_query_duration_seconds", "kind" => "analytics")
         .record(started.elapsed().as_secs_f64());
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({
+    let mut body = serde_json::json!({
             "start": start,
             "end": end,
             "interval_seconds": interval_secs,
@@ -241,11 +187,14 @@ pub async fn analytics(
             "levels": level_map(&level_totals),
             "timeline": timeline,
             "services": services,
-            "top_patterns": patterns,
-            "field_stats": field_stats(field, fruit.values),
+            "top_patterns": fruit.top_patterns,
+            "field_stats": fruit.field_stats,
             "took_ms": started.elapsed().as_millis() as u64,
-        }),
-    ))
+    });
+    if !caveats.is_empty() {
+        body["caveats"] = serde_json::json!(caveats);
+    }
+    Ok(json(StatusCode::OK, &body))
 }
 
 #[cfg(test)]
@@ -253,22 +202,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn intervals_and_percentiles() {
+    fn intervals() {
         assert_eq!(parse_interval("90"), Ok(90));
         assert_eq!(parse_interval("5m"), Ok(300));
         assert_eq!(parse_interval("1d"), Ok(86_400));
         assert!(parse_interval("5w").is_err());
         assert!(parse_interval("0s").is_err());
         assert!(parse_interval("99999999999999999d").is_err());
-        let mut values: Vec<f64> = (1..=100).rev().map(f64::from).collect();
-        assert_eq!(percentile(&mut values, 50.0), Some(50.0));
-        assert_eq!(percentile(&mut values, 99.0), Some(99.0));
-        assert_eq!(percentile(&mut values, 100.0), Some(100.0));
-        assert_eq!(percentile(&mut [], 50.0), None);
-        let stats = field_stats("d".into(), vec![3.0, 1.0, 2.0]);
-        assert_eq!(
-            (stats.min, stats.max, stats.avg),
-            (Some(1.0), Some(3.0), Some(2.0))
-        );
     }
 }

@@ -11,13 +11,14 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::params::{Params, decode_cursor, encode_cursor, log_filter};
+use super::params::{Params, log_filter};
 use super::{Admin, Body, Reader, SharedState, Writer, json as json_reply, json_response};
 use crate::db::deletion_actor;
 use crate::error::ApiError;
-use crate::index::query::{Order, Page};
-use crate::index::{Found, IndexError};
+use crate::index::IndexError;
+use crate::index::query::Order;
 use crate::ingest::{IngestError, IngestOutcome};
+use crate::read::{Cursor, ListRequest, Listing, ReadError};
 
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> ApiError {
@@ -129,10 +130,28 @@ pub async fn create(
     ))
 }
 
-/// Writes `{"items":[…],"next_cursor":…}` around stored JSON without re-encoding it.
-fn page_response(found: Found, order: Order, with_total: bool, took: Duration) -> Response {
+impl From<ReadError> for ApiError {
+    fn from(error: ReadError) -> ApiError {
+        match error {
+            ReadError::Invalid { field, reason } => ApiError::field(field, reason),
+            ReadError::Engine { engine, detail } => {
+                tracing::warn!(engine, %detail, "the query backend failed");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the query backend ({engine}) failed: {detail}"),
+                )
+            }
+            ReadError::Index(e) => ApiError::internal("the embedded index failed", e),
+            ReadError::Task(e) => ApiError::internal("the read task failed", e),
+        }
+    }
+}
+
+/// Writes `{"items":[…],"next_cursor":…}` around stored JSON without re-encoding it; adds
+/// `caveats` when the engine could not answer exactly.
+fn page_response(listing: Listing, order: Order, with_total: bool, took: Duration) -> Response {
     let mut body = Vec::with_capacity(
-        found
+        listing
             .entries
             .iter()
             .map(|e| e.json.len() + 64)
@@ -140,7 +159,7 @@ fn page_response(found: Found, order: Order, with_total: bool, took: Duration) -
             + 64,
     );
     body.extend_from_slice(b"{\"items\":[");
-    for (i, entry) in found.entries.iter().enumerate() {
+    for (i, entry) in listing.entries.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -157,16 +176,20 @@ fn page_response(found: Found, order: Order, with_total: bool, took: Duration) -
         }
     }
     body.extend_from_slice(b"],\"next_cursor\":");
-    match found.next {
-        Some(position) => {
+    match listing.next {
+        Some(cursor) => {
             body.push(b'"');
-            body.extend_from_slice(encode_cursor(order, position).as_bytes());
+            body.extend_from_slice(cursor.encode(order).as_bytes());
             body.push(b'"');
         }
         None => body.extend_from_slice(b"null"),
     }
     if with_total {
-        body.extend_from_slice(format!(",\"total\":{}", found.total.unwrap_or(0)).as_bytes());
+        body.extend_from_slice(format!(",\"total\":{}", listing.total.unwrap_or(0)).as_bytes());
+    }
+    if !listing.caveats.is_empty() {
+        body.extend_from_slice(b",\"caveats\":");
+        body.extend_from_slice(&serde_json::to_vec(&listing.caveats).unwrap_or_default());
     }
     body.extend_from_slice(format!(",\"took_ms\":{}}}", took.as_millis()).as_bytes());
     json_response(StatusCode::OK, body)
@@ -183,7 +206,9 @@ async fn run_search(
     let limit = params.take_limit()?;
     let order = params.take_order(Order::Desc)?;
     let after = match params.take("cursor") {
-        Some(cursor) => Some(decode_cursor(&cursor, order)?),
+        Some(cursor) => {
+            Some(Cursor::decode(&cursor, order).map_err(|e| ApiError::field("cursor", e))?)
+        }
         None => None,
     };
     let highlight = if with_text {
@@ -196,29 +221,19 @@ async fn run_search(
     } else {
         "; full-text `q` is served by /api/search"
     })?;
-    let page = Page {
+    let request = ListRequest {
+        filter,
         limit,
         order,
         after,
         with_total: with_text,
         highlight,
     };
-    let index = state.index.clone();
-    let found = tokio::task::spawn_blocking(move || index.search(&filter, &page))
-        .await
-        .map_err(|e| ApiError::internal("the search task failed", e))?
-        .map_err(|e| match e {
-            crate::index::query::QueryError::Invalid { field, reason } => {
-                ApiError::field(field, reason)
-            }
-            crate::index::query::QueryError::Index(e) => {
-                ApiError::internal("the embedded index failed", e)
-            }
-        })?;
+    let listing = state.reads.list(&state.index, request).await?;
     metrics::histogram!("logging_aggregator_query_duration_seconds",
         "kind" => if with_text { "search" } else { "list" })
     .record(started.elapsed().as_secs_f64());
-    Ok(page_response(found, order, with_text, started.elapsed()))
+    Ok(page_response(listing, order, with_text, started.elapsed()))
 }
 
 /// `GET /api/logs`: filtered listing, newest first by default, with a cursor.
@@ -250,10 +265,7 @@ async fn lookup(state: &SharedState, id: Uuid) -> Result<Option<(i64, Vec<u8>)>,
         let wait = state.config.refresh_interval() * 5 + Duration::from_secs(1);
         let _ = tokio::time::timeout(wait, state.index.wait_searchable(lsn)).await;
     }
-    let index = state.index.clone();
-    Ok(tokio::task::spawn_blocking(move || index.get(id))
-        .await
-        .map_err(|e| ApiError::internal("the lookup task failed", e))??)
+    Ok(state.reads.get(&state.index, id).await?)
 }
 
 /// `GET /api/logs/{id}`.

@@ -36,6 +36,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub ingest: Arc<Ingest>,
     pub index: Arc<LogIndex>,
+    /// The engine reads go to (`LOG_QUERY_BACKEND`).
+    pub reads: Arc<crate::read::QueryBackend>,
     pub db: Arc<Database>,
     /// `None` when access control is off.
     pub tokens: Option<TokenTable>,

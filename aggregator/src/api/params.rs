@@ -7,7 +7,7 @@ use logging_common::validate::normalize_identifier;
 use logging_common::{LogLevel, Timestamp};
 
 use crate::error::ApiError;
-use crate::index::query::{LogFilter, Order, SortPosition};
+use crate::index::query::{LogFilter, Order};
 
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
@@ -157,43 +157,6 @@ pub fn log_filter(params: &mut Params, with_text: bool) -> Result<LogFilter, Api
 
 const CURSOR_VERSION: u8 = 1;
 
-/// An opaque cursor for a listing position: version, direction, timestamp, sequence.
-pub fn encode_cursor(order: Order, position: SortPosition) -> String {
-    let mut bytes = Vec::with_capacity(18);
-    bytes.push(CURSOR_VERSION);
-    bytes.push(if order == Order::Asc { b'a' } else { b'd' });
-    bytes.extend_from_slice(&position.ts.to_be_bytes());
-    bytes.extend_from_slice(&position.seq.to_be_bytes());
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-pub fn decode_cursor(text: &str, order: Order) -> Result<SortPosition, ApiError> {
-    let invalid = || ApiError::field("cursor", "not a cursor returned by this API");
-    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
-    if bytes.len() != 18 || bytes[0] != CURSOR_VERSION {
-        return Err(invalid());
-    }
-    let cursor_order = match bytes[1] {
-        b'a' => Order::Asc,
-        b'd' => Order::Desc,
-        _ => return Err(invalid()),
-    };
-    if cursor_order != order {
-        return Err(ApiError::field(
-            "cursor",
-            "was returned for the other sort order; keep `order` the same while paging",
-        ));
-    }
-    let mut ts = [0u8; 8];
-    ts.copy_from_slice(&bytes[2..10]);
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&bytes[10..18]);
-    Ok(SortPosition {
-        ts: i64::from_be_bytes(ts),
-        seq: u64::from_be_bytes(seq),
-    })
-}
-
 /// Audit listing cursors: version and sequence number, direction included.
 pub fn encode_audit_cursor(ascending: bool, seq: i64) -> String {
     let mut bytes = vec![CURSOR_VERSION, if ascending { b'a' } else { b'd' }];
@@ -223,17 +186,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursors_round_trip_and_refuse_tampering() {
-        let position = SortPosition { ts: -5, seq: 77 };
-        let cursor = encode_cursor(Order::Desc, position);
-        assert_eq!(decode_cursor(&cursor, Order::Desc).unwrap(), position);
-        assert!(decode_cursor(&cursor, Order::Asc).is_err());
-        assert!(decode_cursor("garbage!", Order::Desc).is_err());
-        assert!(decode_cursor(&cursor[..cursor.len() - 2], Order::Desc).is_err());
+    fn audit_cursors_round_trip_and_refuse_tampering() {
         let audit = encode_audit_cursor(false, 12);
         assert_eq!(decode_audit_cursor(&audit, false).unwrap(), 12);
         assert!(decode_audit_cursor(&audit, true).is_err());
-        assert!(decode_audit_cursor(&cursor, false).is_err());
+        assert!(decode_audit_cursor("AQ", false).is_err());
     }
 
     #[test]

@@ -328,6 +328,11 @@ impl LogIndex {
         }
     }
 
+    /// Every soft-deleted id (for engines that hold entries the index hides).
+    pub fn all_hidden(&self) -> Vec<Uuid> {
+        self.hidden.read().values().flatten().copied().collect()
+    }
+
     fn hidden_in(&self, day: i64) -> Vec<Uuid> {
         self.hidden.read().get(&day).cloned().unwrap_or_default()
     }
@@ -667,14 +672,14 @@ fn bounds(filter: &LogFilter, page: &Page) -> (Option<i64>, Option<i64>) {
 }
 
 /// The stored (compact) form of an entry, expanded to every field as the API returns it.
-fn api_json(stored: Vec<u8>) -> Vec<u8> {
+pub(crate) fn api_json(stored: Vec<u8>) -> Vec<u8> {
     match serde_json::from_slice::<logging_common::LogEntry>(&stored) {
         Ok(entry) => entry.to_api_json(),
         Err(_) => stored,
     }
 }
 
-fn message_of(json: &[u8]) -> String {
+pub(crate) fn message_of(json: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Message {
         message: String,

@@ -118,6 +118,38 @@ impl ElasticsearchSettings {
         })
     }
 
+    /// An HTTP client trusting the configured CA besides the system's.
+    pub fn client(&self, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder().timeout(timeout);
+        if let Some(path) = &self.ca_cert {
+            let pem = std::fs::read(path)?;
+            builder = builder.tls_certs_merge([reqwest::Certificate::from_pem(&pem)?]);
+        }
+        Ok(builder.build()?)
+    }
+
+    /// Adds the configured credentials to a request.
+    pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Some(Auth::Basic { username, password }) => {
+                request.basic_auth(username, Some(password))
+            }
+            Some(Auth::ApiKey(key)) => {
+                request.header(reqwest::header::AUTHORIZATION, format!("ApiKey {key}"))
+            }
+            None => request,
+        }
+    }
+
+    /// What searches name: every daily index, or the data stream.
+    pub fn search_target(&self) -> String {
+        if self.data_stream {
+            self.index.clone()
+        } else {
+            format!("{}-*", self.index)
+        }
+    }
+
     /// The index template's name.
     pub fn template_name(&self) -> String {
         format!("logging-service-{}", self.index)
@@ -152,11 +184,7 @@ impl ElasticsearchSettings {
             serde_json::json!({ "type": "flattened", "depth_limit": 64 }),
         );
         let mut template = serde_json::json!({
-            "index_patterns": [if self.data_stream {
-                self.index.clone()
-            } else {
-                format!("{}-*", self.index)
-            }],
+            "index_patterns": [self.search_target()],
             // Above the built-in `logs-*-*` template (100), which would otherwise win for a
             // data stream named like it.
             "priority": 200,
@@ -248,14 +276,9 @@ pub struct ElasticsearchSink {
 
 impl ElasticsearchSink {
     pub fn new(settings: ElasticsearchSettings) -> anyhow::Result<ElasticsearchSink> {
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
-        if let Some(path) = &settings.ca_cert {
-            let pem = std::fs::read(path)?;
-            builder = builder.tls_certs_merge([reqwest::Certificate::from_pem(&pem)?]);
-        }
         let bulk_url = settings.base.join("_bulk")?;
         Ok(ElasticsearchSink {
-            client: builder.build()?,
+            client: settings.client(Duration::from_secs(60))?,
             bulk_url,
             settings,
             template_installed: false,
@@ -264,15 +287,7 @@ impl ElasticsearchSink {
     }
 
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.settings.auth {
-            Some(Auth::Basic { username, password }) => {
-                request.basic_auth(username, Some(password))
-            }
-            Some(Auth::ApiKey(key)) => {
-                request.header(reqwest::header::AUTHORIZATION, format!("ApiKey {key}"))
-            }
-            None => request,
-        }
+        self.settings.authorize(request)
     }
 
     /// The index an entry stamped `ns` goes to.

@@ -288,7 +288,7 @@ fn truncated_line(view: &View, context: Option<&RawValue>, tags: Option<&RawValu
 }
 
 /// Appends `value` as a label value in Loki's (PromQL's) quoted syntax.
-fn quote_into(out: &mut String, value: &str) {
+pub(crate) fn quote_into(out: &mut String, value: &str) {
     out.push('"');
     for c in value.chars() {
         match c {

@@ -22,11 +22,11 @@ use crate::support::{
 };
 
 #[derive(Default)]
-struct EsState {
+pub struct EsState {
     /// Template name → body, in the order installed.
     templates: Vec<(String, Value)>,
     /// (index, id) → document.
-    docs: HashMap<(String, String), Value>,
+    pub docs: HashMap<(String, String), Value>,
     /// What happened, in order: "template" or "bulk:<items>".
     events: Vec<String>,
     /// `create` actions for an id already held (answered 409).
@@ -43,7 +43,7 @@ struct EsState {
     hang: bool,
 }
 
-type Shared = Arc<Mutex<EsState>>;
+pub type Shared = Arc<Mutex<EsState>>;
 
 fn record_headers(state: &mut EsState, headers: &HeaderMap) {
     if let Some(value) = headers.get("authorization") {
@@ -171,18 +171,22 @@ fn router(state: Shared) -> axum::Router {
     axum::Router::new()
         .route("/_index_template/{name}", axum::routing::put(put_template))
         .route("/_bulk", axum::routing::post(bulk))
+        .route(
+            "/{target}/_search",
+            axum::routing::post(crate::query_backends::es_search),
+        )
         .with_state(state)
 }
 
-struct FakeEs {
-    url: String,
-    state: Shared,
+pub struct FakeEs {
+    pub url: String,
+    pub state: Shared,
     /// Plain HTTP, which the test can take away; `None` over TLS.
     server: Option<LocalServer>,
 }
 
 impl FakeEs {
-    async fn start() -> FakeEs {
+    pub async fn start() -> FakeEs {
         let state = Shared::default();
         let server = LocalServer::start(router(state.clone())).await;
         FakeEs {
@@ -239,7 +243,7 @@ impl FakeEs {
         )
     }
 
-    fn server(&mut self) -> &mut LocalServer {
+    pub fn server(&mut self) -> &mut LocalServer {
         self.server.as_mut().expect("plain HTTP")
     }
 
@@ -252,7 +256,7 @@ impl FakeEs {
             .collect()
     }
 
-    async fn wait_for(&self, count: usize, seconds: u64) {
+    pub async fn wait_for(&self, count: usize, seconds: u64) {
         for _ in 0..seconds * 20 {
             if self.state.lock().docs.len() >= count {
                 return;
@@ -266,7 +270,7 @@ impl FakeEs {
     }
 }
 
-fn elasticsearch(config: &mut Config, url: &str) {
+pub fn elasticsearch(config: &mut Config, url: &str) {
     config.elasticsearch_url = Some(url.to_string());
     config.alert_rules = Vec::new();
 }

@@ -13,4 +13,5 @@ mod ingest;
 mod logs;
 mod loki;
 mod operations;
+mod query_backends;
 mod search;
