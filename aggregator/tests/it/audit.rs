@@ -492,9 +492,10 @@ async fn a_postgresql_crash_mid_run_loses_no_acknowledged_audit_entry() {
     // Two writers record audit entries without pause; each keeps the ids it was answered
     // 201 for, and counts the refusals.
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let felt = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..2)
         .map(|writer| {
-            let (app, running) = (app.clone(), running.clone());
+            let (app, running, felt) = (app.clone(), running.clone(), felt.clone());
             tokio::spawn(async move {
                 let (mut acknowledged, mut refused) = (Vec::new(), 0);
                 let mut n = 0;
@@ -516,6 +517,7 @@ async fn a_postgresql_crash_mid_run_loses_no_acknowledged_audit_entry() {
                     } else {
                         assert!(response.status().is_server_error(), "{response:?}");
                         refused += 1;
+                        felt.fetch_add(1, std::sync::atomic::Ordering::Release);
                         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     }
                 }
@@ -526,7 +528,15 @@ async fn a_postgresql_crash_mid_run_loses_no_acknowledged_audit_entry() {
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let crash = tokio::task::spawn_blocking(move || {
         postgres.crash();
-        std::thread::sleep(std::time::Duration::from_secs(2));
+        // Down until a write has been refused (on a loaded machine the first ones may wait
+        // out the pool's timeout), and at least two seconds.
+        let down = std::time::Instant::now();
+        while down.elapsed() < std::time::Duration::from_secs(2)
+            || (felt.load(std::sync::atomic::Ordering::Acquire) == 0
+                && down.elapsed() < std::time::Duration::from_secs(60))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         postgres.start();
         postgres
     });

@@ -62,30 +62,30 @@ mod push {
 
 /// One stored entry as the fake Loki keeps it.
 #[derive(Clone, Debug)]
-struct Stored {
-    labels: String,
-    ns: i64,
-    line: String,
-    metadata: BTreeMap<String, String>,
+pub struct Stored {
+    pub labels: String,
+    pub ns: i64,
+    pub line: String,
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
-struct LokiState {
-    stored: Vec<Stored>,
+pub struct LokiState {
+    pub stored: Vec<Stored>,
     /// (labels, ns, line) already held: Loki ignores an identical entry.
     seen: HashSet<(String, i64, String)>,
     requests: usize,
     /// Requests still to be answered 429.
     throttle: usize,
-    tenants: HashSet<String>,
+    pub tenants: HashSet<String>,
     /// Per request: was each stream's entries sorted by time?
     unsorted_streams: usize,
 }
 
-type Shared = Arc<Mutex<LokiState>>;
+pub type Shared = Arc<Mutex<LokiState>>;
 
 /// A stream's label text (`{a="x", b="y"}`) as a map.
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
+pub fn parse_labels(text: &str) -> BTreeMap<String, String> {
     let inner = text
         .trim()
         .strip_prefix('{')
@@ -238,17 +238,25 @@ async fn push(
     (AxumStatus::NO_CONTENT, String::new())
 }
 
-struct FakeLoki {
-    server: LocalServer,
-    url: String,
-    state: Shared,
+pub struct FakeLoki {
+    pub server: LocalServer,
+    pub url: String,
+    pub state: Shared,
 }
 
 impl FakeLoki {
-    async fn start() -> FakeLoki {
+    pub async fn start() -> FakeLoki {
         let state = Shared::default();
         let router = axum::Router::new()
             .route("/loki/api/v1/push", axum::routing::post(push))
+            .route(
+                "/loki/api/v1/query_range",
+                axum::routing::get(crate::query_backends::loki_query_range),
+            )
+            .route(
+                "/loki/api/v1/query",
+                axum::routing::get(crate::query_backends::loki_query),
+            )
             .with_state(state.clone());
         let server = LocalServer::start(router).await;
         FakeLoki {
@@ -277,7 +285,7 @@ impl FakeLoki {
     }
 }
 
-fn loki(config: &mut Config, url: &str) {
+pub fn loki(config: &mut Config, url: &str) {
     config.loki_url = Some(url.to_string());
     config.loki_tenant_id = Some("team-a".into());
     config.loki_labels = vec!["cluster=test-1".into()];
