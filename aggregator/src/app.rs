@@ -30,6 +30,39 @@ use crate::ingest::listener::{AgentPeer, TlsListener};
 use crate::ingest::{INDEX_CONSUMER, Ingest, IngestOptions};
 use crate::wal::Wal;
 
+/// Waits, ingest already closed, until every sink has delivered all the WAL holds, or until
+/// `limit`: a replica whose disk goes with it (a Deployment's emptyDir) hands its entries to
+/// the engines before it exits.
+async fn drain_sinks(state: &SharedState, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let wal = state.ingest.wal().stats();
+        let names: Vec<String> = state.sinks.lock().iter().map(|s| s.name.clone()).collect();
+        let behind: u64 = wal
+            .consumers
+            .iter()
+            .filter(|c| names.contains(&c.name))
+            .map(|c| c.lag_entries)
+            .sum();
+        if behind == 0 {
+            tracing::info!(
+                sinks = names.len(),
+                "every sink has delivered what the WAL holds"
+            );
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                behind,
+                "SHUTDOWN_DRAIN_SECONDS passed with entries not yet delivered: they are sent \
+                 when this data directory starts again"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The engine `LOG_QUERY_BACKEND` names (the settings were checked at load).
 fn query_backend(config: &Config) -> anyhow::Result<crate::read::QueryBackend> {
     use crate::read::QueryBackend;
@@ -547,6 +580,10 @@ impl Running {
         }
         for task in self.background.drain(..) {
             let _ = task.await;
+        }
+        let drain = Duration::from_secs(self.state.config.shutdown_drain_seconds);
+        if !drain.is_zero() {
+            drain_sinks(&self.state, drain).await;
         }
         // The evaluator writes its windows once more, so a restart resumes them exactly.
         self.evaluator_stop.store(true, Ordering::Release);

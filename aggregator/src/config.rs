@@ -76,6 +76,9 @@ pub struct Config {
     pub elasticsearch_api_key: Option<String>,
     /// A CA (PEM) to trust for Elasticsearch, besides the system's.
     pub elasticsearch_ca_cert: Option<PathBuf>,
+    /// On shutdown, seconds to wait (ingest closed) for every sink to deliver what the WAL
+    /// holds before stopping; 0 = stop at once (the WAL keeps the rest for the next start).
+    pub shutdown_drain_seconds: u64,
     /// Which engine answers `/api/logs`, `/api/logs/{id}`, `/api/search` and `/api/analytics`:
     /// `embedded`, `elasticsearch` (needs `ELASTICSEARCH_URL`) or `loki` (needs `LOKI_URL`).
     pub log_query_backend: String,
@@ -186,6 +189,7 @@ impl Default for Config {
             loki_format: "protobuf".into(),
             elasticsearch_url: None,
             log_query_backend: "embedded".into(),
+            shutdown_drain_seconds: 0,
             elasticsearch_index: "logs".into(),
             elasticsearch_data_stream: false,
             elasticsearch_username: None,

@@ -615,3 +615,28 @@ async fn a_real_loki_stores_what_the_sink_sends() {
     );
     app.stop().await;
 }
+
+/// `SHUTDOWN_DRAIN_SECONDS`: a replica whose data directory goes with it hands every entry to
+/// the sinks before it exits, even when the engine first pushes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_shutdown_delivers_every_entry_before_it_exits() {
+    let fake = FakeLoki::start().await;
+    // Three 429s: with the sink's backoff, about 3.5 s before the first push is accepted.
+    fake.state.lock().throttle = 3;
+    let app = TestApp::start_with(Db::Sqlite, |c| {
+        loki(c, &fake.url);
+        c.shutdown_drain_seconds = 120;
+    })
+    .await;
+    let sent = app
+        .ingest(
+            (0..50)
+                .map(|i| entry("api", "info", &format!("drained {i}"), 1))
+                .collect(),
+        )
+        .await;
+    app.stop().await;
+    let stored: HashSet<String> = ids(&fake.stored()).into_iter().collect();
+    assert_eq!(stored, sent.into_iter().collect::<HashSet<_>>());
+    assert!(fake.state.lock().requests > 3, "Loki pushed back first");
+}
