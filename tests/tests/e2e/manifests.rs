@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec, Secret, Service, ServiceAccount,
 };
@@ -203,6 +204,14 @@ struct Kustomization {
     resources: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     images: Option<Vec<KustomizeImage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patches: Option<Vec<KustomizePatch>>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KustomizePatch {
+    path: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -215,6 +224,11 @@ struct KustomizeImage {
     new_tag: Option<String>,
 }
 
+fn object_key(doc: &Value) -> (String, String) {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (text(&doc["kind"]), text(&doc["metadata"]["name"]))
+}
+
 /// Every object `kubectl apply -k deploy/` installs, checked and typed.
 #[derive(Default)]
 struct Install {
@@ -224,15 +238,20 @@ struct Install {
     services: Vec<Service>,
     daemon_sets: Vec<DaemonSet>,
     stateful_sets: Vec<StatefulSet>,
+    deployments: Vec<Deployment>,
+    autoscalers: Vec<HorizontalPodAutoscaler>,
     budgets: Vec<PodDisruptionBudget>,
     network_policies: Vec<NetworkPolicy>,
     issuers: Vec<CertManagerObject<IssuerSpec>>,
     certificates: Vec<CertManagerObject<CertificateSpec>>,
+    /// (kind, name) of every object, as kustomize would list them.
+    objects: BTreeSet<(String, String)>,
 }
 
 impl Install {
     /// Adds one document, or says what is wrong with it.
     fn add(&mut self, doc: &Value) -> Result<(), String> {
+        self.objects.insert(object_key(doc));
         let api_version = doc["apiVersion"].as_str().unwrap_or("");
         match (api_version, doc["kind"].as_str().unwrap_or("")) {
             ("v1", "Namespace") => self.namespaces.push(round_trip(doc)?),
@@ -241,6 +260,10 @@ impl Install {
             ("v1", "Service") => self.services.push(round_trip(doc)?),
             ("apps/v1", "DaemonSet") => self.daemon_sets.push(round_trip(doc)?),
             ("apps/v1", "StatefulSet") => self.stateful_sets.push(round_trip(doc)?),
+            ("apps/v1", "Deployment") => self.deployments.push(round_trip(doc)?),
+            ("autoscaling/v2", "HorizontalPodAutoscaler") => {
+                self.autoscalers.push(round_trip(doc)?)
+            }
             ("policy/v1", "PodDisruptionBudget") => self.budgets.push(round_trip(doc)?),
             ("networking.k8s.io/v1", "NetworkPolicy") => {
                 self.network_policies.push(round_trip(doc)?)
@@ -254,18 +277,80 @@ impl Install {
 
     /// Reads deploy/kustomization.yaml and every resource it lists.
     fn load() -> (Kustomization, Install) {
-        let docs = yaml_docs("deploy/kustomization.yaml");
+        Install::load_dir("deploy")
+    }
+
+    /// Reads `<dir>/kustomization.yaml`, every resource it lists (a directory is a
+    /// kustomization of its own), then applies its patches (a ConfigMap replaces the data of
+    /// the one of that name).
+    fn load_dir(dir: &str) -> (Kustomization, Install) {
+        let docs = yaml_docs(&format!("{dir}/kustomization.yaml"));
         let kustomization: Kustomization =
-            round_trip(&docs[0]).unwrap_or_else(|e| panic!("deploy/kustomization.yaml: {e}"));
+            round_trip(&docs[0]).unwrap_or_else(|e| panic!("{dir}/kustomization.yaml: {e}"));
         let mut install = Install::default();
         for resource in &kustomization.resources {
-            for (i, doc) in yaml_docs(&format!("deploy/{resource}")).iter().enumerate() {
+            if !resource.ends_with(".yaml") {
+                let base = Path::new(dir).join(resource);
+                let (_, from_base) = Install::load_dir(&base.to_string_lossy());
+                install.absorb(from_base);
+                continue;
+            }
+            for (i, doc) in yaml_docs(&format!("{dir}/{resource}")).iter().enumerate() {
                 install
                     .add(doc)
-                    .unwrap_or_else(|e| panic!("deploy/{resource}, document {i}: {e}"));
+                    .unwrap_or_else(|e| panic!("{dir}/{resource}, document {i}: {e}"));
             }
         }
+        for patch in kustomization.patches.iter().flatten() {
+            let doc = &yaml_docs(&format!("{dir}/{}", patch.path))[0];
+            install
+                .patch(doc)
+                .unwrap_or_else(|e| panic!("{dir}/{}: {e}", patch.path));
+        }
         (kustomization, install)
+    }
+
+    fn absorb(&mut self, other: Install) {
+        self.namespaces.extend(other.namespaces);
+        self.service_accounts.extend(other.service_accounts);
+        self.config_maps.extend(other.config_maps);
+        self.services.extend(other.services);
+        self.daemon_sets.extend(other.daemon_sets);
+        self.stateful_sets.extend(other.stateful_sets);
+        self.deployments.extend(other.deployments);
+        self.autoscalers.extend(other.autoscalers);
+        self.budgets.extend(other.budgets);
+        self.network_policies.extend(other.network_policies);
+        self.issuers.extend(other.issuers);
+        self.certificates.extend(other.certificates);
+        self.objects.extend(other.objects);
+    }
+
+    /// Applies one strategic-merge patch of the kinds the overlays use.
+    fn patch(&mut self, doc: &Value) -> Result<(), String> {
+        let name = doc["metadata"]["name"].as_str().ok_or("no metadata.name")?;
+        let named = |meta: &ObjectMeta| meta.name.as_deref() == Some(name);
+        match (doc["kind"].as_str(), doc["$patch"].as_str()) {
+            (Some("ConfigMap"), None) => {
+                let replacement: ConfigMap = round_trip(doc)?;
+                let base = self
+                    .config_maps
+                    .iter_mut()
+                    .find(|c| named(&c.metadata))
+                    .ok_or(format!(
+                        "patches the ConfigMap {name}, which the base lacks"
+                    ))?;
+                base.data
+                    .get_or_insert_with(Default::default)
+                    .extend(replacement.data.into_iter().flatten());
+            }
+            (kind, how) => {
+                return Err(format!(
+                    "a patch of {kind:?} ({how:?}) the test does not apply"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn certificate(&self, secret: &str) -> &CertificateSpec {
@@ -389,20 +474,32 @@ fn every_manifest_is_a_typed_object_with_no_unknown_field() {
     assert_eq!(install.stateful_sets.len(), 1);
     assert_eq!(install.certificates.len(), 3);
 
-    // Nothing in deploy/ is forgotten by the kustomization (templates aside).
-    let mut listed: BTreeSet<String> = kustomization.resources.iter().cloned().collect();
-    listed.insert("kustomization.yaml".into());
-    for entry in std::fs::read_dir(repo().join("deploy")).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().to_string();
-        if name.ends_with(".yaml") && !name.ends_with(".example.yaml") {
-            assert!(
-                listed.contains(&name),
-                "deploy/{name} is not in the kustomization"
-            );
+    // Nothing in deploy/, deploy/base/ or deploy/scale-out/ is forgotten by its
+    // kustomization (templates aside).
+    for dir in ["deploy", "deploy/base", "deploy/scale-out"] {
+        let kustomization: Kustomization =
+            round_trip(&yaml_docs(&format!("{dir}/kustomization.yaml"))[0]).unwrap();
+        let mut listed: BTreeSet<String> = kustomization.resources.iter().cloned().collect();
+        listed.extend(
+            kustomization
+                .patches
+                .iter()
+                .flatten()
+                .map(|p| p.path.clone()),
+        );
+        listed.insert("kustomization.yaml".into());
+        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().to_string();
+            if name.ends_with(".yaml") && !name.ends_with(".example.yaml") {
+                assert!(
+                    listed.contains(&name),
+                    "{dir}/{name} is not in its kustomization"
+                );
+            }
         }
     }
     // The repository root's daemonset.yaml is the one deploy/ installs.
-    assert_eq!(read("daemonset.yaml"), read("deploy/daemonset.yaml"));
+    assert_eq!(read("daemonset.yaml"), read("deploy/base/daemonset.yaml"));
 
     // Every object lives in the namespace the kustomization sets (the Namespace aside).
     let metas: Vec<&ObjectMeta> = install
@@ -465,8 +562,219 @@ fn every_manifest_is_a_typed_object_with_no_unknown_field() {
 }
 
 #[test]
+fn the_scale_out_variant_is_the_same_aggregator_reading_from_a_shared_engine() {
+    let (kustomization, install) = Install::load_dir("deploy/scale-out");
+    let (_, base) = Install::load();
+    assert!(
+        kustomization.resources.contains(&"../base".to_string()),
+        "the variant shares deploy/base/"
+    );
+    assert!(
+        install.stateful_sets.is_empty(),
+        "the Deployment instead of the StatefulSet"
+    );
+    assert_eq!(install.deployments.len(), 1);
+    assert_eq!(install.daemon_sets.len(), 1, "the agents come along");
+    let deployment = &install.deployments[0];
+    let spec = deployment.spec.as_ref().unwrap();
+    assert!(
+        spec.replicas.is_none(),
+        "the HorizontalPodAutoscaler owns the replica count"
+    );
+    for meta in [&deployment.metadata, &install.autoscalers[0].metadata] {
+        assert_eq!(meta.namespace.as_deref(), Some("logging"));
+    }
+
+    // The pod is the StatefulSet's, but for the data volume, the grace period and the
+    // Secret, which is required here.
+    let pod = pod_spec(&spec.template);
+    let comparable = |template: &PodTemplateSpec| {
+        let mut value = serde_json::to_value(template).unwrap();
+        let spec = value["spec"].as_object_mut().unwrap();
+        spec.remove("terminationGracePeriodSeconds");
+        if let Some(volumes) = spec.get_mut("volumes").and_then(Value::as_array_mut) {
+            volumes.retain(|v| v["name"] != "data");
+        }
+        value["spec"]["containers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("envFrom");
+        value
+    };
+    let base_template = &base.stateful_sets[0].spec.as_ref().unwrap().template;
+    assert_eq!(comparable(&spec.template), comparable(base_template));
+    let data = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "data")
+        .unwrap();
+    assert!(
+        data.empty_dir.is_some(),
+        "a replica's WAL lives and dies with it"
+    );
+    let secret = pod.containers[0].env_from.as_ref().unwrap()[0]
+        .secret_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(secret.name, "logging-aggregator-env");
+    assert_eq!(secret.optional, Some(false));
+
+    // It reads from the engine it writes to, drains within its grace, and leaves the
+    // per-replica alert windows off.
+    let config = configmap_settings(&install);
+    let base_config = configmap_settings(&base);
+    match config.log_query_backend.as_str() {
+        "elasticsearch" => assert!(config.elasticsearch_url.is_some()),
+        "loki" => assert!(config.loki_url.is_some()),
+        other => panic!("the scale-out variant reads from {other}"),
+    }
+    assert!(config.shutdown_drain_seconds > 0);
+    let grace = pod.termination_grace_period_seconds.unwrap();
+    assert!(
+        grace >= config.shutdown_drain_seconds as i64 + 10,
+        "the grace period ({grace} s) outlasts the drain ({} s)",
+        config.shutdown_drain_seconds
+    );
+    assert!(config.alert_rules.is_empty());
+    assert_eq!(
+        (
+            config.service_port,
+            config.ingest_port,
+            config.prometheus_port
+        ),
+        (
+            base_config.service_port,
+            base_config.ingest_port,
+            base_config.prometheus_port
+        )
+    );
+    assert_eq!(
+        (&config.data_dir, &config.tls_cert, &config.tls_client_ca),
+        (
+            &base_config.data_dir,
+            &base_config.tls_cert,
+            &base_config.tls_client_ca
+        )
+    );
+
+    // The autoscaler scales this Deployment on the CPU it requests.
+    let hpa = install.autoscalers[0].spec.as_ref().unwrap();
+    assert_eq!(hpa.scale_target_ref.kind, "Deployment");
+    assert_eq!(hpa.scale_target_ref.api_version.as_deref(), Some("apps/v1"));
+    assert_eq!(
+        Some(hpa.scale_target_ref.name.as_str()),
+        deployment.metadata.name.as_deref()
+    );
+    assert!(
+        hpa.min_replicas.unwrap_or(1) >= 2,
+        "a drain never stops ingest"
+    );
+    let requests = pod.containers[0]
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .unwrap();
+    assert!(
+        requests.contains_key("cpu"),
+        "utilization needs a CPU request"
+    );
+
+    // The Services, the budget and the network policy select its pods.
+    let labels = template_labels(&spec.template);
+    let selects = |selector: &BTreeMap<String, String>| {
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    for service in &install.services {
+        assert!(selects(
+            service.spec.as_ref().unwrap().selector.as_ref().unwrap()
+        ));
+    }
+    let budget = install.budgets[0].spec.as_ref().unwrap();
+    assert!(selects(
+        budget
+            .selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()
+    ));
+    let policy = install.network_policies[0].spec.as_ref().unwrap();
+    assert!(selects(
+        policy
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()
+    ));
+
+    // The Secret template gives the replicas what they need, and only what the binary reads.
+    let template = &yaml_docs("deploy/scale-out/aggregator-env.example.yaml")[0];
+    let secret: Secret = round_trip(template).unwrap();
+    let keys: BTreeSet<String> = secret
+        .string_data
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .collect();
+    let known = variables::<AggregatorConfig>();
+    assert!(keys.is_subset(&known), "{keys:?}");
+    for needed in ["API_TOKENS", "DATABASE_URL"] {
+        assert!(keys.contains(needed), "the replicas need {needed}");
+    }
+}
+
+/// The real kustomize (in `kubectl`) renders both installs, and what it renders is what the
+/// checks above read: the same objects, the same aggregator configuration.
+#[test]
+fn kubectl_kustomize_renders_what_the_checks_read() {
+    let version = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output();
+    if version.is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubectl is not installed, and CI is set: install it (it carries kustomize)"
+        );
+        eprintln!("skipping: kubectl (kustomize) is not installed");
+        return;
+    }
+    for dir in ["deploy", "deploy/scale-out"] {
+        let output = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo().join(dir))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let rendered: Vec<Value> =
+            serde_saphyr::from_multiple(&String::from_utf8(output.stdout).unwrap()).unwrap();
+        let (_, install) = Install::load_dir(dir);
+        let keys: BTreeSet<(String, String)> = rendered.iter().map(object_key).collect();
+        assert_eq!(keys, install.objects, "{dir}");
+        for doc in &rendered {
+            if doc["kind"] != "Namespace" {
+                assert_eq!(doc["metadata"]["namespace"], "logging", "{dir}: {doc}");
+            }
+        }
+        let config = rendered
+            .iter()
+            .find(|d| d["kind"] == "ConfigMap")
+            .expect("the aggregator's ConfigMap");
+        let checked = install.config_maps[0].data.as_ref().unwrap()["config.yaml"].clone();
+        assert_eq!(config["data"]["config.yaml"], checked, "{dir}");
+    }
+}
+
+#[test]
 fn the_checker_catches_a_misspelled_or_unknown_field() {
-    let mut daemonset = yaml_docs("deploy/daemonset.yaml")
+    let mut daemonset = yaml_docs("deploy/base/daemonset.yaml")
         .into_iter()
         .find(|d| d["kind"] == "DaemonSet")
         .unwrap();
@@ -475,14 +783,14 @@ fn the_checker_catches_a_misspelled_or_unknown_field() {
     let error = round_trip::<DaemonSet>(&daemonset).expect_err("a misspelling is caught");
     assert!(error.contains("imagePulPolicy"), "{error}");
 
-    let mut certificate = yaml_docs("deploy/certificates.yaml")
+    let mut certificate = yaml_docs("deploy/base/certificates.yaml")
         .into_iter()
         .find(|d| d["kind"] == "Certificate")
         .unwrap();
     certificate["spec"]["dnsName"] = serde_json::json!(["x"]);
     assert!(round_trip::<CertManagerObject<CertificateSpec>>(&certificate).is_err());
 
-    let mut service = yaml_docs("deploy/aggregator-service.yaml")[0].clone();
+    let mut service = yaml_docs("deploy/base/aggregator-service.yaml")[0].clone();
     service["spec"]["ports"][0]["targetport"] = "api".into();
     assert!(round_trip::<Service>(&service).is_err());
 }
