@@ -109,15 +109,17 @@ impl Timestamp {
     /// Parses either form: RFC 3339 text or an epoch number written as text.
     pub fn parse(text: &str) -> Result<Timestamp, TimestampError> {
         let trimmed = text.trim();
+        // The number parsers run only on text that looks like a number: RFC 3339 text, the
+        // common case, goes straight to its own parser.
         let integer_like =
             !trimmed.is_empty() && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'-');
-        if let (true, Ok(n)) = (integer_like, trimmed.parse::<i64>()) {
+        if integer_like && let Ok(n) = trimmed.parse::<i64>() {
             return Timestamp::from_epoch_integer(n);
         }
         let number_like = trimmed
             .bytes()
             .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-');
-        if let (true, Ok(f)) = (number_like, trimmed.parse::<f64>()) {
+        if number_like && let Ok(f) = trimmed.parse::<f64>() {
             return Timestamp::from_epoch_number(f);
         }
         Timestamp::parse_rfc3339(trimmed)

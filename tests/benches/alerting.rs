@@ -250,6 +250,59 @@ async fn run(bodies: Arc<Vec<Vec<u8>>>, total: usize, rule_count: usize, probe: 
     }
 }
 
+/// Admits every entry: the in-process evaluator bench appends nothing.
+struct AdmitAll;
+
+impl logging_aggregator::wal::Admission for AdmitAll {
+    fn admit(&mut self, ids: &[uuid::Uuid], _record_lsn: u64) -> Vec<Option<u64>> {
+        vec![None; ids.len()]
+    }
+    fn forget(&mut self, _ids: &[uuid::Uuid]) {}
+}
+
+/// `BENCH_EVALUATOR=1`: the evaluator's per-entry work alone, in this process, on stored
+/// lines as the WAL hands them — the figure to compare code changes by (with callgrind:
+/// `valgrind --tool=callgrind --toggle-collect='*Evaluator*observe*' …`), since wall-clock
+/// runs of the whole aggregator scatter on a shared machine.
+fn evaluator_alone(total: usize, rule_count: usize) {
+    use logging_aggregator::alerts::RuleRegistry;
+    use logging_aggregator::alerts::evaluator::{Evaluator, ForgetList};
+    use logging_aggregator::alerts::rules::{Rule, RuleSource, parse_spec};
+    let lines = load::stored_lines(total);
+    let now = logging_common::Timestamp::now();
+    let compiled: Vec<Arc<Rule>> = rules(rule_count)
+        .iter()
+        .map(|spec| {
+            let spec = parse_spec(&serde_json::to_vec(spec).unwrap()).unwrap();
+            Arc::new(Rule::new(uuid::Uuid::now_v7(), spec, RuleSource::Config, now, now).unwrap())
+        })
+        .collect();
+    let registry = Arc::new(RuleRegistry::default());
+    registry.replace(compiled);
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) =
+        logging_aggregator::wal::Wal::open(dir.path(), 64 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let (output, _evaluations) = tokio::sync::mpsc::channel(16);
+    let mut evaluator = Evaluator::new(
+        wal.reader("alerts").unwrap(),
+        registry,
+        output,
+        Duration::from_secs(1),
+        dir.path(),
+        ForgetList::default(),
+    );
+    evaluator.adopt_rules(now.as_nanos());
+    let started = Instant::now();
+    for line in &lines {
+        evaluator.observe(line, now.as_nanos());
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "evaluator alone: {total} stored entries, {rule_count} rules: {:.2} µs per entry",
+        elapsed.as_secs_f64() * 1e6 / total as f64
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i].as_secs_f64()
@@ -265,6 +318,10 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    if std::env::var_os("BENCH_EVALUATOR").is_some() {
+        evaluator_alone(total, rule_count);
+        return;
+    }
     println!("alerting: {total} live entries, {rule_count} rules, ALERT_CHECK_INTERVAL=1");
     let data = generate(total, 1000);
     let bodies = Arc::new(data.bodies);

@@ -21,47 +21,8 @@ use logging_aggregator::broker::{BrokerSettings, BrokerSink};
 use logging_aggregator::sinks::elasticsearch::{ElasticsearchSettings, ElasticsearchSink};
 use logging_aggregator::sinks::loki::{LokiSettings, LokiSink};
 use logging_aggregator::sinks::{BATCH_ENTRIES, Outcome, Sink};
-use logging_common::{LogEntry, LogLevel, Timestamp};
-use logging_tests::load::generate;
+use logging_tests::load::stored_lines;
 use logging_tests::proc;
-use serde_json::Value;
-
-/// Stored lines: what the WAL hands a sink (slices of one record's NDJSON payload per
-/// request body, as `Record::lines` gives them).
-fn stored_lines(total: usize) -> Vec<Bytes> {
-    let data = generate(total, 60_000);
-    let mut lines = Vec::with_capacity(total);
-    for body in &data.bodies {
-        let mut payload = Vec::new();
-        let mut ends = Vec::new();
-        let entries: Vec<Value> = serde_json::from_slice(body).unwrap();
-        for e in entries {
-            let ts = Timestamp::from_nanos(e["timestamp"].as_i64().unwrap() * 1_000_000);
-            let level = LogLevel::parse(e["level"].as_str().unwrap()).unwrap();
-            let mut entry = LogEntry::new(
-                ts,
-                level,
-                e["service"].as_str().unwrap(),
-                e["message"].as_str().unwrap(),
-            );
-            entry.context = serde_json::from_str(&e["context"].to_string()).unwrap();
-            entry.trace_id = e["trace_id"].as_str().map(str::to_string);
-            entry.span_id = e["span_id"].as_str().map(str::to_string);
-            entry.request_id = e["request_id"].as_str().map(str::to_string);
-            entry.user_id = e["user_id"].as_str().map(str::to_string);
-            serde_json::to_writer(&mut payload, &entry).unwrap();
-            ends.push(payload.len());
-            payload.push(b'\n');
-        }
-        let payload = Bytes::from(payload);
-        let mut start = 0;
-        for end in ends {
-            lines.push(payload.slice(start..end));
-            start = end + 1;
-        }
-    }
-    lines
-}
 
 /// Sends every line through `sink`, a batch at a time as the sink runner does; entries/s.
 async fn send_all(sink: &mut impl Sink, lines: &[Bytes]) -> f64 {

@@ -275,3 +275,41 @@ pub fn send_all(
     }
     (senders, retries)
 }
+
+/// Stored lines: what the WAL hands a sink (slices of one record's NDJSON payload per
+/// request body, as `Record::lines` gives them).
+pub fn stored_lines(total: usize) -> Vec<bytes::Bytes> {
+    let data = generate(total, 60_000);
+    let mut lines = Vec::with_capacity(total);
+    for body in &data.bodies {
+        let mut payload = Vec::new();
+        let mut ends = Vec::new();
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+        for e in entries {
+            let ts =
+                logging_common::Timestamp::from_nanos(e["timestamp"].as_i64().unwrap() * 1_000_000);
+            let level = logging_common::LogLevel::parse(e["level"].as_str().unwrap()).unwrap();
+            let mut entry = logging_common::LogEntry::new(
+                ts,
+                level,
+                e["service"].as_str().unwrap(),
+                e["message"].as_str().unwrap(),
+            );
+            entry.context = serde_json::from_str(&e["context"].to_string()).unwrap();
+            entry.trace_id = e["trace_id"].as_str().map(str::to_string);
+            entry.span_id = e["span_id"].as_str().map(str::to_string);
+            entry.request_id = e["request_id"].as_str().map(str::to_string);
+            entry.user_id = e["user_id"].as_str().map(str::to_string);
+            serde_json::to_writer(&mut payload, &entry).unwrap();
+            ends.push(payload.len());
+            payload.push(b'\n');
+        }
+        let payload = bytes::Bytes::from(payload);
+        let mut start = 0;
+        for end in ends {
+            lines.push(payload.slice(start..end));
+            start = end + 1;
+        }
+    }
+    lines
+}

@@ -45,6 +45,9 @@ pub struct RuleSet {
     /// entry's key is built once per shape rather than once per rule.
     pub key_shapes: Vec<usize>,
     pub shape_count: usize,
+    /// The top-level context keys any rule reads (predicates, fields, grouping): only these
+    /// are parsed out of an entry's context.
+    pub context_keys: Vec<String>,
 }
 
 impl RuleSet {
@@ -75,7 +78,26 @@ impl RuleSet {
             })
             .collect();
         let shape_count = shapes.len();
+        let mut context_keys: Vec<String> = Vec::new();
+        for rule in &rules {
+            let grouped = rule.group_by.iter().filter_map(|key| match key {
+                rules::GroupKey::Context(path) => Some(path),
+                _ => None,
+            });
+            for path in [&rule.field_path, &rule.predicate_path]
+                .into_iter()
+                .flatten()
+                .chain(grouped)
+            {
+                if let Some(first) = path.first()
+                    && !context_keys.contains(first)
+                {
+                    context_keys.push(first.clone());
+                }
+            }
+        }
         RuleSet {
+            context_keys,
             rules,
             by_service,
             any_service,

@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use aho_corasick::{AhoCorasick, MatchKind};
+
 /// One term or phrase, as lower-case words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Clause {
@@ -19,28 +21,67 @@ pub struct TextQuery {
     groups: Vec<Vec<Clause>>,
 }
 
-/// Every word any rule's query looks for, numbered. An entry's message is looked up word
-/// by word once, however many rules read it; a rule then tests bits instead of comparing
-/// strings.
+/// Every word any rule's query looks for, numbered. An entry's message is read once,
+/// however many rules look at it; a rule then tests bits instead of comparing strings.
+///
+/// An ASCII message (nearly all) is searched for every vocabulary word at once with one
+/// Aho-Corasick automaton (SIMD prefilters, case-insensitive), and only the hits that are
+/// whole words count: the message's other words are never looked at one by one. Other
+/// messages are split into words and each is looked up.
 #[derive(Debug, Default)]
 pub struct Vocabulary {
     ids: HashMap<String, u32, foldhash::fast::RandomState>,
+    /// The ASCII words and their ids, built on the first scan.
+    automaton: std::sync::OnceLock<Option<(AhoCorasick, Vec<u32>)>>,
 }
 
-/// A message as the rules see it: the vocabulary id of each word in order (`UNKNOWN` for
-/// words no rule looks for), and the set of ids present.
+/// A message as the rules see it: the vocabulary words it holds, in order, each with
+/// whether it directly follows the one before (no other word between: phrases), and the set
+/// of ids present.
 #[derive(Debug, Default)]
 pub struct Seen {
-    sequence: Vec<u32>,
+    sequence: Vec<(u32, bool)>,
     present: Vec<u64>,
+    /// The message lower-cased (a buffer kept between entries).
+    lower: Vec<u8>,
 }
 
-const UNKNOWN: u32 = u32::MAX;
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
 
 impl Vocabulary {
     fn id(&mut self, word: &str) -> u32 {
         let next = self.ids.len() as u32;
         *self.ids.entry(word.to_string()).or_insert(next)
+    }
+
+    fn automaton(&self) -> Option<&(AhoCorasick, Vec<u32>)> {
+        self.automaton
+            .get_or_init(|| {
+                let (words, ids): (Vec<&str>, Vec<u32>) = self
+                    .ids
+                    .iter()
+                    .filter(|(word, _)| word.is_ascii())
+                    .map(|(word, id)| (word.as_str(), *id))
+                    .unzip();
+                if words.is_empty() {
+                    return None;
+                }
+                // Case-sensitive over a lower-cased copy of the message: the automaton's SIMD
+                // prefilter handles the words as they are, not every mix of cases.
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(words)
+                    .ok()
+                    .map(|automaton| (automaton, ids))
+            })
+            .as_ref()
+    }
+
+    fn record(id: u32, follows: bool, seen: &mut Seen) {
+        seen.present[id as usize / 64] |= 1 << (id % 64);
+        seen.sequence.push((id, follows));
     }
 
     /// Reads `text` into `seen` (reused between entries, so no allocation in the steady
@@ -52,26 +93,49 @@ impl Vocabulary {
             return;
         }
         seen.present.resize(self.ids.len().div_ceil(64), 0);
+        if text.is_ascii() {
+            let Some((automaton, ids)) = self.automaton() else {
+                return;
+            };
+            let mut lower = std::mem::take(&mut seen.lower);
+            lower.clear();
+            lower.extend_from_slice(text.as_bytes());
+            lower.make_ascii_lowercase();
+            let bytes = lower.as_slice();
+            // A hit is a word when it is a whole alphanumeric run. Words are alphanumeric, so
+            // a hit never spans two runs, and the leftmost-longest hit at a run's start is the
+            // whole run whenever the run is a word.
+            let mut previous_end: Option<usize> = None;
+            for hit in automaton.find_iter(bytes) {
+                let (start, end) = (hit.start(), hit.end());
+                let whole = (start == 0 || !is_word_byte(bytes[start - 1]))
+                    && (end == bytes.len() || !is_word_byte(bytes[end]));
+                if !whole {
+                    continue;
+                }
+                let follows = previous_end
+                    .is_some_and(|e| !bytes[e..start].iter().copied().any(is_word_byte));
+                Vocabulary::record(ids[hit.pattern().as_usize()], follows, seen);
+                previous_end = Some(end);
+            }
+            seen.lower = lower;
+            return;
+        }
         let mut lower = String::new();
+        let mut previous_known = false;
         for word in text.split(|c: char| !c.is_alphanumeric()) {
             if word.is_empty() {
                 continue;
             }
-            let id = if word
-                .bytes()
-                .any(|b| b.is_ascii_uppercase() || !b.is_ascii())
-            {
-                lower.clear();
-                lower.extend(word.chars().flat_map(char::to_lowercase));
-                self.ids.get(lower.as_str())
-            } else {
-                self.ids.get(word)
-            };
-            let id = id.copied().unwrap_or(UNKNOWN);
-            if id != UNKNOWN {
-                seen.present[id as usize / 64] |= 1 << (id % 64);
+            lower.clear();
+            lower.extend(word.chars().flat_map(char::to_lowercase));
+            match self.ids.get(lower.as_str()) {
+                Some(&id) => {
+                    Vocabulary::record(id, previous_known, seen);
+                    previous_known = true;
+                }
+                None => previous_known = false,
             }
-            seen.sequence.push(id);
         }
     }
 }
@@ -81,6 +145,17 @@ impl Seen {
         self.present
             .get(id as usize / 64)
             .is_some_and(|bits| bits & (1 << (id % 64)) != 0)
+    }
+
+    /// Whether the words of `phrase` appear one right after the other.
+    fn has_phrase(&self, phrase: &[u32]) -> bool {
+        self.sequence.windows(phrase.len()).any(|window| {
+            window
+                .iter()
+                .zip(phrase)
+                .enumerate()
+                .all(|(i, ((id, follows), wanted))| id == wanted && (i == 0 || *follows))
+        })
     }
 }
 
@@ -97,10 +172,7 @@ impl IdQuery {
                 let found = match words.as_slice() {
                     [] => false,
                     [one] => seen.has(*one),
-                    phrase => {
-                        phrase.iter().all(|&id| seen.has(id))
-                            && seen.sequence.windows(phrase.len()).any(|w| w == phrase)
-                    }
+                    phrase => phrase.iter().all(|&id| seen.has(id)) && seen.has_phrase(phrase),
                 };
                 found != *negated
             })
@@ -239,6 +311,70 @@ mod tests {
     fn malformed_queries_say_why() {
         for query in ["", "\"open", "OR x", "x OR", "NOT", "--"] {
             assert!(TextQuery::parse(query).is_err(), "{query:?}");
+        }
+    }
+
+    /// The meaning of a query, written plainly: every group has a clause whose words appear
+    /// in a row among the text's words (or do not, when negated).
+    fn reference(query: &TextQuery, text: &str) -> bool {
+        let text_words: Vec<String> = words(text).collect();
+        query.groups.iter().all(|group| {
+            group.iter().any(|clause| {
+                let found = !clause.words.is_empty()
+                    && text_words
+                        .windows(clause.words.len())
+                        .any(|w| w == clause.words.as_slice());
+                found != clause.negated
+            })
+        })
+    }
+
+    #[test]
+    fn compiled_queries_answer_as_the_text_does() {
+        let queries = [
+            "payment declined",
+            "\"card declined\"",
+            "überfällig",
+            "refunded OR declined",
+            "payment -declined",
+            "a",
+            "supercalifragilisticexpialidocioussupercalifragilisticexpialidocious",
+        ];
+        let mut vocabulary = Vocabulary::default();
+        let compiled: Vec<(TextQuery, IdQuery)> = queries
+            .iter()
+            .map(|query| {
+                let parsed = q(query);
+                let ids = parsed.compile(&mut vocabulary);
+                (parsed, ids)
+            })
+            .collect();
+        let messages = [
+            "Payment 4711 FAILED: card declined by issuer",
+            "PAYMENT DECLINED",
+            "Zahlung ÜBERFÄLLIG seit 3 Tagen",
+            "card-declined,payment",
+            "A b c",
+            "SUPERCALIFRAGILISTICEXPIALIDOCIOUSSUPERCALIFRAGILISTICEXPIALIDOCIOUS!",
+            "",
+            "payment refunded",
+            "card, declined",
+            "card foo declined",
+            "xcard declined",
+            "CARD DECLINED twice: card declined",
+            "déclined card declined",
+            "card déjà declined",
+        ];
+        let mut seen = Seen::default();
+        for message in messages {
+            vocabulary.scan(message, &mut seen);
+            for (text, ids) in &compiled {
+                assert_eq!(
+                    ids.matches(&seen),
+                    reference(text, message),
+                    "{text:?} on {message:?}"
+                );
+            }
         }
     }
 }
