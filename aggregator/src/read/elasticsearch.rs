@@ -83,7 +83,7 @@ impl EsReader {
             return Ok(bytes.to_vec());
         }
         let reason = error_reason(&bytes);
-        if status == reqwest::StatusCode::BAD_REQUEST && text_query {
+        if status == reqwest::StatusCode::BAD_REQUEST && text_query && is_query_error(&bytes) {
             // A query the engine cannot parse is the client's to fix.
             return Err(ReadError::invalid("q", reason));
         }
@@ -142,6 +142,18 @@ fn error_reason(body: &[u8]) -> String {
         .or_else(|| error.as_str())
         .map(str::to_string)
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned())
+}
+
+/// Whether a 400 is about the query text (`query_string` syntax), not the request as a whole.
+fn is_query_error(body: &[u8]) -> bool {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let kind = value["error"]["root_cause"][0]["type"]
+        .as_str()
+        .unwrap_or_default();
+    matches!(
+        kind,
+        "query_shard_exception" | "parse_exception" | "query_parsing_exception"
+    )
 }
 
 /// The `bool` query for a filter: every clause a filter (no scoring), `q` a `query_string`.
@@ -635,5 +647,8 @@ mod tests {
     fn error_reasons_come_from_the_root_cause() {
         let body = br#"{"error":{"root_cause":[{"type":"query_shard_exception","reason":"Failed to parse query [a AND]"}],"type":"search_phase_execution_exception","reason":"all shards failed"},"status":400}"#;
         assert_eq!(error_reason(body), "Failed to parse query [a AND]");
+        assert!(is_query_error(body));
+        let too_many = br#"{"error":{"root_cause":[{"type":"illegal_argument_exception","reason":"Result window is too large"}],"type":"search_phase_execution_exception","reason":"all shards failed"},"status":400}"#;
+        assert!(!is_query_error(too_many), "not the client's query text");
     }
 }

@@ -90,7 +90,12 @@ impl LokiReader {
             let reason = String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
                 .trim()
                 .to_string();
-            if status == reqwest::StatusCode::BAD_REQUEST && text_query {
+            // Loki says "parse error" when the LogQL cannot be read: only `q` comes from the
+            // client as text; any other 400 (too many series, too long a range) is Loki's.
+            if status == reqwest::StatusCode::BAD_REQUEST
+                && text_query
+                && reason.contains("parse error")
+            {
                 return Err(ReadError::invalid("q", reason));
             }
             return Err(engine_error(format!("answered {status}: {reason}")));

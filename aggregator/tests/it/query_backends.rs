@@ -298,6 +298,18 @@ pub async fn es_search(
     body: axum::body::Bytes,
 ) -> (AxumStatus, String) {
     let body: Value = serde_json::from_slice(&body).expect("a JSON search body");
+    // Lucene refuses a query ending in an operator, as Elasticsearch reports it.
+    let text = body["query"]["bool"]["must"][0]["query_string"]["query"].as_str();
+    if let Some(text) = text.filter(|t| t.trim_end().ends_with("AND")) {
+        let reason = format!("Failed to parse query [{text}]");
+        return (
+            AxumStatus::BAD_REQUEST,
+            json!({"error": {"root_cause": [{"type": "query_shard_exception", "reason": reason}],
+                "type": "search_phase_execution_exception", "reason": "all shards failed"},
+                "status": 400})
+            .to_string(),
+        );
+    }
     let state = state.lock();
     let in_target = |index: &str| match target.strip_suffix('*') {
         Some(prefix) => index.starts_with(prefix),
@@ -1110,6 +1122,11 @@ async fn a_replica_answers_from_elasticsearch_what_the_embedded_index_answers() 
     })
     .await;
     assert_same_answers(&writer, &reader, &ids, now, Engine::Elasticsearch).await;
+
+    // A query the engine cannot parse is the client's error, named `q`.
+    let (status, problem) = get(&reader, "/api/search?q=disk%20AND").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "q", "{problem}");
 
     // A cursor of the other backend is refused by name, not misread.
     let (_, page) = get(&writer, "/api/logs?limit=2").await;
