@@ -151,7 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .context("cannot open the relational store (DATABASE_URL)")?,
     );
-    index.load_hidden(db.deletions().await?);
+    index.merge_hidden(db.deletions().await?);
 
     let dedup = {
         let index = index.clone();
@@ -417,6 +417,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         tokio::spawn(update_gauges(state.clone(), shutdown.subscribe())),
         tokio::spawn(check_dependencies(state.clone(), shutdown.subscribe())),
+        tokio::spawn(sync_deletions(state.clone(), shutdown.subscribe())),
         tokio::spawn(purge_expired_deletions(state.clone(), shutdown.subscribe())),
     ];
     if let Some(publisher) = broker
@@ -504,6 +505,34 @@ fn serve_ingest(
 }
 
 /// Refreshes the gauges that describe sizes and lag.
+/// How often a replica reading from a shared engine picks up deletions made on the others.
+const DELETION_SYNC: Duration = Duration::from_secs(5);
+
+/// With an external query backend, replicas share the engine and the relational store: a
+/// deletion recorded by one is hidden by the others within [`DELETION_SYNC`].
+async fn sync_deletions(state: SharedState, mut stop: watch::Receiver<bool>) {
+    if matches!(*state.reads, crate::read::QueryBackend::Embedded) {
+        return;
+    }
+    loop {
+        if tokio::time::timeout(DELETION_SYNC, stop.wait_for(|s| *s))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        match state.db.deletions().await {
+            Ok(deleted) => {
+                let added = state.index.merge_hidden(deleted);
+                if added > 0 {
+                    tracing::info!(added, "deletions made on other replicas are now hidden");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the deletions of other replicas"),
+        }
+    }
+}
+
 async fn update_gauges(state: SharedState, mut stop: watch::Receiver<bool>) {
     let period = Duration::from_secs(state.config.metrics_update_interval);
     loop {

@@ -311,12 +311,21 @@ impl LogIndex {
 
     // --- soft deletes ---
 
-    /// Loads the soft-deleted ids (at start-up, from the relational store).
-    pub fn load_hidden(&self, deleted: impl IntoIterator<Item = (Uuid, i64)>) {
+    /// Adds the soft-deleted ids of the relational store (at start-up, and periodically when
+    /// replicas share the store) to those hidden; returns how many were new. Deletions are
+    /// never undone, so this only adds.
+    pub fn merge_hidden(&self, deleted: impl IntoIterator<Item = (Uuid, i64)>) -> usize {
         let mut hidden = self.hidden.write();
+        let mut known: std::collections::HashSet<Uuid> =
+            hidden.values().flatten().copied().collect();
+        let mut added = 0;
         for (id, day) in deleted {
-            hidden.entry(day).or_default().push(id);
+            if known.insert(id) {
+                hidden.entry(day).or_default().push(id);
+                added += 1;
+            }
         }
+        added
     }
 
     /// Hides an entry from every read, at once.

@@ -1135,12 +1135,27 @@ async fn a_replica_answers_from_elasticsearch_what_the_embedded_index_answers() 
     assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
     assert_eq!(problem["errors"][0]["field"], "cursor", "{problem}");
 
+    // A deletion made on the other replica after this one started reaches it too.
+    delete(&writer, &ids[9]).await;
+    let mut hidden = false;
+    for _ in 0..100 {
+        if get(&reader, &format!("/api/logs/{}", ids[9])).await.0 == StatusCode::NOT_FOUND {
+            hidden = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        hidden,
+        "a deletion on the writer reaches the reader's reads"
+    );
+
     // A deletion on the replica itself hides the entry from its reads at once.
     delete(&reader, &ids[7]).await;
     let (status, _) = get(&reader, &format!("/api/logs/{}", ids[7])).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, all) = get(&reader, "/api/logs?limit=1000").await;
-    assert_eq!(all["items"].as_array().unwrap().len(), 34);
+    assert_eq!(all["items"].as_array().unwrap().len(), 33);
 
     // The engine gone: a 502 that names it, not an empty page.
     if let Some(fake) = fake.as_mut() {
