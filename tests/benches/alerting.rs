@@ -7,6 +7,8 @@
 //! cargo build --release -p logging-aggregator
 //! cargo bench -p logging-tests --bench alerting                          # 2,000,000 entries
 //! BENCH_ENTRIES=500000 BENCH_RULES=1000 cargo bench -p logging-tests --bench alerting
+//! BENCH_RATE=100000 BENCH_ENTRIES=1000000 cargo bench -p logging-tests --bench alerting  # held at 100,000/s
+//! BENCH_EVALUATOR=1 BENCH_ENTRIES=200000 cargo bench -p logging-tests --bench alerting   # the evaluator alone
 //! ```
 //!
 //! The 1,000 rules: 190 services × 5 rules (errors counted, error rate, p95 latency, a
@@ -322,7 +324,13 @@ async fn main() {
         evaluator_alone(total, rule_count);
         return;
     }
-    println!("alerting: {total} live entries, {rule_count} rules, ALERT_CHECK_INTERVAL=1");
+    println!(
+        "alerting: {total} live entries, {rule_count} rules, ALERT_CHECK_INTERVAL=1, {}",
+        match load::rate() {
+            Some(rate) => format!("held at {rate:.0} entries/s (BENCH_RATE)"),
+            None => "as fast as acknowledged".to_string(),
+        }
+    );
     let data = generate(total, 1000);
     let bodies = Arc::new(data.bodies);
 

@@ -40,6 +40,15 @@ pub fn in_flight() -> usize {
         .unwrap_or(8)
 }
 
+/// A steady ingest rate to hold (`BENCH_RATE`, entries a second), instead of as fast as the
+/// aggregator acknowledges.
+pub fn rate() -> Option<f64> {
+    std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| *r > 0.0)
+}
+
 /// A small deterministic generator (xorshift), so every run loads the same data.
 pub struct Rng(pub u64);
 
@@ -237,6 +246,9 @@ pub fn send_all(
     let next = Arc::new(AtomicUsize::new(0));
     let retries = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
+    let started = tokio::time::Instant::now();
+    // With a rate, body `i` leaves no earlier than i × BATCH / rate seconds after the start.
+    let pace = rate().map(|r| Duration::from_secs_f64(BATCH as f64 / r));
     for _ in 0..in_flight() {
         let (client, bodies, next, retries, url) = (
             client.clone(),
@@ -249,6 +261,9 @@ pub fn send_all(
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i) else { return };
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until(started + pace * i as u32).await;
+                }
                 loop {
                     let response = client
                         .post(&url)
