@@ -16,6 +16,7 @@
 //!   The field's count, min, max and mean are exact (`unwrap`); its percentiles are
 //!   `quantile_over_time`, which interpolates between ranks (said in the answer).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -175,9 +176,10 @@ impl LokiReader {
                 .lines(&query, from, to, wanted, request.order, text)
                 .await?
             {
-                for (ts, line) in &stream.values {
+                for value in &stream.values {
                     returned += 1;
-                    let (ts, id, json, truncated) = rebuild(&stream.stream, ts, line)?;
+                    let labels = value.labels(&stream.stream);
+                    let (ts, id, json, truncated) = rebuild(&labels, &value.0, &value.1)?;
                     if truncated && !caveats.iter().any(|c: &Caveat| c.field == "message") {
                         caveats.push(Caveat::new(
                             "message",
@@ -239,8 +241,9 @@ impl LokiReader {
                 .lines(&query, start, end, 1, Order::Desc, false)
                 .await?
             {
-                if let Some((ts, line)) = stream.values.first() {
-                    let (ts, _, json, _) = rebuild(&stream.stream, ts, line)?;
+                if let Some(value) = stream.values.first() {
+                    let labels = value.labels(&stream.stream);
+                    let (ts, _, json, _) = rebuild(&labels, &value.0, &value.1)?;
                     return Ok(Some((Timestamp::from_nanos(ts).day(), json)));
                 }
             }
@@ -326,8 +329,8 @@ impl LokiReader {
             let messages: Vec<String> = streams
                 .iter()
                 .flat_map(|s| s.values.iter())
-                .map(|(_, line)| {
-                    serde_json::from_str::<LineView>(line)
+                .map(|value| {
+                    serde_json::from_str::<LineView>(&value.1)
                         .map(|l| l.message)
                         .unwrap_or_default()
                 })
@@ -430,7 +433,32 @@ struct Stream {
     #[serde(default)]
     stream: HashMap<String, String>,
     #[serde(default)]
-    values: Vec<(String, String)>,
+    values: Vec<LogValue>,
+}
+
+/// `[timestamp, line]`, or `[timestamp, line, {"structuredMetadata": …}]` from a Loki that
+/// categorizes labels instead of merging metadata into the stream's.
+#[derive(Deserialize)]
+struct LogValue(String, String, #[serde(default)] Option<Categorized>);
+
+#[derive(Deserialize, Default)]
+struct Categorized {
+    #[serde(rename = "structuredMetadata", default)]
+    structured_metadata: HashMap<String, String>,
+}
+
+impl LogValue {
+    /// The entry's labels: the stream's, and its structured metadata when given apart.
+    fn labels<'s>(&self, stream: &'s HashMap<String, String>) -> Cow<'s, HashMap<String, String>> {
+        match &self.2 {
+            Some(c) if !c.structured_metadata.is_empty() => {
+                let mut labels = stream.clone();
+                labels.extend(c.structured_metadata.clone());
+                Cow::Owned(labels)
+            }
+            _ => Cow::Borrowed(stream),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -769,6 +797,20 @@ mod tests {
             log_query(&LogFilter::default(), &[]).unwrap(),
             r#"{service=~".+"}"#
         );
+    }
+
+    #[test]
+    fn metadata_given_apart_is_read_as_labels() {
+        let stream: Stream = serde_json::from_str(
+            r#"{"stream":{"service":"api","level":"info"},"values":[
+                ["1764237600000000001","{\"message\":\"m\"}",{"structuredMetadata":{"id":"0192d3a0-0000-7000-8000-000000000001"}}],
+                ["1764237600000000002","{\"message\":\"n\"}"]]}"#,
+        )
+        .unwrap();
+        let labels = stream.values[0].labels(&stream.stream);
+        let (_, id, _, _) = rebuild(&labels, &stream.values[0].0, &stream.values[0].1).unwrap();
+        assert_eq!(id.to_string(), "0192d3a0-0000-7000-8000-000000000001");
+        assert!(stream.values[1].labels(&stream.stream).get("id").is_none());
     }
 
     #[test]
