@@ -119,6 +119,14 @@ pub struct AnalyticsRequest {
     pub top_patterns: usize,
 }
 
+impl AnalyticsRequest {
+    /// How many `interval_nanos` buckets [start, end] spans.
+    pub fn buckets(&self) -> usize {
+        let span = i128::from(self.end.as_nanos()) - i128::from(self.start.as_nanos());
+        usize::try_from(span.div_euclid(i128::from(self.interval_nanos)) + 1).unwrap_or(usize::MAX)
+    }
+}
+
 /// A top message pattern.
 #[derive(Debug, Serialize)]
 pub struct PatternCount {
@@ -533,9 +541,7 @@ impl LogIndex {
         let mut filter = request.filter.clone();
         filter.start = Some(request.start);
         filter.end = Some(request.end);
-        let span = i128::from(request.end.as_nanos()) - i128::from(request.start.as_nanos());
-        let buckets = usize::try_from(span.div_euclid(i128::from(request.interval_nanos)) + 1)
-            .unwrap_or(usize::MAX);
+        let buckets = request.buckets();
         let collector = AnalyticsCollector {
             start: request.start.as_nanos(),
             interval: request.interval_nanos,

@@ -23,15 +23,13 @@ use uuid::Uuid;
 
 use super::{
     Analytics, Caveat, Cursor, FieldStats, ListRequest, Listed, Listing, OTHER_BACKEND,
-    PERCENTILES, ReadError, levels_from, top_patterns,
+    PATTERN_SAMPLE, PERCENTILES, ReadError, levels_from, sampled_patterns,
 };
 use crate::index::query::{LogFilter, Order};
 use crate::index::{AnalyticsRequest, Highlight, api_json};
 use crate::sinks::elasticsearch::ElasticsearchSettings;
 
 const ENGINE: &str = "elasticsearch";
-/// Messages read to count patterns.
-pub const PATTERN_SAMPLE: usize = 1000;
 /// Services per timeline bucket, and services in the error-rate table.
 const BUCKET_SERVICES: usize = 100;
 const SERVICES: usize = 1000;
@@ -601,17 +599,8 @@ fn read_analytics(bytes: &[u8], request: &AnalyticsRequest) -> Result<Analytics,
                     .unwrap_or_default()
             })
             .collect();
-        out.top_patterns = top_patterns(messages.iter().map(String::as_str), request.top_patterns);
         let total = response.hits.total.as_ref().map_or(0, |t| t.value);
-        if total > messages.len() as u64 {
-            caveats.push(Caveat::new(
-                "top_patterns",
-                format!(
-                    "counted over the newest {} of {total} matching entries",
-                    messages.len()
-                ),
-            ));
-        }
+        out.top_patterns = sampled_patterns(&messages, request.top_patterns, total, &mut caveats);
     }
     out.caveats = caveats;
     Ok(out)

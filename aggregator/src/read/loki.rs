@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::{
     Analytics, Caveat, Cursor, FieldStats, ListRequest, Listed, Listing, OTHER_BACKEND,
-    PERCENTILES, ReadError, levels_from, page_after, top_patterns,
+    PATTERN_SAMPLE, PERCENTILES, ReadError, levels_from, page_after, sampled_patterns,
 };
 use crate::index::AnalyticsRequest;
 use crate::index::query::{LogFilter, Order};
@@ -39,8 +39,6 @@ pub const LOOKBACK_HOURS: i64 = 720;
 const NANOS_PER_SEC: i64 = 1_000_000_000;
 /// Entries read beyond a page, for entries sharing the cursor's nanosecond.
 const SAME_TIME_SLACK: usize = 64;
-/// Messages read to count patterns.
-pub const PATTERN_SAMPLE: usize = 1000;
 const VALUE_LABEL: &str = "analytics_value";
 
 /// Fields an entry has that Loki does not hold.
@@ -336,16 +334,7 @@ impl LokiReader {
                 })
                 .collect();
             out.top_patterns =
-                top_patterns(messages.iter().map(String::as_str), request.top_patterns);
-            if total > messages.len() as u64 {
-                caveats.push(Caveat::new(
-                    "top_patterns",
-                    format!(
-                        "counted over the newest {} of {total} matching entries",
-                        messages.len()
-                    ),
-                ));
-            }
+                sampled_patterns(&messages, request.top_patterns, total, &mut caveats);
         }
         if text {
             caveats.push(text_caveat());

@@ -201,7 +201,7 @@ impl Analytics {
     /// Empty buckets for a request.
     fn for_request(request: &AnalyticsRequest) -> Analytics {
         Analytics {
-            by_level: vec![[0; 9]; bucket_count(request)],
+            by_level: vec![[0; 9]; request.buckets()],
             field_stats: FieldStats {
                 field: request.value_field.clone().unwrap_or_default(),
                 ..FieldStats::default()
@@ -228,11 +228,8 @@ impl Analytics {
     }
 }
 
-/// How many buckets an analytics request spans.
-pub fn bucket_count(request: &AnalyticsRequest) -> usize {
-    let span = i128::from(request.end.as_nanos()) - i128::from(request.start.as_nanos());
-    usize::try_from(span.div_euclid(i128::from(request.interval_nanos)) + 1).unwrap_or(usize::MAX)
-}
+/// Messages read to count patterns, for engines that cannot group by pattern themselves.
+pub const PATTERN_SAMPLE: usize = 1000;
 
 /// The `top` most frequent message patterns among `messages`.
 pub fn top_patterns<'a>(messages: impl Iterator<Item = &'a str>, top: usize) -> Vec<PatternCount> {
@@ -255,6 +252,26 @@ pub fn top_patterns<'a>(messages: impl Iterator<Item = &'a str>, top: usize) -> 
             example: example.to_string(),
         })
         .collect()
+}
+
+/// Patterns counted over a sample of the newest matches: exact when the sample holds all
+/// `total` of them, said in a caveat when not.
+pub fn sampled_patterns(
+    messages: &[String],
+    top: usize,
+    total: u64,
+    caveats: &mut Vec<Caveat>,
+) -> Vec<PatternCount> {
+    if total > messages.len() as u64 {
+        caveats.push(Caveat::new(
+            "top_patterns",
+            format!(
+                "counted over the newest {} of {total} matching entries",
+                messages.len()
+            ),
+        ));
+    }
+    top_patterns(messages.iter().map(String::as_str), top)
 }
 
 /// Why a read failed.
