@@ -124,12 +124,19 @@ impl LogEntry {
 pub struct Context(Box<RawValue>);
 
 impl Context {
-    /// Wraps JSON text that must be an object.
+    /// Wraps JSON text that must be an object, without the whitespace between its tokens.
+    ///
+    /// The text is stored inside an entry's NDJSON line: a context sent pretty-printed
+    /// would otherwise cut the line in pieces, and the entry would be lost to every reader.
     pub fn from_object_json(json: Box<RawValue>) -> Result<Context, &'static str> {
-        if json.get().trim_start().starts_with('{') {
-            Ok(Context(json))
-        } else {
-            Err("expected a JSON object")
+        if !json.get().trim_start().starts_with('{') {
+            return Err("expected a JSON object");
+        }
+        match compact_json(json.get()) {
+            Some(compact) => RawValue::from_string(compact)
+                .map(Context)
+                .map_err(|_| "expected a JSON object"),
+            None => Ok(Context(json)),
         }
     }
 
@@ -158,6 +165,35 @@ impl Context {
     pub fn numeric_fields(&self) -> Vec<(String, f64)> {
         numeric_fields(self.0.get())
     }
+}
+
+/// `text` (valid JSON) without whitespace outside its strings, or `None` if it has none.
+/// Strings keep theirs (inside a JSON string, a line break is always written `\n`), and
+/// only ASCII bytes are dropped, so what is left is still UTF-8.
+fn compact_json(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out: Option<Vec<u8>> = None;
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, &b) in bytes.iter().enumerate() {
+        let space = if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            false
+        } else {
+            in_string = b == b'"';
+            matches!(b, b' ' | b'\n' | b'\r' | b'\t')
+        };
+        match (&mut out, space) {
+            (Some(out), false) => out.push(b),
+            (None, true) => out = Some(bytes[..i].to_vec()),
+            _ => {}
+        }
+    }
+    out.and_then(|compact| String::from_utf8(compact).ok())
 }
 
 fn empty_object() -> Box<RawValue> {
@@ -368,6 +404,27 @@ mod tests {
                 ("neg".to_string(), -3.0)
             ]
         );
+    }
+
+    #[test]
+    fn a_pretty_printed_context_is_stored_on_one_line() {
+        let pretty = "{\n  \"a b\": \"x  y\\n\\\"  \\\\\",\r\n\t\"é\" : [1, {\"c\": null}],\n  \"d\": \"ü \"\n}";
+        let ctx: Context = serde_json::from_str(pretty).unwrap();
+        assert_eq!(
+            ctx.as_json(),
+            "{\"a b\":\"x  y\\n\\\"  \\\\\",\"é\":[1,{\"c\":null}],\"d\":\"ü \"}"
+        );
+        assert_eq!(
+            ctx.to_map(),
+            serde_json::from_str::<Map<String, Value>>(pretty).unwrap()
+        );
+        let mut entry = LogEntry::new(Timestamp::from_nanos(1), crate::LogLevel::Info, "s", "m");
+        entry.context = ctx;
+        let line = serde_json::to_string(&entry).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        // Already compact: kept as it came.
+        let ctx: Context = serde_json::from_str(r#"{"a":"b c"}"#).unwrap();
+        assert_eq!(ctx.as_json(), r#"{"a":"b c"}"#);
     }
 
     #[test]
