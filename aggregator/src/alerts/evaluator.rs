@@ -21,11 +21,10 @@ use uuid::Uuid;
 
 use super::rules::{GroupKey, Rule, RuleKind};
 use super::text::Seen;
+use super::view::{AlertView, Context, ContextView, read_view};
 use super::window::{Series, bucket_nanos};
 use super::{RuleRegistry, RuleSet};
 use crate::wal::WalReader;
-use logging_common::LogLevel;
-use std::borrow::Cow;
 
 /// The evaluator's WAL consumer name.
 pub const ALERTS_CONSUMER: &str = "alerts";
@@ -100,164 +99,28 @@ pub struct Evaluator {
     scratch: Scratch,
 }
 
-/// What the evaluator reads of a stored entry: four fields and the context keys rules use.
-struct AlertView<'a> {
-    timestamp: Timestamp,
-    level: LogLevel,
-    service: Cow<'a, str>,
-    message: Cow<'a, str>,
-    /// The context's keys that rules read (`None`: the entry has no context).
-    context: Option<Value>,
-}
-
-/// A borrowed string when the JSON has no escapes, an owned one otherwise.
-#[derive(Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// Why reading a line stopped before its end: everything needed was read.
-const READ_ENOUGH: &str = "read enough";
-
-/// Reads a stored line into an [`AlertView`], stopping as soon as the fields it needs are
-/// read: stored entries write `timestamp`, `level`, `service`, `message` and `context` first
-/// (`LogEntry`'s field order), so the ids, tags and dates after them are never scanned.
-/// serde_json insists on reading a map to its end, so the view leaves through `out` and the
-/// read stops with an error that says so.
-struct ViewReader<'k, 'a> {
-    keys: &'k [String],
-    out: &'k mut Option<AlertView<'a>>,
-}
-
-impl<'a> serde::de::Visitor<'a> for ViewReader<'_, 'a> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a stored entry")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'a>>(self, mut map: A) -> Result<(), A::Error> {
-        use serde::de::Error;
-        let (mut timestamp, mut level, mut service, mut message) = (None, None, None, None);
-        let mut context = None;
-        while let Some(Text(key)) = map.next_key::<Text>()? {
-            match key.as_ref() {
-                "timestamp" => timestamp = Some(map.next_value()?),
-                "level" => level = Some(map.next_value()?),
-                "service" => service = Some(map.next_value::<Text>()?.0),
-                "message" => message = Some(map.next_value::<Text>()?.0),
-                "context" if !self.keys.is_empty() => {
-                    context = Some(map.next_value_seed(Subset(self.keys))?);
-                }
-                _ => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-            }
-            let complete = timestamp.is_some()
-                && level.is_some()
-                && service.is_some()
-                && message.is_some()
-                && (context.is_some() || self.keys.is_empty());
-            if complete {
-                break;
-            }
-        }
-        match (timestamp, level, service, message) {
-            (Some(timestamp), Some(level), Some(service), Some(message)) => {
-                *self.out = Some(AlertView {
-                    timestamp,
-                    level,
-                    service,
-                    message,
-                    context: context.filter(|c: &Value| c.is_object()),
-                });
-                Err(A::Error::custom(READ_ENOUGH))
-            }
-            _ => Err(A::Error::custom("not a stored entry")),
-        }
-    }
-}
-
-impl<'a> serde::de::DeserializeSeed<'a> for ViewReader<'_, 'a> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'a>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-/// The view of a stored line, or `None` if it is not a stored entry.
-fn read_view<'a>(line: &'a [u8], keys: &[String]) -> Option<AlertView<'a>> {
-    use serde::de::DeserializeSeed;
-    let mut out = None;
-    let mut deserializer = serde_json::Deserializer::from_slice(line);
-    // Err(READ_ENOUGH) is the way out with a view; any other error leaves `out` empty.
-    let _ = ViewReader {
-        keys,
-        out: &mut out,
-    }
-    .deserialize(&mut deserializer);
-    out
-}
-
 /// Buffers reused from one entry to the next.
 #[derive(Default)]
 struct Scratch {
     seen: Seen,
+    /// The entry's context, as far as rules read it.
+    context: Context,
     /// The entry's group key for each key shape, built on first use.
     keys: Vec<String>,
     key_ready: Vec<bool>,
 }
 
 /// Appends the value `key` takes for `entry` to `out`.
-fn group_value(entry: &AlertView, context: Option<&Value>, key: &GroupKey, out: &mut String) {
+fn group_value(entry: &AlertView, context: Option<ContextView>, key: &GroupKey, out: &mut String) {
     match key {
         GroupKey::Service => out.push_str(&entry.service),
         GroupKey::Level => out.push_str(entry.level.as_str()),
-        GroupKey::Context(path) => match context.and_then(|c| context_path(c, path)) {
+        GroupKey::Context(path) => match context.and_then(|c| c.get(path)) {
             Some(Value::String(s)) => out.push_str(s),
             Some(Value::Null) | None => {}
             Some(other) => out.push_str(&other.to_string()),
         },
     }
-}
-
-/// A context with only the top-level keys rules read parsed (the rest is skipped, not
-/// built into values and dropped again); `null` stays `null`.
-struct Subset<'k>(&'k [String]);
-
-impl<'de> serde::de::Visitor<'de> for Subset<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a context object")
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut kept = serde_json::Map::new();
-        while let Some(Text(key)) = map.next_key::<Text>()? {
-            if self.0.iter().any(|k| *k == key) {
-                kept.insert(key.into_owned(), map.next_value::<Value>()?);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(Value::Object(kept))
-    }
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for Subset<'_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-fn context_path<'v>(context: &'v Value, path: &[String]) -> Option<&'v Value> {
-    path.iter().try_fold(context, |value, key| value.get(key))
 }
 
 impl Evaluator {
@@ -418,45 +281,50 @@ impl Evaluator {
             return;
         }
         let rules = self.rules.clone();
-        let Some(entry) = read_view(line, &rules.context_keys) else {
+        let scratch = &mut self.scratch;
+        let Some(entry) = read_view(line, &rules.context_keys, &mut scratch.context) else {
             return;
         };
+        let context = scratch.context.with(&rules.context_keys);
         let candidates = rules
             .by_service
             .get(entry.service.as_ref())
-            .into_iter()
-            .flatten()
-            .chain(rules.any_service.iter());
+            .map_or(&[][..], |by_level| by_level.get(entry.level))
+            .iter()
+            .chain(rules.any_service.get(entry.level));
         let mut scanned = false;
-        let scratch = &mut self.scratch;
         scratch.keys.resize_with(rules.shape_count, String::new);
         scratch.key_ready.clear();
         scratch.key_ready.resize(rules.shape_count, false);
-        for &i in candidates {
-            let rule = &rules.rules[i];
-            let filter = &rule.spec.filter;
-            if filter.level.is_some_and(|l| l != entry.level)
-                || filter.min_level.is_some_and(|l| entry.level < l)
-            {
-                continue;
-            }
-            if let Some(Some(query)) = rules.queries.get(i) {
+        for candidate in candidates {
+            let i = candidate.rule;
+            if candidate.query {
                 if !scanned {
                     rules.vocabulary.scan(&entry.message, &mut scratch.seen);
                     scanned = true;
                 }
-                if !query.matches(&scratch.seen) {
+                if candidate
+                    .trigger
+                    .is_some_and(|word| !scratch.seen.has(word))
+                {
+                    continue;
+                }
+                if let Some(Some(query)) = rules.queries.get(i)
+                    && !query.matches(&scratch.seen)
+                {
                     continue;
                 }
             }
+            let rule = &rules.rules[i];
+            let filter = &rule.spec.filter;
             let window = rule.spec.window.nanos();
             let ts = entry.timestamp.as_nanos().min(now);
             if ts <= now - window {
                 continue;
             }
-            let ctx = entry.context.as_ref().filter(|_| rule.needs_context());
+            let ctx = rule.needs_context().then_some(context);
             if let (Some(predicate), Some(path)) = (&filter.field, &rule.predicate_path) {
-                let found = ctx.and_then(|c| context_path(c, path));
+                let found = ctx.and_then(|c| c.get(path));
                 let holds = match (found, &predicate.value) {
                     (Some(Value::Number(a)), Value::Number(b)) => predicate.op.holds(
                         a.as_f64().unwrap_or(f64::NAN),
@@ -475,18 +343,13 @@ impl Evaluator {
                 }
             }
             let value = match &rule.field_path {
-                Some(path) => {
-                    match ctx
-                        .and_then(|c| context_path(c, path))
-                        .and_then(Value::as_f64)
-                    {
-                        Some(v) => Some((
-                            v,
-                            rule.spec.aggregation.and_then(|a| a.quantile()).is_some(),
-                        )),
-                        None => continue,
-                    }
-                }
+                Some(path) => match ctx.and_then(|c| c.get(path)).and_then(Value::as_f64) {
+                    Some(v) => Some((
+                        v,
+                        rule.spec.aggregation.and_then(|a| a.quantile()).is_some(),
+                    )),
+                    None => continue,
+                },
                 None => None,
             };
             let Some(state) = self.states.get_mut(i) else {
@@ -616,51 +479,5 @@ impl Evaluator {
         metrics::histogram!("logging_aggregator_alert_evaluation_seconds")
             .record(started.elapsed().as_secs_f64());
         Evaluation { at, rules: results }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stored_line_is_read_up_to_what_rules_need() {
-        let now = Timestamp::parse_rfc3339("2026-11-27T10:00:00Z").unwrap();
-        let mut entry = logging_common::LogEntry::new(now, LogLevel::Error, "api", "disk \"full\"");
-        entry.context = serde_json::from_str(
-            r#"{"duration_ms":12.5,"big":{"deep":[1,2,3]},"kubernetes":{"namespace":"shop"}}"#,
-        )
-        .unwrap();
-        entry.tags = vec!["after-the-context".into()];
-        let line = serde_json::to_vec(&entry).unwrap();
-        let keys = vec!["duration_ms".to_string(), "kubernetes".to_string()];
-        let view = read_view(&line, &keys).expect("a view");
-        assert_eq!(view.timestamp, now);
-        assert_eq!(view.level, LogLevel::Error);
-        assert_eq!(view.service, "api");
-        assert_eq!(view.message, "disk \"full\"");
-        let context = view.context.unwrap();
-        assert_eq!(
-            context,
-            serde_json::json!({"duration_ms": 12.5, "kubernetes": {"namespace": "shop"}})
-        );
-        let path = ["kubernetes".to_string(), "namespace".to_string()];
-        assert_eq!(context_path(&context, &path), Some(&Value::from("shop")));
-        // No rule reads the context: it is not parsed at all.
-        assert!(read_view(&line, &[]).unwrap().context.is_none());
-        // Fields in another order are read all the same; a line that is not an entry is not.
-        let reordered = br#"{"context":{"duration_ms":1},"message":"m","service":"s","level":"info","timestamp":"2026-11-27T10:00:00Z","id":"x"}"#;
-        assert_eq!(read_view(reordered, &keys).unwrap().message, "m");
-        assert!(read_view(br#"{"message":"m"}"#, &keys).is_none());
-        assert!(read_view(b"not json", &keys).is_none());
-        assert!(
-            read_view(
-                br#"{"timestamp":"2026-11-27T10:00:00Z","level":"info","service":"s","message":"m","context":null}"#,
-                &keys
-            )
-            .unwrap()
-            .context
-            .is_none()
-        );
     }
 }

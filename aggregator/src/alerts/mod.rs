@@ -17,13 +17,14 @@ pub mod manager;
 pub mod notify;
 pub mod rules;
 pub mod text;
+pub mod view;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use logging_common::{Alert, Timestamp};
+use logging_common::{Alert, LogLevel, Timestamp};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -31,12 +32,13 @@ use uuid::Uuid;
 use rules::Rule;
 
 /// The rules in force, indexed for the evaluator's hot path: most rules name a service, so
-/// an entry is only offered to the rules of its service and to those that name none.
+/// an entry is only offered to the rules of its service and to those that name none, and
+/// of those only to the rules whose filter takes its level.
 #[derive(Debug, Default)]
 pub struct RuleSet {
     pub rules: Vec<Arc<Rule>>,
-    pub by_service: HashMap<String, Vec<usize>>,
-    pub any_service: Vec<usize>,
+    pub by_service: HashMap<String, ByLevel>,
+    pub any_service: ByLevel,
     /// Every word the rules' queries look for.
     pub vocabulary: text::Vocabulary,
     /// `rules[i]`'s query, compiled against `vocabulary`.
@@ -50,22 +52,66 @@ pub struct RuleSet {
     pub context_keys: Vec<String>,
 }
 
+/// A rule as the evaluator's hot path first looks at it, before it touches the rule itself:
+/// a rule with a query is turned away here when the message lacks a word it requires.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
+    /// The rule's position in [`RuleSet::rules`].
+    pub rule: usize,
+    /// Whether the rule has a full-text query.
+    pub query: bool,
+    /// A word every message the query matches contains.
+    pub trigger: Option<u32>,
+}
+
+/// Candidates by the level of the entries their filters take (`level` and `min_level`).
+#[derive(Debug, Default)]
+pub struct ByLevel([Vec<Candidate>; LogLevel::ALL.len()]);
+
+impl ByLevel {
+    fn push(&mut self, candidate: Candidate, filter: &rules::Filter) {
+        for (level, candidates) in LogLevel::ALL.into_iter().zip(&mut self.0) {
+            let takes = filter.level.is_none_or(|l| l == level)
+                && filter.min_level.is_none_or(|l| level >= l);
+            if takes {
+                candidates.push(candidate);
+            }
+        }
+    }
+
+    /// The candidates for an entry of `level`.
+    pub fn get(&self, level: LogLevel) -> &[Candidate] {
+        self.0
+            .get(usize::from(level.rank()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
 impl RuleSet {
     pub fn new(rules: Vec<Arc<Rule>>) -> RuleSet {
         let rules: Vec<Arc<Rule>> = rules.into_iter().filter(|r| r.spec.enabled).collect();
-        let mut by_service: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut any_service = Vec::new();
-        for (i, rule) in rules.iter().enumerate() {
-            match &rule.spec.filter.service {
-                Some(service) => by_service.entry(service.clone()).or_default().push(i),
-                None => any_service.push(i),
-            }
-        }
         let mut vocabulary = text::Vocabulary::default();
-        let queries = rules
+        let queries: Vec<Option<text::IdQuery>> = rules
             .iter()
             .map(|rule| rule.query.as_ref().map(|q| q.compile(&mut vocabulary)))
             .collect();
+        let mut by_service: HashMap<String, ByLevel> = HashMap::new();
+        let mut any_service = ByLevel::default();
+        for (i, (rule, query)) in rules.iter().zip(&queries).enumerate() {
+            let candidate = Candidate {
+                rule: i,
+                query: query.is_some(),
+                trigger: query.as_ref().and_then(text::IdQuery::required_word),
+            };
+            let filter = &rule.spec.filter;
+            match &filter.service {
+                Some(service) => by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .push(candidate, filter),
+                None => any_service.push(candidate, filter),
+            }
+        }
         let mut shapes: Vec<&[(String, rules::GroupKey)]> = Vec::new();
         let key_shapes = rules
             .iter()
@@ -308,5 +354,86 @@ impl Alerting {
 
     pub fn stored(rule: &Rule) -> crate::db::StoredRule {
         stored(rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(spec: serde_json::Value) -> Arc<Rule> {
+        let spec = rules::parse_spec(&serde_json::to_vec(&spec).unwrap()).unwrap();
+        let now = Timestamp::now();
+        Arc::new(Rule::new(Uuid::now_v7(), spec, rules::RuleSource::Config, now, now).unwrap())
+    }
+
+    #[test]
+    fn an_entry_is_offered_to_the_rules_of_its_service_and_level_only() {
+        let count = |name: &str, filter: serde_json::Value| {
+            rule(
+                serde_json::json!({"name": name, "kind": "count", "window": "1m",
+                "threshold": 1, "filter": filter}),
+            )
+        };
+        let set = RuleSet::new(vec![
+            count(
+                "api-errors",
+                serde_json::json!({"service": "api", "min_level": "error"}),
+            ),
+            count("warnings", serde_json::json!({"level": "warning"})),
+            count(
+                "api-payments",
+                serde_json::json!({"service": "api", "query": "payment -declined"}),
+            ),
+            count(
+                "either",
+                serde_json::json!({"query": "refunded OR declined"}),
+            ),
+            rule(
+                serde_json::json!({"name": "off", "kind": "count", "window": "1m",
+                "threshold": 1, "enabled": false}),
+            ),
+        ]);
+        let offered = |service: &str, level: LogLevel| -> Vec<(&str, Option<u32>)> {
+            let own = set
+                .by_service
+                .get(service)
+                .map_or(&[][..], |l| l.get(level));
+            own.iter()
+                .chain(set.any_service.get(level))
+                .map(|c| (set.rules[c.rule].spec.name.as_str(), c.trigger))
+                .collect()
+        };
+        let payment = set.vocabulary.id_of("payment");
+        assert!(payment.is_some());
+        assert_eq!(
+            offered("api", LogLevel::Error),
+            [
+                ("api-errors", None),
+                ("api-payments", payment),
+                ("either", None)
+            ]
+        );
+        assert_eq!(
+            offered("api", LogLevel::Critical),
+            [
+                ("api-errors", None),
+                ("api-payments", payment),
+                ("either", None)
+            ]
+        );
+        assert_eq!(
+            offered("api", LogLevel::Warning),
+            [
+                ("api-payments", payment),
+                ("warnings", None),
+                ("either", None)
+            ]
+        );
+        assert_eq!(
+            offered("web", LogLevel::Warning),
+            [("warnings", None), ("either", None)]
+        );
+        assert_eq!(offered("web", LogLevel::Info), [("either", None)]);
     }
 }

@@ -5,8 +5,6 @@
 
 use std::collections::HashMap;
 
-use aho_corasick::{AhoCorasick, MatchKind};
-
 /// One term or phrase, as lower-case words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Clause {
@@ -24,15 +22,76 @@ pub struct TextQuery {
 /// Every word any rule's query looks for, numbered. An entry's message is read once,
 /// however many rules look at it; a rule then tests bits instead of comparing strings.
 ///
-/// An ASCII message (nearly all) is searched for every vocabulary word at once with one
-/// Aho-Corasick automaton (SIMD prefilters, case-insensitive), and only the hits that are
-/// whole words count: the message's other words are never looked at one by one. Other
-/// messages are split into words and each is looked up.
+/// An ASCII message (nearly all) is cut into its words in one pass over its bytes, and a
+/// word is looked up only if a vocabulary word has its length and its first two letters
+/// ([`WordFilter`]): most of a message's words are turned away by two bit tests, without
+/// being lower-cased or hashed. Other messages are split into words and each is looked up.
 #[derive(Debug, Default)]
 pub struct Vocabulary {
     ids: HashMap<String, u32, foldhash::fast::RandomState>,
-    /// The ASCII words and their ids, built on the first scan.
-    automaton: std::sync::OnceLock<Option<(AhoCorasick, Vec<u32>)>>,
+    /// Built on the first scan, once every word is in.
+    filter: std::sync::OnceLock<WordFilter>,
+}
+
+/// The vocabulary's ASCII words, and their lengths and first two letters.
+#[derive(Debug)]
+struct WordFilter {
+    ids: HashMap<Vec<u8>, u32, foldhash::fast::RandomState>,
+    /// Bit `n` (63: 63 and longer) is set when a word has `n` bytes.
+    lengths: u64,
+    /// Bit `first << 8 | second` (second 0 for a one-letter word) of 65,536, lower-cased.
+    pairs: Box<[u64]>,
+}
+
+impl WordFilter {
+    fn new<'w>(words: impl Iterator<Item = (&'w String, &'w u32)>) -> WordFilter {
+        let mut filter = WordFilter {
+            ids: HashMap::default(),
+            lengths: 0,
+            pairs: vec![0; 1024].into_boxed_slice(),
+        };
+        for (word, &id) in words.filter(|(w, _)| w.is_ascii() && !w.is_empty()) {
+            filter.ids.insert(word.as_bytes().to_vec(), id);
+            filter.lengths |= WordFilter::length_bit(word.len());
+            let pair = WordFilter::pair(word.as_bytes());
+            filter.pairs[pair / 64] |= 1 << (pair % 64);
+        }
+        filter
+    }
+
+    fn length_bit(len: usize) -> u64 {
+        1 << len.min(63)
+    }
+
+    fn pair(word: &[u8]) -> usize {
+        let first = word.first().map_or(0, u8::to_ascii_lowercase);
+        let second = word.get(1).map_or(0, u8::to_ascii_lowercase);
+        usize::from(first) << 8 | usize::from(second)
+    }
+
+    /// Records `word` (ASCII) in `seen` if it is a vocabulary word, and says whether it was.
+    #[inline(always)]
+    fn read(&self, word: &[u8], follows: bool, lower: &mut Vec<u8>, seen: &mut Seen) -> bool {
+        if !self.may_hold(word) {
+            return false;
+        }
+        lower.clear();
+        lower.extend(word.iter().map(u8::to_ascii_lowercase));
+        match self.ids.get(lower.as_slice()) {
+            Some(&id) => {
+                Vocabulary::record(id, follows, seen);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `word` (a non-empty ASCII word, any case) may be a vocabulary word.
+    fn may_hold(&self, word: &[u8]) -> bool {
+        let pair = WordFilter::pair(word);
+        self.lengths & WordFilter::length_bit(word.len()) != 0
+            && self.pairs[pair / 64] & (1 << (pair % 64)) != 0
+    }
 }
 
 /// A message as the rules see it: the vocabulary words it holds, in order, each with
@@ -42,13 +101,20 @@ pub struct Vocabulary {
 pub struct Seen {
     sequence: Vec<(u32, bool)>,
     present: Vec<u64>,
-    /// The message lower-cased (a buffer kept between entries).
+    /// A word lower-cased (a buffer kept between entries).
     lower: Vec<u8>,
 }
 
-fn is_word_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-}
+/// 1 for the bytes ASCII words are made of (letters and digits), 0 for the others.
+const WORD_BYTES: [u8; 256] = {
+    let mut table = [0; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric() as u8;
+        b += 1;
+    }
+    table
+};
 
 impl Vocabulary {
     fn id(&mut self, word: &str) -> u32 {
@@ -56,27 +122,14 @@ impl Vocabulary {
         *self.ids.entry(word.to_string()).or_insert(next)
     }
 
-    fn automaton(&self) -> Option<&(AhoCorasick, Vec<u32>)> {
-        self.automaton
-            .get_or_init(|| {
-                let (words, ids): (Vec<&str>, Vec<u32>) = self
-                    .ids
-                    .iter()
-                    .filter(|(word, _)| word.is_ascii())
-                    .map(|(word, id)| (word.as_str(), *id))
-                    .unzip();
-                if words.is_empty() {
-                    return None;
-                }
-                // Case-sensitive over a lower-cased copy of the message: the automaton's SIMD
-                // prefilter handles the words as they are, not every mix of cases.
-                AhoCorasick::builder()
-                    .match_kind(MatchKind::LeftmostLongest)
-                    .build(words)
-                    .ok()
-                    .map(|automaton| (automaton, ids))
-            })
-            .as_ref()
+    /// The number of `word` (lower-case), if a query looks for it.
+    #[cfg(test)]
+    pub fn id_of(&self, word: &str) -> Option<u32> {
+        self.ids.get(word).copied()
+    }
+
+    fn filter(&self) -> &WordFilter {
+        self.filter.get_or_init(|| WordFilter::new(self.ids.iter()))
     }
 
     fn record(id: u32, follows: bool, seen: &mut Seen) {
@@ -93,34 +146,12 @@ impl Vocabulary {
             return;
         }
         seen.present.resize(self.ids.len().div_ceil(64), 0);
-        if text.is_ascii() {
-            let Some((automaton, ids)) = self.automaton() else {
-                return;
-            };
-            let mut lower = std::mem::take(&mut seen.lower);
-            lower.clear();
-            lower.extend_from_slice(text.as_bytes());
-            lower.make_ascii_lowercase();
-            let bytes = lower.as_slice();
-            // A hit is a word when it is a whole alphanumeric run. Words are alphanumeric, so
-            // a hit never spans two runs, and the leftmost-longest hit at a run's start is the
-            // whole run whenever the run is a word.
-            let mut previous_end: Option<usize> = None;
-            for hit in automaton.find_iter(bytes) {
-                let (start, end) = (hit.start(), hit.end());
-                let whole = (start == 0 || !is_word_byte(bytes[start - 1]))
-                    && (end == bytes.len() || !is_word_byte(bytes[end]));
-                if !whole {
-                    continue;
-                }
-                let follows = previous_end
-                    .is_some_and(|e| !bytes[e..start].iter().copied().any(is_word_byte));
-                Vocabulary::record(ids[hit.pattern().as_usize()], follows, seen);
-                previous_end = Some(end);
-            }
-            seen.lower = lower;
+        if self.scan_ascii(text.as_bytes(), seen) {
             return;
         }
+        // Not ASCII after all: start again, word by word.
+        seen.sequence.clear();
+        seen.present.fill(0);
         let mut lower = String::new();
         let mut previous_known = false;
         for word in text.split(|c: char| !c.is_alphanumeric()) {
@@ -138,10 +169,50 @@ impl Vocabulary {
             }
         }
     }
+
+    /// Reads an ASCII message into `seen`; `false` (and nothing read) if it is not ASCII.
+    ///
+    /// The message is read 64 bytes at a time into a bit mask of its word bytes, without a
+    /// branch per byte; the words are then found from the mask's edges, one step per word.
+    fn scan_ascii(&self, bytes: &[u8], seen: &mut Seen) -> bool {
+        if !bytes.is_ascii() {
+            return false;
+        }
+        let filter = self.filter();
+        let mut lower = std::mem::take(&mut seen.lower);
+        let mut previous_known = false;
+        // Where the word that runs into the current chunk started.
+        let mut open: Option<usize> = None;
+        for (n, chunk) in bytes.chunks(64).enumerate() {
+            let base = n * 64;
+            let mut mask = 0u64;
+            for (i, &b) in chunk.iter().enumerate() {
+                mask |= u64::from(WORD_BYTES[usize::from(b)]) << i;
+            }
+            // Bit i of `edges`: byte i starts a word (it is a word byte) or ends one.
+            let mut edges = mask ^ (mask << 1 | u64::from(open.is_some()));
+            while edges != 0 {
+                let i = edges.trailing_zeros() as usize;
+                edges &= edges - 1;
+                if mask & (1 << i) != 0 {
+                    open = Some(base + i);
+                } else if let Some(start) = open.take() {
+                    let word = &bytes[start..base + i];
+                    previous_known = filter.read(word, previous_known, &mut lower, seen);
+                }
+            }
+        }
+        if let Some(start) = open {
+            filter.read(&bytes[start..], previous_known, &mut lower, seen);
+        }
+        seen.lower = lower;
+        true
+    }
 }
 
 impl Seen {
-    fn has(&self, id: u32) -> bool {
+    /// Whether the message holds word `id`.
+    pub fn has(&self, id: u32) -> bool {
         self.present
             .get(id as usize / 64)
             .is_some_and(|bits| bits & (1 << (id % 64)) != 0)
@@ -166,6 +237,15 @@ pub struct IdQuery {
 }
 
 impl IdQuery {
+    /// A word that every message the query matches holds: the first word of a group that is
+    /// one clause, not negated (`a -b` needs `a`; `a OR b` and `-b` need no single word).
+    pub fn required_word(&self) -> Option<u32> {
+        self.groups.iter().find_map(|group| match group.as_slice() {
+            [(words, false)] => words.first().copied(),
+            _ => None,
+        })
+    }
+
     pub fn matches(&self, seen: &Seen) -> bool {
         self.groups.iter().all(|group| {
             group.iter().any(|(words, negated)| {
@@ -365,8 +445,30 @@ mod tests {
             "déclined card declined",
             "card déjà declined",
         ];
+        let required: Vec<Option<u32>> = compiled
+            .iter()
+            .map(|(_, ids)| ids.required_word())
+            .collect();
+        let id = |word: &str| vocabulary.ids.get(word).copied();
+        assert_eq!(required[0], id("payment"));
+        assert_eq!(required[1], id("card"));
+        assert_eq!(required[3], None, "either word will do");
+        assert_eq!(required[4], id("payment"));
+        // Long messages: words on, across and right after the 64-byte steps of the scan.
+        let mut long = Vec::new();
+        for pad in 50..=140 {
+            for tail in ["card declined", "payment refunded 4711", "declined"] {
+                long.push(format!("{}{tail}", ".".repeat(pad)));
+                long.push(format!("{} {tail}", "x".repeat(pad)));
+                long.push(format!("{tail}{}", " ".repeat(pad)));
+            }
+        }
         let mut seen = Seen::default();
-        for message in messages {
+        for message in messages
+            .iter()
+            .copied()
+            .chain(long.iter().map(String::as_str))
+        {
             vocabulary.scan(message, &mut seen);
             for (text, ids) in &compiled {
                 assert_eq!(
@@ -374,6 +476,10 @@ mod tests {
                     reference(text, message),
                     "{text:?} on {message:?}"
                 );
+                // The evaluator turns a message away when it lacks the required word.
+                if let Some(word) = ids.required_word() {
+                    assert!(!ids.matches(&seen) || seen.has(word), "{text:?}");
+                }
             }
         }
     }

@@ -30,6 +30,15 @@ pub struct Bucket {
     pub sketch: BTreeMap<i32, u64>,
 }
 
+impl Bucket {
+    fn at(index: i64) -> Bucket {
+        Bucket {
+            index,
+            ..Bucket::default()
+        }
+    }
+}
+
 /// What one group of one rule has seen.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Series {
@@ -75,26 +84,11 @@ impl Series {
     /// Adds one entry at `ts` (ns).
     pub fn observe(&mut self, ts: i64, width: i64, error: bool, value: Option<(f64, bool)>) {
         let index = ts.div_euclid(width);
-        let position = self.buckets.iter().rposition(|b| b.index <= index);
-        let bucket = match position {
-            Some(i) if self.buckets[i].index == index => &mut self.buckets[i],
-            Some(i) => {
-                self.buckets.insert(
-                    i + 1,
-                    Bucket {
-                        index,
-                        ..Bucket::default()
-                    },
-                );
-                &mut self.buckets[i + 1]
-            }
-            None => {
-                self.buckets.push_front(Bucket {
-                    index,
-                    ..Bucket::default()
-                });
-                &mut self.buckets[0]
-            }
+        // Entries come in time order nearly always: the newest bucket is the one.
+        let bucket = if let Some(newest) = self.buckets.back_mut().filter(|b| b.index == index) {
+            newest
+        } else {
+            self.insert_bucket(index)
         };
         bucket.count += 1;
         if error {
@@ -108,6 +102,22 @@ impl Series {
             }
         }
         self.last_seen = Some(self.last_seen.map_or(ts, |t| t.max(ts)));
+    }
+
+    /// The bucket of `index`, made where it belongs if there is none yet.
+    fn insert_bucket(&mut self, index: i64) -> &mut Bucket {
+        let at = match self.buckets.iter().rposition(|b| b.index <= index) {
+            Some(i) if self.buckets[i].index == index => i,
+            Some(i) => {
+                self.buckets.insert(i + 1, Bucket::at(index));
+                i + 1
+            }
+            None => {
+                self.buckets.push_front(Bucket::at(index));
+                0
+            }
+        };
+        &mut self.buckets[at]
     }
 
     /// Drops buckets that ended before the window that ends at `now`.
@@ -198,6 +208,15 @@ mod tests {
                 .all(|(a, b)| a.index < b.index)
         );
         assert_eq!(series.last_seen, Some(119 * S));
+        // After a gap, and into the gap: new buckets, still in order.
+        series.observe(200 * S, width, false, None);
+        series.observe(150 * S, width, false, None);
+        series.observe(150 * S, width, true, None);
+        let indexes: Vec<i64> = series.buckets.iter().map(|b| b.index).collect();
+        assert_eq!(&indexes[indexes.len() - 3..], &[119, 150, 200]);
+        assert_eq!(series.buckets[indexes.len() - 2].count, 2);
+        assert_eq!(series.buckets[indexes.len() - 2].errors, 1);
+        assert_eq!(series.last_seen, Some(200 * S));
     }
 
     #[test]
