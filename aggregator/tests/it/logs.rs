@@ -393,7 +393,41 @@ async fn a_writer_can_wait_until_its_entries_are_searchable(db: Db) {
     app.stop().await;
 }
 
+/// A context sent pretty-printed used to cut its entry's stored line in pieces: the entry
+/// was acknowledged, then lost to the index, the sinks and the alert rules.
+async fn a_pretty_printed_context_is_stored_whole(db: Db) {
+    let app = TestApp::start(db).await;
+    let pretty = format!(
+        "[{},\n{{\"timestamp\": {:?}, \"level\": \"warn\", \"service\": \"api\",\n \"message\": \"pretty\",\n \"context\": {{\n   \"path\": \"/a b\\n\",\n   \"duration_ms\": 12.5\n }}\n}},\n{}]",
+        entry("api", "info", "before", 2),
+        logging_common::Timestamp::now().to_rfc3339(),
+        entry("api", "info", "after", 0),
+    );
+    let response = app
+        .request(Method::POST, "/api/logs?refresh=wait_for", Some(ADMIN))
+        .header("content-type", "application/json")
+        .body(pretty)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let listed = app.get_json("/api/logs?service=api&order=asc").await;
+    let messages: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["before", "pretty", "after"]);
+    assert_eq!(
+        listed["items"][1]["context"],
+        json!({"path": "/a b\n", "duration_ms": 12.5})
+    );
+    app.stop().await;
+}
+
 on_both_databases!(
+    a_pretty_printed_context_is_stored_whole,
     a_single_entry_is_created_and_fetched_with_every_field,
     a_batch_stores_the_valid_entries_and_names_each_rejection_by_index,
     resending_a_batch_stores_nothing_twice,
