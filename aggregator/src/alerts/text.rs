@@ -149,9 +149,7 @@ impl Vocabulary {
         if self.scan_ascii(text.as_bytes(), seen) {
             return;
         }
-        // Not ASCII after all: start again, word by word.
-        seen.sequence.clear();
-        seen.present.fill(0);
+        // Not ASCII (nothing was read): word by word.
         let mut lower = String::new();
         let mut previous_known = false;
         for word in text.split(|c: char| !c.is_alphanumeric()) {

@@ -6,7 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::on_both_databases;
-use crate::support::{ADMIN, Db, TestApp, WRITER, entry, expect_problem};
+use crate::support::{ADMIN, Db, TestApp, WRITER, entry, expect_problem, messages};
 
 async fn a_single_entry_is_created_and_fetched_with_every_field(db: Db) {
     let app = TestApp::start(db).await;
@@ -231,12 +231,7 @@ async fn cursor_pagination_visits_every_entry_once_while_inserts_continue(db: Db
             ts.saturating_add_nanos(1).to_rfc3339()
         ))
         .await;
-    let in_order: Vec<&str> = first_page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let in_order = messages(&first_page);
     assert_eq!(
         in_order,
         vec![
@@ -412,13 +407,7 @@ async fn a_pretty_printed_context_is_stored_whole(db: Db) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let listed = app.get_json("/api/logs?service=api&order=asc").await;
-    let messages: Vec<&str> = listed["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
-    assert_eq!(messages, ["before", "pretty", "after"]);
+    assert_eq!(messages(&listed), ["before", "pretty", "after"]);
     assert_eq!(
         listed["items"][1]["context"],
         json!({"path": "/a b\n", "duration_ms": 12.5})

@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::on_both_databases;
-use crate::support::{ADMIN, Db, TestApp, entry, expect_problem};
+use crate::support::{ADMIN, Db, TestApp, entry, expect_problem, messages};
 
 async fn health_and_readiness_report_each_dependency(db: Db) {
     let app = TestApp::start_with(db, |c| c.service_name = "logging-test".into()).await;
@@ -189,13 +189,7 @@ async fn retention_drops_whole_day_partitions(db: Db) {
     }
     assert_eq!(partitions, 1, "the old day's partition is gone");
     let listed = app.get_json("/api/logs").await;
-    let messages: Vec<&str> = listed["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
-    assert_eq!(messages, vec!["fresh"]);
+    assert_eq!(messages(&listed), vec!["fresh"]);
     let day_dirs = std::fs::read_dir(app.dir.path().join("index"))
         .unwrap()
         .count();

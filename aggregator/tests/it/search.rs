@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::on_both_databases;
-use crate::support::{Db, TestApp, entry};
+use crate::support::{Db, TestApp, entry, messages};
 
 async fn seed(app: &TestApp) {
     let mut entries = vec![
@@ -25,15 +25,6 @@ async fn seed(app: &TestApp) {
     }
     entries[3]["trace_id"] = json!("t-42");
     app.ingest(entries).await;
-}
-
-fn messages(body: &Value) -> Vec<&str> {
-    body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect()
 }
 
 async fn search_supports_terms_phrases_boolean_operators_and_filters(db: Db) {

@@ -272,6 +272,16 @@ pub fn entry(service: &str, level: &str, message: &str, seconds_ago: i64) -> Val
     })
 }
 
+/// The messages of a listing's items, in order.
+pub fn messages(body: &Value) -> Vec<&str> {
+    body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["message"].as_str().expect("message"))
+        .collect()
+}
+
 /// Asserts a problem+json answer with `status`, returning its body.
 pub async fn expect_problem(response: Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);
