@@ -26,8 +26,9 @@ use crate::db::Database;
 use crate::index::indexer::{Indexer, IndexerOptions};
 use crate::index::{IndexOptions, LogIndex};
 use crate::ingest::dedup::{Dedup, SharedDedup};
-use crate::ingest::listener::{AgentPeer, TlsListener};
+use crate::ingest::listener::TlsHandshake;
 use crate::ingest::{INDEX_CONSUMER, Ingest, IngestOptions};
+use crate::listeners::{self, Limits, Plain};
 use crate::wal::Wal;
 
 /// Waits, ingest already closed, until every sink has delivered all the WAL holds, or until
@@ -103,6 +104,23 @@ fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Everything the aggregator writes (WAL, store, SQLite, cursors, dead letters, snapshots)
+/// holds log or audit content: readable and writable by its own user only, like the token.
+fn restrict_file_modes() {
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// `DATA_DIR` itself closed to others, which also covers files an older version created 0644.
+fn restrict_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(error) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(dir = %dir.display(), %error, "cannot restrict DATA_DIR to its owner");
+    }
+}
+
 /// A running aggregator.
 pub struct Running {
     pub state: SharedState,
@@ -128,8 +146,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     config.validate()?;
     logging_common::tls::install_crypto_provider();
     let config = Arc::new(config);
+    restrict_file_modes();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create DATA_DIR {}", config.data_dir.display()))?;
+    restrict_dir(&config.data_dir);
     let metrics = metrics_handle();
 
     let index = Arc::new(
@@ -301,13 +321,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             environment: config.environment.clone(),
             retention_days: config.log_retention_days,
             max_lag_bytes: config.ingest_max_lag_bytes,
+            metrics_max_services: config.metrics_max_services,
         },
     ));
 
     let tokens = if config.log_access_control_enabled {
+        let id_key = db
+            .token_id_key()
+            .await
+            .context("cannot read the token id key from the relational store")?;
         Some(match &config.api_tokens {
             Some(spec) => {
-                TokenTable::parse(spec).map_err(|e| anyhow::anyhow!("API_TOKENS: {e}"))?
+                TokenTable::parse(spec, &id_key).map_err(|e| anyhow::anyhow!("API_TOKENS: {e}"))?
             }
             None => {
                 let (token, created) = load_or_create_admin_token(&config.data_dir)?;
@@ -318,7 +343,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 } else {
                     tracing::info!(path = %path.display(), "using the generated admin token");
                 }
-                TokenTable::parse(&format!("admin:{token}")).map_err(|e| anyhow::anyhow!(e))?
+                TokenTable::parse(&format!("admin:{token}"), &id_key)
+                    .map_err(|e| anyhow::anyhow!(e))?
             }
         })
     } else {
@@ -342,6 +368,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         indexer_healthy,
         alerts: alerting,
         sinks: sink_statuses,
+        proxies: crate::api::client::TrustedProxies::parse(&config.trusted_proxies)
+            .map_err(|e| anyhow::anyhow!("TRUSTED_PROXIES: {e}"))?,
     });
 
     // Certificates first: once the API answers, everything an agent needs exists.
@@ -358,9 +386,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 )
             })?;
     let api_addr = api_listener.local_addr()?;
-    servers.push(serve(
+    let limits = connection_limits(&config);
+    servers.push(listeners::serve(
+        "api",
         api_listener,
+        Plain,
         api::router(state.clone()),
+        limits,
         shutdown.subscribe(),
     ));
     let ingest_tcp =
@@ -373,10 +405,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 )
             })?;
     let ingest_addr = ingest_tcp.local_addr()?;
-    let ingest_listener = TlsListener::spawn(ingest_tcp, Arc::new(tls), shutdown.subscribe())?;
-    servers.push(serve_ingest(
-        ingest_listener,
+    servers.push(listeners::serve(
+        "ingest",
+        ingest_tcp,
+        TlsHandshake::new(Arc::new(tls)),
         api::ingest_router(state.clone()),
+        limits,
         shutdown.subscribe(),
     ));
     let mut metrics_addr = None;
@@ -394,9 +428,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     )
                 })?;
         metrics_addr = Some(listener.local_addr()?);
-        servers.push(serve(
+        servers.push(listeners::serve(
+            "metrics",
             listener,
+            Plain,
             api::metrics_router(state.clone()),
+            limits,
             shutdown.subscribe(),
         ));
     }
@@ -448,24 +485,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let app = router.into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!(%error, "listener failed");
-        }
-    })
-}
-
 /// The ingest listener's TLS: the configured files, or development certificates generated
 /// into `DATA_DIR/certs` on first start.
 fn ingest_tls(config: &Config) -> anyhow::Result<rustls::ServerConfig> {
@@ -486,22 +505,25 @@ fn ingest_tls(config: &Config) -> anyhow::Result<rustls::ServerConfig> {
     Ok(logging_common::tls::server_config(&cert, &key, &ca)?)
 }
 
-fn serve_ingest(
-    listener: TlsListener,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let app = router.into_make_service_with_connect_info::<AgentPeer>();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!(%error, "ingest listener failed");
+/// Each listener's limits, within what the process may open: three listeners at their
+/// connection limit, plus files and outgoing connections, must fit under `RLIMIT_NOFILE`.
+fn connection_limits(config: &Config) -> Limits {
+    listeners::raise_open_files_limit();
+    let mut limits = Limits::of(config);
+    if let Some(open_files) = listeners::open_files_limit() {
+        let reserve = 256;
+        let fits = usize::try_from(open_files.saturating_sub(reserve) / 3).unwrap_or(usize::MAX);
+        if limits.max_connections > fits {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                open_files,
+                using = fits.max(16),
+                "MAX_CONNECTIONS is more than the open-files limit allows for three listeners"
+            );
+            limits.max_connections = fits.max(16);
         }
-    })
+    }
+    limits
 }
 
 /// Refreshes the gauges that describe sizes and lag.

@@ -64,8 +64,10 @@ pub enum Permission {
 #[derive(Clone, Debug, Serialize)]
 pub struct Caller {
     pub role: Role,
-    /// The first 12 hex digits of the token's SHA-256: identifies it in the audit trail
-    /// without revealing it.
+    /// 12 hex digits of a keyed hash of the token: identifies it in the audit trail without
+    /// revealing it. The key is the installation's (in the database), so someone who reads
+    /// the audit trail cannot test guesses of a token against it, as they could against a
+    /// plain hash.
     pub token_id: String,
 }
 
@@ -83,16 +85,33 @@ impl Caller {
 /// byte by byte.
 #[derive(Clone, Debug, Default)]
 pub struct TokenTable {
-    by_digest: HashMap<[u8; 32], Role>,
+    by_digest: HashMap<[u8; 32], (Role, String)>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A token's name in the audit trail: 12 hex digits of SHA-256(key ‖ 0 ‖ token).
+fn token_id(key: &str, token: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(key.as_bytes());
+    hasher.update([0]);
+    hasher.update(token.as_bytes());
+    hasher.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl TokenTable {
-    /// Parses `role:token,role:token`.
-    pub fn parse(spec: &str) -> Result<TokenTable, String> {
+    /// Checks `role:token,role:token` (at start-up, before anything is opened).
+    pub fn check(spec: &str) -> Result<(), String> {
+        TokenTable::parse(spec, "").map(|_| ())
+    }
+
+    /// Parses `role:token,role:token`; tokens are named with `id_key` (see [`Caller`]).
+    pub fn parse(spec: &str, id_key: &str) -> Result<TokenTable, String> {
         let mut table = TokenTable::default();
         for (i, item) in spec.split(',').map(str::trim).enumerate() {
             if item.is_empty() {
@@ -115,7 +134,9 @@ impl TokenTable {
                     i + 1
                 ));
             }
-            table.by_digest.insert(digest(token), role);
+            table
+                .by_digest
+                .insert(digest(token), (role, token_id(id_key, token)));
         }
         if table.by_digest.is_empty() {
             return Err("no tokens given".into());
@@ -124,11 +145,12 @@ impl TokenTable {
     }
 
     pub fn caller(&self, token: &str) -> Option<Caller> {
-        let d = digest(token);
-        self.by_digest.get(&d).map(|&role| Caller {
-            role,
-            token_id: d[..6].iter().map(|b| format!("{b:02x}")).collect(),
-        })
+        self.by_digest
+            .get(&digest(token))
+            .map(|(role, token_id)| Caller {
+                role: *role,
+                token_id: token_id.clone(),
+            })
     }
 }
 
@@ -165,27 +187,40 @@ mod tests {
 
     #[test]
     fn token_specs_parse_into_roles_and_bad_ones_say_why() {
-        let t = TokenTable::parse("reader:r-token-1, writer:w-token-1,admin:a-token-1").unwrap();
+        let t =
+            TokenTable::parse("reader:r-token-1, writer:w-token-1,admin:a-token-1", "k").unwrap();
         assert_eq!(t.caller("r-token-1").unwrap().role, Role::Reader);
         assert_eq!(t.caller("a-token-1").unwrap().role, Role::Admin);
         assert!(t.caller("nope-nope").is_none());
         assert_eq!(t.caller("w-token-1").unwrap().token_id.len(), 12);
+        // The id is keyed: another installation names the same token differently, and
+        // neither is the token's plain hash.
+        let other = TokenTable::parse("writer:w-token-1", "other key").unwrap();
+        assert_ne!(
+            other.caller("w-token-1").unwrap().token_id,
+            t.caller("w-token-1").unwrap().token_id
+        );
+        let plain: String = digest("w-token-1")[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_ne!(t.caller("w-token-1").unwrap().token_id, plain);
         assert!(
-            TokenTable::parse("root:abcdefgh")
+            TokenTable::parse("root:abcdefgh", "k")
                 .unwrap_err()
                 .contains("unknown role")
         );
         assert!(
-            TokenTable::parse("reader")
+            TokenTable::parse("reader", "k")
                 .unwrap_err()
                 .contains("not role:token")
         );
         assert!(
-            TokenTable::parse("reader:short")
+            TokenTable::parse("reader:short", "k")
                 .unwrap_err()
                 .contains("at least 8")
         );
-        assert!(TokenTable::parse(" , ").is_err());
+        assert!(TokenTable::parse(" , ", "k").is_err());
     }
 
     #[test]

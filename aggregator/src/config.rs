@@ -128,6 +128,23 @@ pub struct Config {
     pub ingest_max_lag_bytes: u64,
     /// Largest request body accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Most entries one request may carry (`POST /api/logs` arrays, `/v1/ingest` lines); a
+    /// larger request is refused with 413 before its entries are read.
+    pub max_batch_entries: usize,
+    /// Most connections each listener keeps open at once; past it a new connection is
+    /// answered 503 and closed, so one listener cannot starve the others of descriptors.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, and the longest an idle keep-alive
+    /// connection stays open.
+    pub http_header_timeout: u64,
+    /// Seconds a client has to send a request's whole body.
+    pub http_body_timeout: u64,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDRs, comma-separated); from anyone else
+    /// the header is ignored and the connection's own address is recorded.
+    pub trusted_proxies: Vec<String>,
+    /// Services that get their own series in `/metrics`; entries of further services are
+    /// counted under `service="other"`.
+    pub metrics_max_services: usize,
     /// The aggregator's own log format: `json`, `text`, or `auto` (text on a terminal).
     pub log_format: String,
 
@@ -216,6 +233,12 @@ impl Default for Config {
             wal_max_bytes: 8 * 1024 * 1024 * 1024,
             ingest_max_lag_bytes: 64 * 1024 * 1024,
             max_request_bytes: 64 * 1024 * 1024,
+            max_batch_entries: 10_000,
+            max_connections: 1024,
+            http_header_timeout: 10,
+            http_body_timeout: 60,
+            trusted_proxies: Vec::new(),
+            metrics_max_services: 200,
             log_format: "auto".into(),
             alert_rules: default_rules(),
             alert_webhook_url: None,
@@ -354,6 +377,20 @@ impl Config {
                 "must be at least MAX_LOG_SIZE",
             ));
         }
+        if self.max_batch_entries == 0 {
+            return Err(invalid("MAX_BATCH_ENTRIES", "must be at least 1"));
+        }
+        if self.max_connections < 16 {
+            return Err(invalid("MAX_CONNECTIONS", "must be at least 16"));
+        }
+        if self.http_header_timeout == 0 || self.http_body_timeout == 0 {
+            return Err(invalid(
+                "HTTP_HEADER_TIMEOUT",
+                "HTTP_HEADER_TIMEOUT and HTTP_BODY_TIMEOUT must be at least 1 second",
+            ));
+        }
+        crate::api::client::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|reason| invalid("TRUSTED_PROXIES", reason))?;
         if self.log_retention_days == 0 {
             return Err(invalid("LOG_RETENTION_DAYS", "must be at least 1"));
         }
@@ -426,7 +463,7 @@ impl Config {
             }
         }
         if let Some(tokens) = &self.api_tokens {
-            TokenTable::parse(tokens).map_err(|reason| invalid("API_TOKENS", reason))?;
+            TokenTable::check(tokens).map_err(|reason| invalid("API_TOKENS", reason))?;
         }
         Ok(())
     }

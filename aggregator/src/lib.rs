@@ -17,6 +17,7 @@ pub mod db;
 pub mod error;
 pub mod index;
 pub mod ingest;
+pub mod listeners;
 pub mod read;
 pub mod sinks;
 pub mod wal;

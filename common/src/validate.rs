@@ -30,11 +30,24 @@ pub struct FieldError {
     pub reason: String,
 }
 
+/// Longest field name or reason an error repeats back: a reason may quote the client's
+/// value, and an answer must not grow with what the client sent.
+pub const MAX_ERROR_TEXT: usize = 256;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes (at a character boundary), marked with `…`.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        text.truncate(text.floor_char_boundary(MAX_ERROR_TEXT));
+        text.push('…');
+    }
+    text
+}
+
 impl FieldError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
         FieldError {
-            field: field.into(),
-            reason: reason.into(),
+            field: bounded(field.into()),
+            reason: bounded(reason.into()),
         }
     }
 }

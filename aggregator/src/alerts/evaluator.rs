@@ -74,7 +74,9 @@ type Groups = HashMap<String, Series, foldhash::fast::RandomState>;
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "format")]
 enum Snapshot {
-    #[serde(rename = "1")]
+    /// Format 1 wrote percentile sketches as maps it could not read back; format 2 writes
+    /// pairs. Both read the same way now.
+    #[serde(rename = "2", alias = "1")]
     V1 {
         lsn: u64,
         rules: HashMap<Uuid, RuleState>,
@@ -479,5 +481,49 @@ impl Evaluator {
         metrics::histogram!("logging_aggregator_alert_evaluation_seconds")
             .record(started.elapsed().as_secs_f64());
         Evaluation { at, rules: results }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_with_percentile_sketches_reads_back_whole() {
+        let mut series = super::super::window::Series::default();
+        for v in [0.0, -3.0, 1.0, 214.0, 1e9] {
+            series.observe(1_000, 1_000_000_000, false, Some((v, true)));
+        }
+        let mut groups = Groups::default();
+        groups.insert("g".into(), series.clone());
+        let rule = Uuid::new_v4();
+        let snapshot = Snapshot::V1 {
+            lsn: 42,
+            rules: HashMap::from([(
+                rule,
+                RuleState {
+                    version: 1,
+                    since: 7,
+                    groups,
+                },
+            )]),
+        };
+        let bytes = serde_json::to_vec(&snapshot).unwrap();
+        let Snapshot::V1 { lsn, rules } = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(lsn, 42);
+        assert_eq!(rules[&rule].groups["g"], series);
+        // What format 1 wrote (sketch keys as strings) is read too.
+        let old = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"format\":\"2\"", "\"format\":\"1\"")
+            .replace("\"sketch\":[[", "\"sketch\":{\"")
+            .replace("],[", ",\"")
+            .replace("]]", "}");
+        let old = regex::Regex::new(r#""(-?\d+),(\d+)"#)
+            .unwrap()
+            .replace_all(&old, "\"$1\":$2")
+            .into_owned();
+        let Snapshot::V1 { rules, .. } = serde_json::from_str(&old).unwrap();
+        assert_eq!(rules[&rule].groups["g"].buckets, series.buckets, "{old}");
     }
 }

@@ -26,8 +26,57 @@ pub struct Bucket {
     pub max: Option<f64>,
     /// Histogram of values: log_gamma bucket → count (positive values; zero and negatives
     /// in their own keys).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        with = "sketch_pairs"
+    )]
     pub sketch: BTreeMap<i32, u64>,
+}
+
+/// The sketch on disk: `[[key, count], …]`. A map with integer keys cannot go through the
+/// snapshot's tagged enum (serde buffers it, and the keys come back as strings that no longer
+/// parse as `i32`); pairs survive any wrapping. Maps with string keys, as the first format
+/// wrote them, are still read.
+mod sketch_pairs {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(sketch: &BTreeMap<i32, u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(sketch.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<i32, u64>, D::Error> {
+        struct Pairs;
+        impl<'de> Visitor<'de> for Pairs {
+            type Value = BTreeMap<i32, u64>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("[[key, count], …] or {\"key\": count, …}")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = seq.next_element::<(i32, u64)>()? {
+                    out.insert(k, v);
+                }
+                Ok(out)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, u64>()? {
+                    let k = k.parse::<i32>().map_err(serde::de::Error::custom)?;
+                    out.insert(k, v);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(Pairs)
+    }
 }
 
 impl Bucket {

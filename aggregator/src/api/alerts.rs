@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::logs::client_details;
+use super::client::client_details;
 use super::params::Params;
 use super::{Admin, Body, Reader, SharedState, json as json_reply};
 use crate::alerts::manager::{Command, CommandError};
@@ -198,7 +198,7 @@ async fn audit(
         Some(Value::Object(map)) => Some(map),
         _ => None,
     };
-    let (forwarded_ip, user_agent) = client_details(who.headers);
+    let (ip, user_agent) = client_details(&state.proxies, who.peer.ip(), who.headers);
     let event = AuditEvent {
         id: None,
         timestamp: None,
@@ -209,7 +209,7 @@ async fn audit(
         old_values: object(old_values),
         new_values: object(new_values),
         metadata: Map::new(),
-        ip_address: Some(forwarded_ip.unwrap_or_else(|| who.peer.ip().to_string())),
+        ip_address: Some(ip),
         user_agent,
         trace_id: None,
     };

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use logging_common::validate::{AuditEvent, FieldError};
 use serde::Serialize;
@@ -19,12 +19,37 @@ use crate::index::IndexError;
 use crate::index::query::Order;
 use crate::ingest::{IngestError, IngestOutcome};
 use crate::read::{Cursor, ListRequest, Listing, ReadError};
+use crate::wal::WalError;
 
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> ApiError {
         match error {
             IngestError::Backpressure { .. } => ApiError::backpressure(error.to_string(), 1),
-            IngestError::Wal(e) => ApiError::internal("the write-ahead log refused the write", e),
+            // Nothing was stored and nothing acknowledged: a client that retries later loses
+            // nothing, so say so with 503 and Retry-After (agents and SDKs retry those; a 500
+            // or a 507 is given up on by most).
+            IngestError::Wal(WalError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
+                tracing::error!(error = %e, "the write-ahead log's disk is full");
+                ApiError {
+                    retry_after_secs: Some(5),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the aggregator's disk (DATA_DIR) is full: nothing of this request was \
+                         stored; retry later",
+                    )
+                }
+            }
+            IngestError::Wal(e) => {
+                tracing::error!(error = %e, "the write-ahead log refused a write");
+                ApiError {
+                    retry_after_secs: Some(5),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the write-ahead log cannot write now: nothing of this request was \
+                         stored; retry later (the cause is in the aggregator's log)",
+                    )
+                }
+            }
         }
     }
 }
@@ -35,12 +60,33 @@ impl From<IndexError> for ApiError {
     }
 }
 
-/// Splits a body into its entries: one object, or an array of them.
-fn entries_of(body: &[u8]) -> Result<(Vec<&RawValue>, bool), ApiError> {
+/// Splits a body into its entries: one object, or an array of at most `max_entries`.
+///
+/// The array is read element by element and reading stops at the first element past the
+/// limit, so a body of a million tiny elements costs no more than one of `max_entries`.
+fn entries_of(body: &[u8], max_entries: usize) -> Result<(Vec<&RawValue>, bool), ApiError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     match first {
         Some(b'[') => {
-            let entries: Vec<&RawValue> = serde_json::from_slice(body)
+            let mut deserializer = serde_json::Deserializer::from_slice(body);
+            let entries = serde::Deserializer::deserialize_seq(
+                &mut deserializer,
+                BoundedEntries { max: max_entries },
+            )
+            .map_err(|e| {
+                if e.to_string().starts_with(TOO_MANY) {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the array has more than {max_entries} entries (MAX_BATCH_ENTRIES); send smaller batches"
+                        ),
+                    )
+                } else {
+                    ApiError::field("body", format!("invalid JSON: {e}"))
+                }
+            })?;
+            deserializer
+                .end()
                 .map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
             if entries.is_empty() {
                 return Err(ApiError::field("body", "the array has no entries"));
@@ -59,12 +105,41 @@ fn entries_of(body: &[u8]) -> Result<(Vec<&RawValue>, bool), ApiError> {
     }
 }
 
+const TOO_MANY: &str = "too many entries";
+
+/// Reads a JSON array's elements as raw values, failing at the first past `max`.
+struct BoundedEntries {
+    max: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedEntries {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = seq.next_element::<&RawValue>()? {
+            if entries.len() == self.max {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
 #[derive(Serialize)]
 struct BatchCreated<'a> {
     ids: &'a [Option<Uuid>],
     accepted: usize,
     duplicates: usize,
+    /// The first [`crate::ingest::MAX_LISTED_REJECTIONS`], by index.
     rejected: &'a [crate::ingest::Rejection],
+    /// Every rejection, listed or not.
+    rejected_count: usize,
 }
 
 fn wants_wait_for(params: &mut Params) -> Result<bool, ApiError> {
@@ -87,13 +162,16 @@ pub async fn create(
     let mut params = Params::parse(query.as_deref());
     let wait = wants_wait_for(&mut params)?;
     params.finish("; POST /api/logs takes only `refresh`")?;
-    let (raws, is_array) = entries_of(&body)?;
+    let (raws, is_array) = entries_of(&body, state.config.max_batch_entries)?;
     let outcome: IngestOutcome = state.ingest.ingest(&raws, None).await?;
     if wait {
-        state.ingest.wait_visible(&outcome).await;
+        // Bounded: the entries are durable whatever happens; a store that cannot catch up
+        // (a full disk) must not hold the request forever.
+        let limit = state.config.refresh_interval() * 10 + Duration::from_secs(10);
+        let _ = tokio::time::timeout(limit, state.ingest.wait_visible(&outcome)).await;
     }
     if !is_array {
-        if let Some(rejection) = outcome.rejected.into_iter().next() {
+        if let Some(rejection) = outcome.rejected.listed.into_iter().next() {
             let status = if rejection.too_large {
                 StatusCode::PAYLOAD_TOO_LARGE
             } else {
@@ -107,17 +185,7 @@ pub async fn create(
         ));
     }
     if outcome.ids.iter().all(Option::is_none) {
-        // Nothing was stored: a client error, with every entry's problems by index.
-        let errors = outcome
-            .rejected
-            .iter()
-            .flat_map(|r| {
-                r.errors.iter().map(move |e| {
-                    FieldError::new(format!("[{}].{}", r.index, e.field), e.reason.clone())
-                })
-            })
-            .collect();
-        return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
+        return Err(nothing_stored(&outcome.rejected));
     }
     Ok(json_reply(
         StatusCode::CREATED,
@@ -125,9 +193,33 @@ pub async fn create(
             ids: &outcome.ids,
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
-            rejected: &outcome.rejected,
+            rejected: &outcome.rejected.listed,
+            rejected_count: outcome.rejected.count,
         },
     ))
+}
+
+/// The answer when no entry of a batch could be stored, on `/api/logs` and `/v1/ingest`
+/// alike: 400 with the listed entries' problems by index (`[i].field`) and the full count.
+pub(super) fn nothing_stored(rejected: &crate::ingest::Rejections) -> ApiError {
+    let errors = rejected
+        .listed
+        .iter()
+        .flat_map(|r| {
+            r.errors.iter().map(move |e| {
+                FieldError::new(format!("[{}].{}", r.index, e.field), e.reason.clone())
+            })
+        })
+        .collect();
+    let mut error = ApiError::fields(StatusCode::BAD_REQUEST, errors);
+    if rejected.count > rejected.listed.len() {
+        error.detail = format!(
+            "no entry was stored: {} were rejected, the first {} are listed",
+            rejected.count,
+            rejected.listed.len()
+        );
+    }
+    error
 }
 
 impl From<ReadError> for ApiError {
@@ -259,11 +351,26 @@ fn parse_id(text: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Looks an entry up, waiting for it if it is durable but not yet searchable (so a read right
-/// after a write finds it, as Elasticsearch's realtime GET does).
+/// after a write finds it, as Elasticsearch's realtime GET does). An entry that is durable but
+/// that the store cannot catch up with (its disk full, say) is a 503 naming the store, never
+/// a 404: it exists.
 async fn lookup(state: &SharedState, id: Uuid) -> Result<Option<(i64, Vec<u8>)>, ApiError> {
     if let Some(lsn) = state.ingest.pending_lsn(&id) {
         let wait = state.config.refresh_interval() * 5 + Duration::from_secs(1);
-        let _ = tokio::time::timeout(wait, state.index.wait_searchable(lsn)).await;
+        if tokio::time::timeout(wait, state.index.wait_searchable(lsn))
+            .await
+            .is_err()
+        {
+            return Err(ApiError::unavailable(format!(
+                "log entry {id} is stored in the write-ahead log, but the embedded index has \
+                 not caught up with it (it is {} bytes behind; the cause is in the \
+                 aggregator's log)",
+                state
+                    .ingest
+                    .wal()
+                    .unread_bytes(crate::ingest::INDEX_CONSUMER)
+            )));
+        }
     }
     Ok(state.reads.get(&state.index, id).await?)
 }
@@ -281,21 +388,6 @@ pub async fn get_one(
     }
 }
 
-pub(super) fn client_details(headers: &HeaderMap) -> (Option<String>, Option<String>) {
-    let ip = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
-        .and_then(|v| v.parse::<std::net::IpAddr>().ok())
-        .map(|ip| ip.to_string());
-    let agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    (ip, agent)
-}
-
 /// `DELETE /api/logs/{id}`: hides the entry at once, and records who did it.
 pub async fn delete(
     State(state): State<SharedState>,
@@ -308,7 +400,7 @@ pub async fn delete(
     let Some((day, json)) = lookup(&state, id).await? else {
         return Err(ApiError::not_found(format!("no log entry with id {id}")));
     };
-    let (forwarded_ip, user_agent) = client_details(&headers);
+    let (ip, user_agent) = super::client::client_details(&state.proxies, peer.ip(), &headers);
     let entry: Map<String, Value> = serde_json::from_slice(&json).unwrap_or_default();
     let mut metadata = Map::new();
     for key in ["service", "level", "timestamp"] {
@@ -327,7 +419,7 @@ pub async fn delete(
         old_values: None,
         new_values: None,
         metadata,
-        ip_address: Some(forwarded_ip.unwrap_or_else(|| peer.ip().to_string())),
+        ip_address: Some(ip),
         user_agent,
         trace_id: None,
     };

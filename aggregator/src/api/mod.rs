@@ -4,6 +4,7 @@
 mod alerts;
 mod analytics;
 mod audit;
+pub mod client;
 pub mod health;
 mod ingest;
 mod logs;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub indexer_healthy: Arc<AtomicBool>,
     pub alerts: Arc<crate::alerts::Alerting>,
     pub sinks: crate::sinks::SinkStatuses,
+    /// Whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
+    pub proxies: client::TrustedProxies,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -201,14 +204,23 @@ permission_extractor!(
     "A caller allowed to delete, and to manage alerts and rules."
 );
 
-/// The request body, with an oversize body answered as 413 problem+json.
+/// The request body, with an oversize body answered as 413 and one that does not arrive
+/// within `HTTP_BODY_TIMEOUT` as 408, both problem+json.
 pub struct Body(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for Body {
+impl FromRequest<SharedState> for Body {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Bytes::from_request(request, state).await {
+    async fn from_request(request: Request, state: &SharedState) -> Result<Self, Self::Rejection> {
+        let limit = std::time::Duration::from_secs(state.config.http_body_timeout);
+        let Ok(read) = tokio::time::timeout(limit, Bytes::from_request(request, state)).await
+        else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within HTTP_BODY_TIMEOUT",
+            ));
+        };
+        match read {
             Ok(bytes) => Ok(Body(bytes)),
             Err(rejection) => {
                 let status = rejection.status();

@@ -142,10 +142,16 @@ pub fn log_filter(params: &mut Params, with_text: bool) -> Result<LogFilter, Api
         user_id: params.take("user_id").map(normalize_identifier),
         tags: params.take_all("tag"),
         text: None,
+        parsed: None,
     };
     filter.tags.extend(params.take_all("tags"));
-    if with_text {
-        filter.text = params.take("q");
+    if with_text && let Some(q) = params.take("q") {
+        // Parsed here, whichever engine answers: a query the parser refuses (too deep, too
+        // long, malformed) never reaches an engine.
+        let parsed = crate::index::query_language::parse(&q)
+            .map_err(|e| ApiError::field("q", e.to_string()))?;
+        filter.parsed = Some(parsed);
+        filter.text = Some(q);
     }
     if let (Some(start), Some(end)) = (filter.start, filter.end)
         && start >= end

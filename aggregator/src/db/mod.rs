@@ -78,6 +78,13 @@ fn migrator(engine: Engine) -> Migrator {
             include_str!("../../migrations/0002_alerts.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            Cow::Borrowed("installation"),
+            MigrationType::Simple,
+            include_str!("../../migrations/0003_installation.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -173,5 +180,26 @@ impl Database {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+impl Database {
+    /// The key that names API tokens in the audit trail (see [`crate::auth`]): made once, at
+    /// random, and kept in the database so that replicas sharing it name a token alike.
+    pub async fn token_id_key(&self) -> Result<String, DbError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| DbError::Corrupt(e.to_string()))?;
+        let fresh: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        sqlx::query(
+            "INSERT INTO installation_secrets (name, value) VALUES ('token_id_key', $1) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(fresh)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT value FROM installation_secrets WHERE name = 'token_id_key'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<String, _>("value")?)
     }
 }

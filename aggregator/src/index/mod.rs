@@ -12,6 +12,7 @@ pub mod collect;
 pub mod indexer;
 pub mod patterns;
 pub mod query;
+pub mod query_language;
 pub mod schema;
 
 use std::collections::{BTreeMap, HashMap};

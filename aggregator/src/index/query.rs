@@ -34,6 +34,8 @@ pub struct LogFilter {
     pub tags: Vec<String>,
     /// Full-text query in the query language (terms, "phrases", AND/OR/NOT, field:value).
     pub text: Option<String>,
+    /// `text`, parsed (and so bounded): see [`super::query_language`].
+    pub parsed: Option<super::query_language::Node>,
 }
 
 /// Sort direction, by (timestamp, ingest sequence).

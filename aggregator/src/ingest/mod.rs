@@ -28,6 +28,37 @@ const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 /// How long a write may wait for the store to catch up before it is refused with 429.
 const BACKPRESSURE_WAIT: Duration = Duration::from_secs(2);
 
+/// Rejections itemised in an answer, the first by index; the rest are only counted, so an
+/// answer stays small however many entries a request holds (`rejected_count` has them all).
+pub const MAX_LISTED_REJECTIONS: usize = 100;
+
+/// The refused entries of a request: the first [`MAX_LISTED_REJECTIONS`] by index, and how
+/// many there were in all.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    pub listed: Vec<Rejection>,
+    pub count: usize,
+}
+
+impl Rejections {
+    /// Records one; entries must come in index order.
+    pub fn push(&mut self, rejection: Rejection) {
+        self.count += 1;
+        if self.listed.len() < MAX_LISTED_REJECTIONS {
+            self.listed.push(rejection);
+        }
+    }
+
+    /// Both sets together, still the first by index.
+    pub fn merge(mut self, other: Rejections) -> Rejections {
+        self.count += other.count;
+        self.listed.extend(other.listed);
+        self.listed.sort_by_key(|r| r.index);
+        self.listed.truncate(MAX_LISTED_REJECTIONS);
+        self
+    }
+}
+
 /// One refused entry of a batch.
 #[derive(Debug, Serialize)]
 pub struct Rejection {
@@ -44,7 +75,7 @@ pub struct Rejection {
 pub struct IngestOutcome {
     /// Per input entry: its id if stored (or already stored), `None` if rejected.
     pub ids: Vec<Option<Uuid>>,
-    pub rejected: Vec<Rejection>,
+    pub rejected: Rejections,
     pub accepted: usize,
     pub duplicates: usize,
     /// WAL position after which every accepted entry is searchable.
@@ -59,17 +90,25 @@ pub enum IngestError {
     Wal(#[from] WalError),
 }
 
-/// `context` with `"agent": name` added, unless the entry names an agent itself. Spliced into
-/// the JSON text rather than parsing the object, which is the rare path.
-fn with_agent(context: &Context, agent: &str) -> Context {
+/// `context` with `"agent"` set by the aggregator alone: the sending agent's certificate
+/// name (`/v1/ingest`), or nothing (`/api/logs`). A client-sent `agent` is not believed: it is
+/// kept as `claimed_agent`, so nothing the client sent is lost and nobody can pose as another
+/// node. The common case (no `agent` key) splices the name into the JSON text.
+fn stamp_agent(context: &Context, agent: Option<&str>) -> Context {
     let text = context.as_json();
     if text.contains("\"agent\"") {
         let mut map = context.to_map();
-        if !map.contains_key("agent") {
+        if let Some(claimed) = map.remove("agent") {
+            map.insert("claimed_agent".into(), claimed);
+        }
+        if let Some(agent) = agent {
             map.insert("agent".into(), serde_json::Value::String(agent.into()));
         }
         return Context::from_map(&map);
     }
+    let Some(agent) = agent else {
+        return context.clone();
+    };
     let name = serde_json::to_string(agent).unwrap_or_else(|_| "\"\"".into());
     let spliced = if context.is_empty() {
         format!("{{\"agent\":{name}}}")
@@ -122,6 +161,38 @@ pub struct IngestOptions {
     pub environment: Option<String>,
     pub retention_days: u32,
     pub max_lag_bytes: u64,
+    /// Services with their own series in `/metrics` (`METRICS_MAX_SERVICES`).
+    pub metrics_max_services: usize,
+}
+
+/// The `service` label values of `/metrics`: the first `max` services seen get their own,
+/// every later one is `other`. Services are chosen by clients, and `/metrics` needs no
+/// token: without a bound, a client could grow it (and the process) without end.
+pub struct ServiceLabels {
+    max: usize,
+    known: Mutex<std::collections::HashSet<String>>,
+}
+
+impl ServiceLabels {
+    pub fn new(max: usize) -> ServiceLabels {
+        ServiceLabels {
+            max,
+            known: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// The label for `service`.
+    pub fn label(&self, service: &str) -> String {
+        let mut known = self.known.lock();
+        if known.contains(service) {
+            return service.to_string();
+        }
+        if known.len() < self.max {
+            known.insert(service.to_string());
+            return service.to_string();
+        }
+        "other".to_string()
+    }
 }
 
 pub struct Ingest {
@@ -130,6 +201,7 @@ pub struct Ingest {
     index: Arc<LogIndex>,
     options: IngestOptions,
     pub rate: RateMeter,
+    labels: ServiceLabels,
 }
 
 impl Ingest {
@@ -140,6 +212,7 @@ impl Ingest {
         options: IngestOptions,
     ) -> Ingest {
         Ingest {
+            labels: ServiceLabels::new(options.metrics_max_services),
             wal,
             dedup,
             index,
@@ -207,9 +280,7 @@ impl Ingest {
         if entry.environment.is_none() {
             entry.environment = self.options.environment.clone();
         }
-        if let Some(agent) = agent {
-            entry.context = with_agent(&entry.context, agent);
-        }
+        entry.context = stamp_agent(&entry.context, agent);
         Ok(entry)
     }
 
@@ -224,7 +295,7 @@ impl Ingest {
         self.check_backpressure().await?;
         let now = Timestamp::now();
         let mut ids = vec![None; raws.len()];
-        let mut rejected = Vec::new();
+        let mut rejected = Rejections::default();
         let mut entries = Vec::with_capacity(raws.len());
         let mut positions = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
@@ -241,9 +312,9 @@ impl Ingest {
                 }),
             }
         }
-        if !rejected.is_empty() {
+        if rejected.count > 0 {
             metrics::counter!("logging_aggregator_rejected_entries_total")
-                .increment(rejected.len() as u64);
+                .increment(rejected.count as u64);
         }
         if entries.is_empty() {
             return Ok(IngestOutcome {
@@ -264,7 +335,7 @@ impl Ingest {
         for (position, id) in positions.into_iter().zip(entry_ids) {
             ids[position] = Some(id);
         }
-        volume.record(&appended.duplicates);
+        volume.record(&appended.duplicates, &self.labels);
         metrics::counter!("logging_aggregator_duplicate_entries_total")
             .increment(duplicates as u64);
         self.rate.record(accepted as u64);
@@ -297,22 +368,24 @@ struct VolumeCounts {
 impl VolumeCounts {
     fn of(entries: &[LogEntry]) -> VolumeCounts {
         let mut groups: Vec<(String, LogLevel)> = Vec::new();
+        // A batch has few groups, but a client may send one per entry: look them up by hash.
+        let mut index: std::collections::HashMap<(&str, LogLevel), usize> =
+            std::collections::HashMap::new();
         let mut members = Vec::with_capacity(entries.len());
         for entry in entries {
-            let found = groups
-                .iter()
-                .position(|(service, level)| *level == entry.level && *service == entry.service);
-            let group = found.unwrap_or_else(|| {
-                groups.push((entry.service.clone(), entry.level));
-                groups.len() - 1
-            });
+            let group = *index
+                .entry((entry.service.as_str(), entry.level))
+                .or_insert_with(|| {
+                    groups.push((entry.service.clone(), entry.level));
+                    groups.len() - 1
+                });
             members.push(group);
         }
         VolumeCounts { groups, members }
     }
 
     /// Counts every entry that was not a duplicate.
-    fn record<T>(self, duplicates: &[Option<T>]) {
+    fn record<T>(self, duplicates: &[Option<T>], labels: &ServiceLabels) {
         let mut counts = vec![0u64; self.groups.len()];
         for (i, group) in self.members.iter().enumerate() {
             if duplicates.get(i).is_none_or(Option::is_none) {
@@ -323,7 +396,7 @@ impl VolumeCounts {
             if count > 0 {
                 metrics::counter!(
                     "logging_aggregator_ingested_entries_total",
-                    "service" => service,
+                    "service" => labels.label(&service),
                     "level" => level.as_str()
                 )
                 .increment(count);
@@ -341,17 +414,26 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_name_joins_the_context_without_overwriting_one_the_entry_has() {
+    fn the_certificate_names_the_agent_and_a_claimed_name_is_kept_aside() {
         assert_eq!(
-            with_agent(&context("{}"), "node-1").as_json(),
+            stamp_agent(&context("{}"), Some("node-1")).as_json(),
             r#"{"agent":"node-1"}"#
         );
-        let spliced = with_agent(&context(r#"{ "a": 1 }"#), "node-\"1");
+        let spliced = stamp_agent(&context(r#"{ "a": 1 }"#), Some("node-\"1"));
         assert_eq!(spliced.to_map()["agent"], "node-\"1");
         assert_eq!(spliced.to_map()["a"], 1);
-        let own = with_agent(&context(r#"{"agent":"mine"}"#), "node-1");
-        assert_eq!(own.to_map()["agent"], "mine");
-        let nested = with_agent(&context(r#"{"x":{"agent":"deep"}}"#), "node-1");
+        let spoofed = stamp_agent(&context(r#"{"agent":"other-node"}"#), Some("node-1"));
+        assert_eq!(spoofed.to_map()["agent"], "node-1");
+        assert_eq!(spoofed.to_map()["claimed_agent"], "other-node");
+        let api = stamp_agent(&context(r#"{"agent":"node-9","b":2}"#), None);
+        assert!(api.to_map().get("agent").is_none());
+        assert_eq!(api.to_map()["claimed_agent"], "node-9");
+        assert_eq!(
+            stamp_agent(&context(r#"{"b":2}"#), None).as_json(),
+            r#"{"b":2}"#
+        );
+        let nested = stamp_agent(&context(r#"{"x":{"agent":"deep"}}"#), Some("node-1"));
         assert_eq!(nested.to_map()["agent"], "node-1");
+        assert_eq!(nested.to_map()["x"]["agent"], "deep");
     }
 }

@@ -623,40 +623,108 @@ async fn error_rate_and_numeric_rules_read_their_windows_per_group() {
     app.stop().await;
 }
 
+/// Waits until the evaluator has finished `rounds` more evaluation rounds.
+async fn wait_rounds(app: &TestApp, rounds: u64) {
+    let start = evaluations(app).await;
+    for _ in 0..600 {
+        if evaluations(app).await >= start + rounds {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the evaluator did not finish {rounds} rounds");
+}
+
+async fn alerts_of(app: &TestApp, rule: &str) -> Vec<Value> {
+    app.get_json(&format!("/api/alerts?rule={rule}")).await["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn timed(service: &str, level: &str, duration_ms: u64) -> Value {
+    let mut e = entry(service, level, "served", 0);
+    e["context"] = json!({ "duration_ms": duration_ms });
+    e
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_an_alert_fires_sends_nothing_twice_and_loses_nothing() {
     let receiver = Receiver::start().await;
     let configure = |c: &mut Config| alerting(c, &receiver.url, &["webhook"]);
     let mut app = TestApp::start_with(Db::Sqlite, configure).await;
-    create_rule(
-        &app,
+    // One rule of every kind; each crosses its threshold after the restart only if the
+    // windows it had before were kept.
+    for rule in [
         json!({"name": "orders-errors", "kind": "count", "window": "1m", "threshold": 2,
                "filter": {"service": "orders", "min_level": "error"}}),
-    )
-    .await;
+        json!({"name": "pay-rate", "kind": "error_rate", "window": "1m", "threshold": 0.5,
+               "op": ">=", "min_volume": 4, "filter": {"service": "pay"}}),
+        json!({"name": "mean", "kind": "numeric", "field": "duration_ms", "aggregation": "avg",
+               "window": "1m", "threshold": 550, "op": "==", "filter": {"service": "avg"}}),
+        // p95 < 500: only the values after the restart are below it; the one before keeps
+        // p95 at 1000. Percentile windows are what could not be read back before.
+        json!({"name": "tail", "kind": "numeric", "field": "duration_ms", "aggregation": "p95",
+               "window": "1m", "threshold": 500, "op": "<", "filter": {"service": "p95"}}),
+        json!({"name": "heartbeat", "kind": "absence", "window": "8s",
+               "filter": {"service": "heartbeat"}, "group_by": ["service"]}),
+    ] {
+        create_rule(&app, rule).await;
+    }
     app.ingest(vec![
         entry("orders", "error", "db down", 0),
         entry("orders", "error", "db down", 0),
+        entry("pay", "error", "declined", 0),
+        entry("pay", "error", "declined", 0),
+        timed("avg", "info", 1000),
+        timed("p95", "info", 1000),
+        entry("heartbeat", "info", "alive", 0),
     ])
     .await;
-    // Two errors: at the threshold, not above. The windows survive the restart…
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_rounds(&app, 2).await;
+    for rule in ["orders-errors", "pay-rate", "mean", "tail", "heartbeat"] {
+        assert!(
+            alerts_of(&app, rule).await.is_empty(),
+            "{rule} fired too early"
+        );
+    }
     app.restart(configure).await;
-    // …so one more error after it crosses the threshold.
-    app.ingest(vec![entry("orders", "error", "db down", 0)])
-        .await;
+    // After the restart: one more of each.
+    app.ingest(vec![
+        entry("orders", "error", "db down", 0),
+        entry("pay", "info", "paid", 0),
+        entry("pay", "info", "paid", 0),
+        timed("avg", "info", 100),
+        timed("p95", "info", 100),
+    ])
+    .await;
     let alert = wait_for_alert(&app, "orders-errors", "firing").await;
     assert_eq!(alert["current_value"], 3.0);
-    receiver.wait_for("/webhook", 1).await;
-    // Restart while it fires: the same alert goes on, nobody is told twice.
+    assert_eq!(
+        wait_for_alert(&app, "pay-rate", "firing").await["current_value"],
+        0.5
+    );
+    assert_eq!(
+        wait_for_alert(&app, "mean", "firing").await["current_value"],
+        550.0
+    );
+    // The heartbeat was seen before the restart, and not since.
+    wait_for_alert(&app, "heartbeat", "firing").await;
+    wait_rounds(&app, 2).await;
+    assert!(
+        alerts_of(&app, "tail").await.is_empty(),
+        "p95 forgot the value from before the restart"
+    );
+    receiver.wait_for("/webhook", 4).await;
+    // Restart while they fire: the same alerts go on, nobody is told twice.
+    let told = receiver.bodies("/webhook").len();
     app.restart(configure).await;
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    let again = app.get_json("/api/alerts?rule=orders-errors").await;
-    let items = again["items"].as_array().unwrap();
-    assert_eq!(items.len(), 1, "{again}");
-    assert_eq!(items[0]["id"], alert["id"]);
-    assert_eq!(items[0]["status"], "firing");
-    assert_eq!(receiver.bodies("/webhook").len(), 1);
+    wait_rounds(&app, 3).await;
+    let again = alerts_of(&app, "orders-errors").await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["id"], alert["id"]);
+    assert_eq!(again[0]["status"], "firing");
+    assert_eq!(receiver.bodies("/webhook").len(), told);
     app.stop().await;
 }
 

@@ -220,18 +220,19 @@ impl FakeEs {
         .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let (_stop, stopped) = tokio::sync::watch::channel(false);
-        let tls = logging_aggregator::ingest::listener::TlsListener::spawn(
-            listener,
-            Arc::new(config),
-            stopped,
-        )
-        .unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let state = Shared::default();
-        let app = router(state.clone());
+        let server = logging_aggregator::listeners::serve(
+            "fake-elasticsearch",
+            listener,
+            logging_aggregator::ingest::listener::TlsHandshake::new(Arc::new(config)),
+            router(state.clone()),
+            logging_aggregator::listeners::Limits::of(&Default::default()),
+            stopped,
+        );
         tokio::spawn(async move {
-            let _stop = _stop;
-            let _ = axum::serve(tls, app).await;
+            let _stop = stop;
+            let _ = server.await;
         });
         (
             FakeEs {
