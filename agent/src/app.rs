@@ -2,6 +2,7 @@
 //! the shipper, inotify, the socket inputs, `/metrics` and `/health`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{OnceLock, mpsc as std_mpsc};
@@ -70,7 +71,9 @@ fn client(config: &Config) -> anyhow::Result<reqwest::Client> {
     let builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(60));
+        // Below the aggregator's HTTP_HEADER_TIMEOUT (10 s), which closes idle connections:
+        // the agent drops an idle one first, instead of sending into one being closed.
+        .pool_idle_timeout(Duration::from_secs(5));
     let builder = match (&config.tls_ca, &config.tls_cert, &config.tls_key) {
         (Some(ca), Some(cert), Some(key)) => {
             builder.tls_backend_preconfigured(logging_common::tls::client_config(ca, cert, key)?)
@@ -120,7 +123,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     } else {
         None
     };
-    let discovery = Discovery::new(&paths, &config.agent_exclude);
+    let symlink_roots: Vec<PathBuf> = config
+        .agent_symlink_roots
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    let discovery = Discovery::new(&paths, &config.agent_exclude, &symlink_roots);
     let (wake, woken) = std_mpsc::channel();
     let watcher = watch_roots(&discovery, wake);
     let tailer = Tailer::new(
@@ -135,7 +143,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             spool_dir: spool.as_ref().map(|_| spool_dir.clone()),
         },
         discovery,
-        Encoder::new(Redactor::new(&config.agent_redact_patterns)?),
+        Encoder::new(
+            Redactor::new(&config.agent_redact_patterns)?,
+            config.max_log_size,
+        ),
         checkpoints.clone(),
         ship_state.clone(),
         batches,
@@ -182,24 +193,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.subscribe(),
     )));
     let mut socket_addrs = SocketAddrs::default();
+    let max_message = sockets::max_message(config.max_log_size);
     if let Some(spool) = &spool {
         if let Some(address) = &config.agent_syslog_udp {
-            let (task, addr) = sockets::udp(address, spool.clone(), shutdown.subscribe())
-                .await
-                .with_context(|| format!("cannot listen on {address} (AGENT_SYSLOG_UDP)"))?;
+            let (task, addr) =
+                sockets::udp(address, spool.clone(), max_message, shutdown.subscribe())
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (AGENT_SYSLOG_UDP)"))?;
             tasks.push(task);
             socket_addrs.syslog_udp = Some(addr);
         }
         if let Some(address) = &config.agent_syslog_tcp {
-            let (task, addr) = sockets::tcp(address, spool.clone(), shutdown.subscribe())
-                .await
-                .with_context(|| format!("cannot listen on {address} (AGENT_SYSLOG_TCP)"))?;
+            let (task, addr) =
+                sockets::tcp(address, spool.clone(), max_message, shutdown.subscribe())
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (AGENT_SYSLOG_TCP)"))?;
             tasks.push(task);
             socket_addrs.syslog_tcp = Some(addr);
         }
         if let Some(path) = &config.agent_socket {
             tasks.push(
-                sockets::unix(path, spool.clone(), shutdown.subscribe())
+                sockets::unix(path, spool.clone(), max_message, shutdown.subscribe())
                     .await
                     .with_context(|| {
                         format!("cannot listen on {} (AGENT_SOCKET)", path.display())

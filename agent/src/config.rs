@@ -16,6 +16,9 @@ pub struct Config {
     pub agent_paths: Vec<String>,
     /// Globs of files never to tail.
     pub agent_exclude: Vec<String>,
+    /// Directories outside the globs' roots where a symlink found by a glob may lead (Docker's
+    /// json-file logs, which dockershim's pod logs link to); nothing else outside is followed.
+    pub agent_symlink_roots: Vec<String>,
     /// Checkpoints and the socket spool.
     pub agent_data_dir: PathBuf,
     /// The CA that signed the aggregator's certificate (PEM).
@@ -62,6 +65,7 @@ impl Default for Config {
             aggregator_url: "https://localhost:8443".into(),
             agent_paths: vec!["/var/log/pods/*/*/*.log".into()],
             agent_exclude: Vec::new(),
+            agent_symlink_roots: vec!["/var/lib/docker/containers".into()],
             agent_data_dir: PathBuf::from("/var/lib/logging-agent"),
             tls_ca: None,
             tls_cert: None,

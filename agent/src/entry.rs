@@ -1,5 +1,5 @@
 //! From a whole message to the NDJSON line the aggregator receives: parse, enrich with where
-//! it came from, redact, and give it its deterministic id (DESIGN §3).
+//! it came from, redact, and give it its deterministic id (docs/design.md §3).
 //!
 //! The line is written directly (no intermediate `LogEntry`): the context is assembled from
 //! the raw JSON values the parser kept, which is what keeps the cost per line low.
@@ -42,6 +42,26 @@ pub struct SourceMeta {
 /// Turns messages into entry lines.
 pub struct Encoder {
     redactor: Redactor,
+    /// The longest entry line (`MAX_LOG_SIZE`): what the aggregator accepts.
+    max_entry: usize,
+}
+
+/// The longest prefix of `text` whose JSON string form (quotes included) takes at most
+/// `budget` bytes, as serde_json escapes it.
+fn fitting_prefix(text: &str, budget: usize) -> &str {
+    let mut used = 2;
+    for (i, c) in text.char_indices() {
+        let n = match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if used + n > budget {
+            return &text[..i];
+        }
+        used += n;
+    }
+    text
 }
 
 fn write_str(out: &mut Vec<u8>, text: &str) {
@@ -59,20 +79,73 @@ fn write_opt(out: &mut Vec<u8>, key: &str, value: &Option<String>) {
 }
 
 impl Encoder {
-    pub fn new(redactor: Redactor) -> Encoder {
-        Encoder { redactor }
+    pub fn new(redactor: Redactor, max_entry: usize) -> Encoder {
+        Encoder {
+            redactor,
+            max_entry,
+        }
     }
 
     /// Appends the entry line for `message` (with its trailing newline) to `out`.
+    ///
+    /// The line never exceeds `MAX_LOG_SIZE`: one that would is written again with the body
+    /// as its message (redacted), cut so that the whole entry fits, its parsed fields left
+    /// out and `context.truncated` set; so a long line arrives cut, never refused.
     pub fn encode(&self, meta: &SourceMeta, message: &Message, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.encode_whole(meta, message, out, None);
+        if out.len() - start > self.max_entry {
+            out.truncate(start);
+            let body = String::from_utf8_lossy(&message.body);
+            let body = body.trim_end_matches(['\r', '\n']);
+            let mut fired = Vec::new();
+            let text = self.redactor.redact(body, &mut fired).into_owned();
+            // The entry with an empty message says how much room the message has.
+            self.encode_whole(meta, message, out, Some(("", &fired)));
+            let room = (self.max_entry + 2).saturating_sub(out.len() - start);
+            out.truncate(start);
+            let cut = fitting_prefix(&text, room);
+            self.encode_whole(meta, message, out, Some((cut, &fired)));
+        }
+    }
+
+    /// Writes the entry; with `cut` = (message, rules that fired on it), the message is that
+    /// text, the body's own fields are left out, and the entry is marked truncated.
+    fn encode_whole(
+        &self,
+        meta: &SourceMeta,
+        message: &Message,
+        out: &mut Vec<u8>,
+        cut: Option<(&str, &[&'static str])>,
+    ) {
         let body = String::from_utf8_lossy(&message.body);
         let body = body.trim_end_matches(['\r', '\n']);
         let mut parsed: Parsed = parse(body);
         let mut fired = Vec::new();
         let text = parsed.message.take();
-        let text = self
-            .redactor
-            .redact(text.as_deref().unwrap_or(body), &mut fired);
+        let text = match cut {
+            Some((cut, rules)) => {
+                fired.extend_from_slice(rules);
+                parsed.context.clear();
+                // Only short lifted fields stay: a huge one could not fit in any case.
+                for lifted in [
+                    &mut parsed.service,
+                    &mut parsed.trace_id,
+                    &mut parsed.span_id,
+                    &mut parsed.request_id,
+                    &mut parsed.correlation_id,
+                    &mut parsed.user_id,
+                ] {
+                    if lifted.as_ref().is_some_and(|v| v.len() > 256) {
+                        *lifted = None;
+                    }
+                }
+                std::borrow::Cow::Borrowed(cut)
+            }
+            None => self
+                .redactor
+                .redact(text.as_deref().unwrap_or(body), &mut fired),
+        };
         let timestamp = parsed
             .timestamp
             .or(message.time)
@@ -131,7 +204,7 @@ impl Encoder {
             object.separate(out);
             out.extend_from_slice(extra.as_bytes());
         }
-        if message.truncated {
+        if message.truncated || cut.is_some() {
             field(&mut object, out, "truncated");
             out.extend_from_slice(b"true");
         }
@@ -196,7 +269,7 @@ mod tests {
     use super::*;
 
     fn encode(body: &str, truncated: bool) -> serde_json::Value {
-        let encoder = Encoder::new(Redactor::new(&[]).unwrap());
+        let encoder = Encoder::new(Redactor::new(&[]).unwrap(), 1 << 20);
         let meta = SourceMeta {
             source_id: b"node-1\0file".to_vec(),
             service: "web".into(),
@@ -251,5 +324,56 @@ mod tests {
         assert_eq!(e["context"]["truncated"], true);
         let e = encode("{\"service\":\"billing\",\"msg\":\"own service\"}", false);
         assert_eq!(e["service"], "billing");
+    }
+
+    #[test]
+    fn a_line_too_long_for_one_entry_is_cut_to_fit_whole() {
+        let max = 4096;
+        let encoder = Encoder::new(Redactor::new(&[]).unwrap(), max);
+        let meta = SourceMeta {
+            source_id: b"node-1\0file".to_vec(),
+            service: "web".into(),
+            kubernetes: Some(r#"{"namespace":"shop","pod":"web-1","node":"node-1"}"#.into()),
+            extra: None,
+        };
+        for body in [
+            format!(
+                r#"{{"level":"error","msg":"big","blob":"{}","trace_id":"t1"}}"#,
+                "x".repeat(10_000)
+            ),
+            // Control characters take six bytes each once escaped.
+            "\u{1}".repeat(5_000),
+            format!("password=hunter2 {}", "é".repeat(5_000)),
+        ] {
+            let message = Message {
+                start: 7,
+                time: None,
+                stream: None,
+                body: body.clone().into_bytes(),
+                truncated: false,
+            };
+            let mut out = b"earlier line\n".to_vec();
+            encoder.encode(&meta, &message, &mut out);
+            let line = &out[13..];
+            assert!(line.len() <= max, "{} bytes", line.len());
+            assert!(
+                line.len() > max - 64,
+                "the room is used: {} bytes",
+                line.len()
+            );
+            let entry: serde_json::Value = serde_json::from_slice(line).unwrap();
+            assert_eq!(entry["context"]["truncated"], true);
+            assert_eq!(entry["context"]["kubernetes"]["pod"], "web-1");
+            let text = entry["message"].as_str().unwrap();
+            assert!(!text.contains("hunter2"), "redacted before it is cut");
+            if body.starts_with('{') {
+                assert!(
+                    body.starts_with(text),
+                    "the message is the start of the body"
+                );
+                assert_eq!(entry["trace_id"], "t1");
+                assert_eq!(entry["level"], "error");
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The node agent: follows container log files and local sockets (syslog, a Unix socket),
 //! turns their lines into entries, and ships them to the aggregator over mutual TLS without
-//! losing or duplicating any (DESIGN §3, §4, §5).
+//! losing or duplicating any (docs/design.md §3, §4, §5).
 //!
 //! Follow one line through the modules in order: [`discover`] finds the file, [`tail`] reads
 //! it (runtime formats in [`decode`], stack traces in [`multiline`]), [`entry`] parses

@@ -4,7 +4,7 @@
 //!
 //! Bodies are read without building a value tree: JSON is split into keys and raw values, and
 //! only the few known keys are parsed, which is what keeps the agent's cost per line low
-//! (DESIGN §10).
+//! (docs/design.md §10).
 
 use std::borrow::Cow;
 

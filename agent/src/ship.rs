@@ -1,5 +1,5 @@
 //! Shipping batches: zstd NDJSON over HTTPS with the agent's client certificate
-//! (`POST /v1/ingest`, DESIGN §5), retried with exponential backoff and jitter, honouring
+//! (`POST /v1/ingest`, docs/design.md §5), retried with exponential backoff and jitter, honouring
 //! `Retry-After` on 429/503, never giving up on an aggregator that is down.
 //!
 //! Several batches may be in flight, but checkpoints advance in batch order: a batch's
@@ -170,9 +170,15 @@ impl Shipper {
                             .record(started.elapsed().as_secs_f64());
                         let answer: serde_json::Value = response.json().await.unwrap_or_default();
                         let count = |k: &str| answer[k].as_u64().unwrap_or(0);
-                        let rejected = answer["rejected"].as_array().map_or(0, |r| r.len() as u64);
+                        let listed = answer["rejected"].as_array().cloned().unwrap_or_default();
+                        let rejected = count("rejected_count").max(listed.len() as u64);
                         if rejected > 0 {
-                            tracing::warn!(batch = sequence, rejected = %answer["rejected"], "the aggregator rejected entries");
+                            tracing::warn!(
+                                batch = sequence,
+                                rejected,
+                                "the aggregator rejected entries; they are kept in the dead-letter file"
+                            );
+                            self.dead_letter_rejected(body, &listed, rejected);
                         }
                         return Outcome::Delivered {
                             accepted: count("accepted"),
@@ -184,8 +190,34 @@ impl Shipper {
                         return self.split_and_send(body, sequence).await;
                     }
                     Ok(response) if response.status() == StatusCode::BAD_REQUEST => {
-                        let reason = response.text().await.unwrap_or_default();
-                        self.dead_letter(body, &reason);
+                        // Nothing of the batch was stored: every entry goes to the dead-letter
+                        // file, with its own reasons where the answer names them (`[i].field`).
+                        let problem: serde_json::Value = response.json().await.unwrap_or_default();
+                        let detail = problem["detail"]
+                            .as_str()
+                            .unwrap_or("refused (400)")
+                            .to_string();
+                        let mut reasons: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+                        for error in problem["errors"].as_array().into_iter().flatten() {
+                            let field = error["field"].as_str().unwrap_or("");
+                            let index = field
+                                .strip_prefix('[')
+                                .and_then(|f| f.split_once(']'))
+                                .and_then(|(i, _)| i.parse::<usize>().ok());
+                            if let Some(index) = index {
+                                let reason = error["reason"].as_str().unwrap_or("");
+                                reasons
+                                    .entry(index)
+                                    .or_default()
+                                    .push(format!("{field}: {reason}"));
+                            }
+                        }
+                        self.dead_letter(body, |i| {
+                            reasons
+                                .get(&i)
+                                .map(|r| r.join("; "))
+                                .unwrap_or_else(|| detail.clone())
+                        });
                         return Outcome::DeadLettered;
                     }
                     Ok(response) => {
@@ -218,7 +250,9 @@ impl Shipper {
             .filter(|l| !l.is_empty())
             .collect();
         if lines.len() <= 1 {
-            self.dead_letter(body, "a single entry is larger than the aggregator accepts");
+            self.dead_letter(body, |_| {
+                "a single entry is larger than the aggregator accepts (413)".to_string()
+            });
             return Outcome::DeadLettered;
         }
         let (first, second) = lines.split_at(lines.len() / 2);
@@ -246,19 +280,88 @@ impl Shipper {
         }
     }
 
-    fn dead_letter(&self, body: &[u8], reason: &str) {
-        tracing::error!(reason, file = %self.dead_letter.display(), "the aggregator refused a batch; kept in the dead-letter file");
+    /// Entries of a stored batch that the aggregator rejected: the listed ones with their
+    /// reasons; when it rejected more than it lists, every other entry too, said so (it may
+    /// also have been stored), so that no rejected entry is lost.
+    fn dead_letter_rejected(&self, body: &[u8], listed: &[serde_json::Value], count: u64) {
+        let reasons: BTreeMap<usize, String> = listed
+            .iter()
+            .filter_map(|r| {
+                let index = usize::try_from(r["index"].as_u64()?).ok()?;
+                Some((index, r["error"].as_str().unwrap_or("rejected").to_string()))
+            })
+            .collect();
+        let unlisted = count > reasons.len() as u64;
+        let lines = decompress(body);
+        let mut out = Vec::new();
+        for (i, line) in entry_lines(&lines).enumerate() {
+            let reason = match reasons.get(&i) {
+                Some(reason) => reason.clone(),
+                None if unlisted => format!(
+                    "the aggregator rejected {count} entries of this batch and listed {}; this one may be among the others, or stored",
+                    reasons.len()
+                ),
+                None => continue,
+            };
+            dead_letter_record(&mut out, line, &reason);
+        }
+        self.append_dead_letters(&out);
+    }
+
+    /// Every entry of a batch the aggregator refused as a whole, with `reason_of(index)`.
+    fn dead_letter(&self, body: &[u8], reason_of: impl Fn(usize) -> String) {
+        let lines = decompress(body);
+        let mut out = Vec::new();
+        for (i, line) in entry_lines(&lines).enumerate() {
+            dead_letter_record(&mut out, line, &reason_of(i));
+        }
+        tracing::error!(file = %self.dead_letter.display(), "the aggregator refused a batch; kept in the dead-letter file");
+        self.append_dead_letters(&out);
+    }
+
+    fn append_dead_letters(&self, records: &[u8]) {
+        if records.is_empty() {
+            return;
+        }
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.dead_letter)
             .and_then(|mut f| {
-                f.write_all(&decompress(body))?;
+                f.write_all(records)?;
                 f.sync_all()
             });
-        if let Err(error) = written {
-            tracing::error!(%error, "cannot write the dead-letter file");
+        match written {
+            Ok(()) => {
+                let n = records.iter().filter(|&&b| b == b'\n').count();
+                metrics::counter!("logging_agent_dead_letter_entries_total").increment(n as u64);
+            }
+            Err(error) => tracing::error!(%error, "cannot write the dead-letter file"),
         }
+    }
+}
+
+/// The non-empty lines of an NDJSON batch.
+fn entry_lines(ndjson: &[u8]) -> impl Iterator<Item = &[u8]> {
+    ndjson
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+}
+
+/// One line of the dead-letter file: `{"at","reason","entry"}`, the entry as sent (or as
+/// text, if it is not JSON).
+fn dead_letter_record(out: &mut Vec<u8>, line: &[u8], reason: &str) {
+    let entry = match serde_json::from_slice::<&serde_json::value::RawValue>(line) {
+        Ok(raw) => serde_json::json!(raw),
+        Err(_) => serde_json::Value::String(String::from_utf8_lossy(line).into_owned()),
+    };
+    let record = serde_json::json!({
+        "at": logging_common::Timestamp::now().to_rfc3339(),
+        "reason": reason,
+        "entry": entry,
+    });
+    if serde_json::to_writer(&mut *out, &record).is_ok() {
+        out.push(b'\n');
     }
 }
 

@@ -14,8 +14,15 @@ use tokio::task::JoinHandle;
 use crate::spool::Spool;
 use crate::syslog;
 
-/// Longest message accepted on a socket; longer ones are cut and marked.
-const MAX_MESSAGE: usize = 1024 * 1024;
+/// Room left in an entry for everything but the message (id, timestamp, metadata).
+const ENVELOPE: usize = 4096;
+
+/// The longest message kept from a socket for entries of at most `max_log_size` bytes;
+/// longer ones are cut there, marked `truncated`, and the rest of them is read and dropped
+/// (never taken for the next message).
+pub fn max_message(max_log_size: usize) -> usize {
+    max_log_size.saturating_sub(ENVELOPE).max(256)
+}
 
 fn spool_entry(spool: &Spool, entry: Map<String, Value>, transport: &str) {
     let line = serde_json::to_vec(&Value::Object(entry)).unwrap_or_default();
@@ -27,16 +34,17 @@ fn spool_entry(spool: &Spool, entry: Map<String, Value>, transport: &str) {
     }
 }
 
-fn cut(text: &str) -> (&str, bool) {
-    if text.len() <= MAX_MESSAGE {
+fn cut(text: &str, max: usize) -> (&str, bool) {
+    if text.len() <= max {
         (text, false)
     } else {
-        (&text[..text.floor_char_boundary(MAX_MESSAGE)], true)
+        (&text[..text.floor_char_boundary(max)], true)
     }
 }
 
-fn syslog_entry(text: &str, transport: &str) -> Map<String, Value> {
-    let (text, truncated) = cut(text);
+fn syslog_entry(text: &str, transport: &str, max: usize, cut_before: bool) -> Map<String, Value> {
+    let (text, truncated) = cut(text, max);
+    let truncated = truncated || cut_before;
     let mut entry = syslog::to_entry(text, transport);
     entry.entry("service").or_insert_with(|| "syslog".into());
     if truncated {
@@ -47,8 +55,9 @@ fn syslog_entry(text: &str, transport: &str) -> Map<String, Value> {
 
 /// A line from the Unix socket: an entry as JSON (fields as for `POST /api/logs`), or a raw
 /// line of text.
-fn socket_entry(text: &str) -> Map<String, Value> {
-    let (text, truncated) = cut(text.trim_end_matches(['\r', '\n']));
+fn socket_entry(text: &str, max: usize, cut_before: bool) -> Map<String, Value> {
+    let (text, truncated) = cut(text.trim_end_matches(['\r', '\n']), max);
+    let truncated = truncated || cut_before;
     let mut entry = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => map,
         _ => {
@@ -69,6 +78,7 @@ fn socket_entry(text: &str) -> Map<String, Value> {
 pub async fn udp(
     address: &str,
     spool: Arc<Spool>,
+    max: usize,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<(JoinHandle<()>, SocketAddr)> {
     let socket = UdpSocket::bind(address).await?;
@@ -84,7 +94,11 @@ pub async fn udp(
             match received {
                 Ok((n, _)) => {
                     let text = String::from_utf8_lossy(&buf[..n]);
-                    spool_entry(&spool, syslog_entry(&text, "syslog-udp"), "syslog-udp");
+                    spool_entry(
+                        &spool,
+                        syslog_entry(&text, "syslog-udp", max, false),
+                        "syslog-udp",
+                    );
                 }
                 Err(error) => tracing::warn!(%error, "syslog UDP receive failed"),
             }
@@ -98,6 +112,7 @@ pub async fn udp(
 pub async fn tcp(
     address: &str,
     spool: Arc<Spool>,
+    max: usize,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<(JoinHandle<()>, SocketAddr)> {
     let listener = TcpListener::bind(address).await?;
@@ -114,7 +129,7 @@ pub async fn tcp(
             };
             let spool = spool.clone();
             tokio::spawn(async move {
-                if let Err(error) = read_syslog_stream(stream, &spool).await {
+                if let Err(error) = read_syslog_stream(stream, &spool, max).await {
                     tracing::debug!(%peer, %error, "syslog TCP connection ended");
                 }
             });
@@ -123,8 +138,13 @@ pub async fn tcp(
     Ok((task, local))
 }
 
-async fn read_syslog_stream(stream: tokio::net::TcpStream, spool: &Spool) -> std::io::Result<()> {
+async fn read_syslog_stream(
+    stream: tokio::net::TcpStream,
+    spool: &Spool,
+    max: usize,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
     loop {
         let first = {
             let buf = reader.fill_buf().await?;
@@ -134,31 +154,78 @@ async fn read_syslog_stream(stream: tokio::net::TcpStream, spool: &Spool) -> std
             }
         };
         if first.is_ascii_digit() {
-            // Octet counting: "<length> <message>".
+            // Octet counting: "<length> <message>". A length past what is kept is read whole
+            // (the stream stays framed) and all but its first `max` bytes dropped.
             let mut length = Vec::new();
-            reader.read_until(b' ', &mut length).await?;
-            let length: usize = std::str::from_utf8(&length)
+            (&mut reader).take(20).read_until(b' ', &mut length).await?;
+            let length: u64 = std::str::from_utf8(&length)
                 .ok()
                 .and_then(|l| l.trim().parse().ok())
-                .filter(|l| *l <= MAX_MESSAGE)
                 .ok_or_else(|| std::io::Error::other("bad octet count"))?;
-            let mut message = vec![0u8; length];
-            reader.read_exact(&mut message).await?;
-            let text = String::from_utf8_lossy(&message);
-            spool_entry(spool, syslog_entry(&text, "syslog-tcp"), "syslog-tcp");
-        } else {
-            let mut line = Vec::new();
-            let n = (&mut reader)
-                .take(MAX_MESSAGE as u64 + 1)
-                .read_until(b'\n', &mut line)
+            let mut message = Vec::new();
+            (&mut reader)
+                .take(length.min(max as u64))
+                .read_to_end(&mut message)
                 .await?;
-            if n == 0 {
-                return Ok(());
+            let rest = length.saturating_sub(message.len() as u64);
+            if rest > 0 {
+                tokio::io::copy(&mut (&mut reader).take(rest), &mut tokio::io::sink()).await?;
             }
+            let text = String::from_utf8_lossy(&message);
+            spool_entry(
+                spool,
+                syslog_entry(&text, "syslog-tcp", max, rest > 0),
+                "syslog-tcp",
+            );
+        } else {
+            let Some(cut_before) = read_line(&mut reader, &mut line, max).await? else {
+                return Ok(());
+            };
             let text = String::from_utf8_lossy(&line);
             if !text.trim().is_empty() {
-                spool_entry(spool, syslog_entry(&text, "syslog-tcp"), "syslog-tcp");
+                spool_entry(
+                    spool,
+                    syslog_entry(&text, "syslog-tcp", max, cut_before),
+                    "syslog-tcp",
+                );
             }
+        }
+    }
+}
+
+/// Reads one line into `line`, keeping at most `max` bytes of it and dropping the rest up to
+/// its newline. `None` at the end of the stream; else whether the line was cut.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<bool>> {
+    line.clear();
+    let n = (&mut *reader)
+        .take(max as u64)
+        .read_until(b'\n', line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') || n < max {
+        return Ok(Some(false));
+    }
+    // Cut: skip to the end of the line without keeping it.
+    loop {
+        let (done, used) = {
+            let buf = reader.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(Some(true));
+            }
+            match memchr::memchr(b'\n', buf) {
+                Some(i) => (true, i + 1),
+                None => (false, buf.len()),
+            }
+        };
+        reader.consume(used);
+        if done {
+            return Ok(Some(true));
         }
     }
 }
@@ -167,6 +234,7 @@ async fn read_syslog_stream(stream: tokio::net::TcpStream, spool: &Spool) -> std
 pub async fn unix(
     path: &Path,
     spool: Arc<Spool>,
+    max: usize,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<JoinHandle<()>> {
     // A socket file left by an earlier run would make bind fail.
@@ -184,20 +252,10 @@ pub async fn unix(
             tokio::spawn(async move {
                 let mut reader = BufReader::new(stream);
                 let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match (&mut reader)
-                        .take(MAX_MESSAGE as u64 + 1)
-                        .read_until(b'\n', &mut line)
-                        .await
-                    {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {
-                            let text = String::from_utf8_lossy(&line);
-                            if !text.trim().is_empty() {
-                                spool_entry(&spool, socket_entry(&text), "unix-socket");
-                            }
-                        }
+                while let Ok(Some(cut_before)) = read_line(&mut reader, &mut line, max).await {
+                    let text = String::from_utf8_lossy(&line);
+                    if !text.trim().is_empty() {
+                        spool_entry(&spool, socket_entry(&text, max, cut_before), "unix-socket");
                     }
                 }
             });
@@ -211,12 +269,34 @@ mod tests {
 
     #[test]
     fn socket_lines_are_entries_or_raw_messages() {
-        let e =
-            socket_entry("{\"level\":\"error\",\"service\":\"cron\",\"message\":\"job failed\"}\n");
+        let e = socket_entry(
+            "{\"level\":\"error\",\"service\":\"cron\",\"message\":\"job failed\"}\n",
+            1024,
+            false,
+        );
         assert_eq!(e["service"], "cron");
         assert_eq!(e["source"], "unix-socket");
-        let raw = socket_entry("just text\n");
+        let raw = socket_entry("just text\n", 1024, false);
         assert_eq!(raw["msg"], "just text");
         assert_eq!(raw["service"], "socket");
+    }
+
+    #[tokio::test]
+    async fn a_long_line_is_cut_and_its_rest_never_becomes_the_next_message() {
+        let mut input: &[u8] = b"short\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\nnext\nBBBBBBBBBBBB";
+        let mut line = Vec::new();
+        let mut got = Vec::new();
+        while let Some(cut) = read_line(&mut input, &mut line, 10).await.unwrap() {
+            got.push((String::from_utf8_lossy(&line).into_owned(), cut));
+        }
+        assert_eq!(
+            got,
+            vec![
+                ("short\n".to_string(), false),
+                ("AAAAAAAAAA".to_string(), true),
+                ("next\n".to_string(), false),
+                ("BBBBBBBBBB".to_string(), true),
+            ]
+        );
     }
 }

@@ -207,6 +207,41 @@ impl Tailer {
             >= self.options.max_in_flight_bytes
     }
 
+    /// Opens `path` to tail it, if it resolves inside the allowed roots (checked by path, then
+    /// again on the opened descriptor).
+    fn open(&self, path: &std::path::Path) -> Option<Tailed> {
+        if let Err(refusal) = self.discovery.resolve(path) {
+            self.discovery.report(path, &refusal);
+            return None;
+        }
+        let checkpoints = self.checkpoints.clone();
+        // Spool lines are entries the agent wrote itself, their message already cut to fit
+        // an entry; JSON escaping may make the line longer than that, so read them whole.
+        let in_spool = self
+            .options
+            .spool_dir
+            .as_deref()
+            .is_some_and(|dir| path.parent() == Some(dir));
+        let max_line = if in_spool {
+            self.options.max_line.saturating_mul(8)
+        } else {
+            self.options.max_line
+        };
+        match Tailed::open(path, max_line, &move |id| checkpoints.file_offset(id)) {
+            Ok(tailed) => match self.discovery.admits_opened(tailed.file()) {
+                Ok(()) => Some(tailed),
+                Err(refusal) => {
+                    self.discovery.report(path, &refusal);
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(file = %path.display(), %error, "cannot open");
+                None
+            }
+        }
+    }
+
     /// Opens new files and notices renamed, deleted and truncated ones.
     fn rescan(&mut self) {
         metrics::counter!("logging_agent_rescans_total").increment(1);
@@ -225,15 +260,9 @@ impl Tailer {
             if self.files.contains_key(&key) {
                 continue;
             }
-            let checkpoints = self.checkpoints.clone();
-            match Tailed::open(&path, self.options.max_line, &move |id| {
-                checkpoints.file_offset(id)
-            }) {
-                Ok(tailed) => {
-                    tracing::info!(file = %path.display(), offset = tailed.offset, "tailing");
-                    self.files.insert(key, tailed);
-                }
-                Err(error) => tracing::warn!(file = %path.display(), %error, "cannot open"),
+            if let Some(tailed) = self.open(&path) {
+                tracing::info!(file = %path.display(), offset = tailed.offset, "tailing");
+                self.files.insert(key, tailed);
             }
         }
         for tailed in self.files.values_mut() {
@@ -319,20 +348,15 @@ impl Tailer {
             if found_keys.contains(&key) || self.files.contains_key(&key) {
                 continue;
             }
-            let checkpoints = self.checkpoints.clone();
-            match Tailed::open(&path, self.options.max_line, &move |id| {
-                checkpoints.file_offset(id)
-            }) {
-                Ok(mut tailed) => {
-                    if tailed.offset >= metadata.len() && tailed.offset > 0 {
-                        continue;
-                    }
-                    tracing::info!(file = %path.display(), offset = tailed.offset, "finishing a file rotated while the agent was down");
-                    tailed.gone_since = Some(Instant::now());
-                    self.files.insert(key, tailed);
-                }
-                Err(error) => tracing::warn!(file = %path.display(), %error, "cannot open"),
+            let Some(mut tailed) = self.open(&path) else {
+                continue;
+            };
+            if tailed.offset >= metadata.len() && tailed.offset > 0 {
+                continue;
             }
+            tracing::info!(file = %path.display(), offset = tailed.offset, "finishing a file rotated while the agent was down");
+            tailed.gone_since = Some(Instant::now());
+            self.files.insert(key, tailed);
         }
     }
 

@@ -98,7 +98,7 @@ pub struct Config {
     /// Where alerts are sent: webhook, slack, alertmanager, email, sms (comma-separated).
     pub alert_notification_channels: Vec<String>,
 
-    // --- DESIGN §8 ---
+    // --- docs/design.md §8 ---
     /// Data directory: WAL, embedded index, SQLite database, generated admin token.
     pub data_dir: PathBuf,
     /// API tokens, `role:token,…` with role reader, writer or admin.

@@ -1,6 +1,6 @@
 //! Entry ids: UUIDv7 whose time part is the entry's own timestamp.
 //!
-//! Two ways to make one (DESIGN §3):
+//! Two ways to make one (docs/design.md §3):
 //! - [`new_log_id`]: random bits, for an entry whose sender gave no id;
 //! - [`deterministic_log_id`]: bits derived from where the entry came from (node, file
 //!   fingerprint, byte offset, or socket sequence), so an entry re-sent after a crash carries

@@ -1,9 +1,9 @@
 //! The one place that builds TLS configurations, for both ends of the agent → aggregator link
-//! (DESIGN §5): the aggregator requires a client certificate that chains to its CA; the agent
+//! (docs/design.md §5): the aggregator requires a client certificate that chains to its CA; the agent
 //! verifies the aggregator against the same CA and presents its own certificate.
 //!
 //! One crypto provider (ring) for the whole process: with several crates in the build both
-//! ring and aws-lc-rs can be compiled in, and rustls then refuses to choose (DESIGN §10).
+//! ring and aws-lc-rs can be compiled in, and rustls then refuses to choose (docs/design.md §10).
 
 use std::path::Path;
 use std::sync::Arc;

@@ -105,6 +105,11 @@ const SIGNATURE_BYTES: usize = 64;
 pub type Sink<'a> = &'a mut dyn FnMut(&SourceMeta, Message);
 
 impl Tailed {
+    /// The open descriptor (what the path led to when it was opened).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Opens `path`, resuming at `resume(id)` when its fingerprint is known.
     pub fn open(
         path: &Path,

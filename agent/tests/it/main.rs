@@ -53,10 +53,11 @@ async fn syslog_over_udp_and_tcp_with_both_framings_is_spooled_as_entries() {
     let spool_dir = dir.path().join("spool");
     let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints).unwrap());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let (_udp, udp_addr) = sockets::udp("127.0.0.1:0", spool.clone(), stopped.clone())
+    let max = 4096;
+    let (_udp, udp_addr) = sockets::udp("127.0.0.1:0", spool.clone(), max, stopped.clone())
         .await
         .unwrap();
-    let (_tcp, tcp_addr) = sockets::tcp("127.0.0.1:0", spool.clone(), stopped.clone())
+    let (_tcp, tcp_addr) = sockets::tcp("127.0.0.1:0", spool.clone(), max, stopped.clone())
         .await
         .unwrap();
 
@@ -83,8 +84,38 @@ async fn syslog_over_udp_and_tcp_with_both_framings_is_spooled_as_entries() {
         .await
         .unwrap();
     lines.shutdown().await.unwrap();
+    // Messages far longer than kept, in both framings: each is cut and marked, its rest
+    // dropped, and the message after it arrives whole.
+    let mut long = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+    let huge = format!(
+        "<11>1 2026-11-27T06:00:05Z db-1 big - - - {}",
+        "x".repeat(300_000)
+    );
+    long.write_all(format!("{} {huge}", huge.len()).as_bytes())
+        .await
+        .unwrap();
+    let after = "<13>1 2026-11-27T06:00:06Z db-1 big - - - after the counted one";
+    long.write_all(format!("{} {after}", after.len()).as_bytes())
+        .await
+        .unwrap();
+    long.shutdown().await.unwrap();
+    let mut long = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+    long.write_all(format!("<13>Nov 27 06:00:07 host big: {}\n", "y".repeat(200_000)).as_bytes())
+        .await
+        .unwrap();
+    long.write_all(b"<13>Nov 27 06:00:08 host big: after the long line\n")
+        .await
+        .unwrap();
+    long.shutdown().await.unwrap();
 
-    let spooled = wait_for(&spool_dir, 5).await;
+    let spooled = wait_for(&spool_dir, 9).await;
+    assert_eq!(spooled.len(), 9, "no message split in pieces: {spooled:#?}");
+    let cut: Vec<&serde_json::Value> = spooled.iter().filter(|e| e["truncated"] == true).collect();
+    assert_eq!(cut.len(), 2, "{spooled:#?}");
+    for e in cut {
+        let msg = e["msg"].as_str().unwrap();
+        assert!(msg.len() < max && msg.len() > max / 2, "{}", msg.len());
+    }
     let find = |msg: &str| {
         spooled
             .iter()
@@ -105,6 +136,8 @@ async fn syslog_over_udp_and_tcp_with_both_framings_is_spooled_as_entries() {
     assert_eq!(counted["source"], "syslog-tcp");
     find("first");
     find("second");
+    find("after the counted one");
+    find("after the long line");
 }
 
 #[tokio::test]
@@ -115,7 +148,7 @@ async fn the_unix_socket_takes_ndjson_entries_and_raw_lines() {
     let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints).unwrap());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let path = dir.path().join("agent.sock");
-    let _unix = sockets::unix(&path, spool, stopped).await.unwrap();
+    let _unix = sockets::unix(&path, spool, 1 << 20, stopped).await.unwrap();
     let path_for_client = path.clone();
     tokio::task::spawn_blocking(move || {
         let mut client = std::os::unix::net::UnixStream::connect(path_for_client).unwrap();

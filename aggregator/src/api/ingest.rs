@@ -1,4 +1,4 @@
-//! `POST /v1/ingest`: the agents' batches (DESIGN §5), on the mTLS ingest listener only.
+//! `POST /v1/ingest`: the agents' batches (docs/design.md §5), on the mTLS ingest listener only.
 //!
 //! The body is NDJSON of entries, usually zstd-compressed (`Content-Encoding: zstd`). Each
 //! line is read on its own, so a malformed line is rejected with its index and costs nothing

@@ -1,4 +1,4 @@
-//! The operator API (DESIGN §6): routes, shared state, access control and the helpers every
+//! The operator API (docs/design.md §6): routes, shared state, access control and the helpers every
 //! handler uses. Handlers are thin: they parse, call the store, and shape the answer.
 
 mod alerts;

@@ -1,4 +1,4 @@
-//! The agents' ingest listener: TLS with required client certificates (DESIGN §5).
+//! The agents' ingest listener: TLS with required client certificates (docs/design.md §5).
 //!
 //! The handshake runs in the connection's own task (a slow or hostile client cannot stall the
 //! accept loop) under [`HANDSHAKE_TIMEOUT`], and only connections whose certificate chains to

@@ -1,4 +1,4 @@
-//! Sinks: external stores fed from the WAL (DESIGN §2, §3, §7). Each sink is a WAL consumer
+//! Sinks: external stores fed from the WAL (docs/design.md §2, §3, §7). Each sink is a WAL consumer
 //! of its own, on its own thread, with its own durable cursor, so a sink that is down or slow
 //! never blocks ingest, the index or another sink; its cursor advances only past entries the
 //! engine accepted or that were written to its dead-letter file, so after an outage or a
