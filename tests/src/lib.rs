@@ -50,12 +50,27 @@ pub struct AggregatorProcess {
     data_dir: PathBuf,
     extra_env: Vec<(String, String)>,
     log: PathBuf,
+    adjust: Adjust,
 }
+
+/// A change to the aggregator's command before it starts (e.g. resource limits).
+type Adjust = std::sync::Arc<dyn Fn(&mut Command) + Send + Sync>;
 
 impl AggregatorProcess {
     /// Starts `logging-aggregator` on `data_dir` and waits until it is ready. `extra_env` adds
     /// or overrides variables; an empty value unsets one.
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> AggregatorProcess {
+        AggregatorProcess::start_with(data_dir, extra_env, |_| {})
+    }
+
+    /// As [`AggregatorProcess::start`], with `adjust` applied to the command at every start.
+    pub fn start_with(
+        data_dir: &Path,
+        extra_env: &[(&str, &str)],
+        adjust: impl Fn(&mut Command) + Send + Sync + 'static,
+    ) -> AggregatorProcess {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let adjust: Adjust = std::sync::Arc::new(adjust);
         let port = free_port();
         let ingest_port = free_port();
         let mut process = AggregatorProcess {
@@ -65,6 +80,7 @@ impl AggregatorProcess {
                 ingest_port,
                 extra_env,
                 &data_dir.join("aggregator.log"),
+                &*adjust,
             ),
             port,
             ingest_port,
@@ -75,6 +91,7 @@ impl AggregatorProcess {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log: data_dir.join("aggregator.log"),
+            adjust,
         };
         process.wait_ready();
         process
@@ -131,7 +148,14 @@ impl AggregatorProcess {
             .collect();
         self.port = free_port();
         self.base = format!("http://127.0.0.1:{}", self.port);
-        self.child = spawn(&self.data_dir, self.port, self.ingest_port, &env, &self.log);
+        self.child = spawn(
+            &self.data_dir,
+            self.port,
+            self.ingest_port,
+            &env,
+            &self.log,
+            &*self.adjust,
+        );
         self.wait_ready();
     }
 }
@@ -148,6 +172,7 @@ fn spawn(
     ingest_port: u16,
     extra_env: &[(&str, &str)],
     log: &Path,
+    adjust: &(dyn Fn(&mut Command) + Send + Sync),
 ) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -176,6 +201,7 @@ fn spawn(
             command.env(k, v);
         }
     }
+    adjust(&mut command);
     command.spawn().expect("start logging-aggregator")
 }
 

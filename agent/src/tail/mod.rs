@@ -274,13 +274,13 @@ impl Tailed {
                     } else if self.line.is_empty() {
                         let start = self.line_start;
                         self.line_start = end;
-                        self.handle_line(&bytes[..newline], start, sink);
+                        self.handle_line(&bytes[..newline], start, sink, false);
                     } else {
                         let mut line = std::mem::take(&mut self.line);
                         line.extend_from_slice(&bytes[..newline]);
                         let start = self.line_start;
                         self.line_start = end;
-                        self.handle_line(&line, start, sink);
+                        self.handle_line(&line, start, sink, false);
                     }
                     self.line_start = end;
                     bytes = &bytes[newline + 1..];
@@ -294,7 +294,9 @@ impl Tailed {
                             self.line.extend_from_slice(&bytes[..room]);
                             let line = std::mem::take(&mut self.line);
                             let start = self.line_start;
-                            self.handle_truncated_line(&line, start, sink);
+                            // Decoded like any line (a CRI or Docker prefix is still whole),
+                            // and marked cut.
+                            self.handle_line(&line, start, sink, true);
                             self.skipping = true;
                         } else {
                             self.line.extend_from_slice(bytes);
@@ -306,22 +308,9 @@ impl Tailed {
         }
     }
 
-    fn handle_truncated_line(&mut self, line: &[u8], start: u64, sink: Sink<'_>) {
-        let meta = self.meta.clone();
-        let Some(meta) = meta else { return };
-        sink(
-            &meta,
-            Message {
-                start,
-                time: None,
-                stream: None,
-                body: line.to_vec(),
-                truncated: true,
-            },
-        );
-    }
-
-    fn handle_line(&mut self, line: &[u8], start: u64, sink: Sink<'_>) {
+    /// Decodes one line and joins it as its format says; `cut`: the line was longer than
+    /// `max_line` and this is its start.
+    fn handle_line(&mut self, line: &[u8], start: u64, sink: Sink<'_>, cut: bool) {
         let format = *self.format.get_or_insert_with(|| detect(line));
         let decoded = decode(format, line);
         let index = usize::from(decoded.stream == Stream::Stderr);
@@ -338,6 +327,7 @@ impl Tailed {
                 } else {
                     partial.body.extend_from_slice(&decoded.body);
                 }
+                partial.truncated |= cut;
                 partial
             }
             None => Message {
@@ -345,7 +335,7 @@ impl Tailed {
                 time: decoded.time,
                 stream: stream_tag,
                 body: decoded.body[..decoded.body.len().min(max_line)].to_vec(),
-                truncated: decoded.body.len() > max_line,
+                truncated: decoded.body.len() > max_line || cut,
             },
         };
         if decoded.partial {
@@ -414,7 +404,7 @@ impl Tailed {
             let line = std::mem::take(&mut self.line);
             let start = self.line_start;
             self.line_start = self.offset;
-            self.handle_line(&line, start, sink);
+            self.handle_line(&line, start, sink, false);
         }
         for state in &mut self.streams {
             if let Some(partial) = state.partial.take() {

@@ -139,6 +139,42 @@ fn an_overlong_line_is_truncated_and_marked_without_being_held_whole() {
 }
 
 #[test]
+fn an_overlong_cri_line_keeps_its_decoded_prefix_when_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    let ts = "2026-11-27T06:16:57.123456789Z";
+    append(
+        &path,
+        &format!(
+            "{ts} stdout F short\n{ts} stderr F err\n{ts} stdout F long {}\n{ts} stdout F after\n",
+            "z".repeat(50_000)
+        ),
+    );
+    let mut tailed = Tailed::open(&path, 1000, &|_| None).unwrap();
+    let mut got = Vec::new();
+    let mut sink = |_: &SourceMeta, m: Message| {
+        got.push((
+            String::from_utf8_lossy(&m.body[..m.body.len().min(7)]).into_owned(),
+            m.stream,
+            m.truncated,
+            m.time.is_some(),
+        ))
+    };
+    while tailed.read(4096, &meta, &mut sink).unwrap() > 0 {}
+    tailed.flush_held(Duration::ZERO, &mut sink);
+    // Each stream keeps its own order (stderr is held apart, for its own multiline).
+    got.retain(|m| m.1 == Some(Stream::Stdout));
+    assert_eq!(
+        got,
+        vec![
+            ("short".to_string(), Some(Stream::Stdout), false, true),
+            ("long zz".to_string(), Some(Stream::Stdout), true, true),
+            ("after".to_string(), Some(Stream::Stdout), false, true),
+        ]
+    );
+}
+
+#[test]
 fn copytruncate_starts_again_at_zero_with_a_new_fingerprint() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.log");

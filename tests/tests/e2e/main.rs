@@ -3,4 +3,5 @@
 mod agent;
 mod config;
 mod durability;
+mod hostile;
 mod manifests;

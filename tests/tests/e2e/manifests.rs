@@ -72,7 +72,7 @@ fn differences(original: &Value, typed: &Value, at: &str, out: &mut Vec<String>)
 }
 
 /// Deserializes into `T`, serializes back, and insists nothing was lost or changed
-/// (k8s-openapi drops unknown fields silently, DESIGN §10).
+/// (k8s-openapi drops unknown fields silently, docs/design.md §10).
 fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<T, String> {
     let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
     let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
