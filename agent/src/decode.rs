@@ -204,4 +204,66 @@ mod tests {
         assert_eq!(&*odd.body, b"garbage that is not CRI");
         assert!(!odd.partial);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn body() -> impl Strategy<Value = String> {
+            // Anything but a newline: that ends the line.
+            "[^\\n]{0,120}"
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_decode_to_something_in_every_format(
+                line in proptest::collection::vec(any::<u8>(), 0..300)
+            ) {
+                for format in [Format::Cri, Format::Docker, Format::Plain] {
+                    let d = decode(format, &line);
+                    prop_assert!(d.body.len() <= line.len() || format == Format::Docker);
+                }
+                let _ = detect(&line);
+            }
+
+            #[test]
+            fn cri_lines_round_trip(
+                nanos in 0i64..4_000_000_000_000_000_000,
+                stderr in any::<bool>(),
+                partial in any::<bool>(),
+                text in body(),
+            ) {
+                let ts = Timestamp::from_nanos(nanos);
+                let line = format!(
+                    "{} {} {} {text}",
+                    ts.to_rfc3339(),
+                    if stderr { "stderr" } else { "stdout" },
+                    if partial { "P" } else { "F" }
+                );
+                prop_assert_eq!(detect(line.as_bytes()), Format::Cri);
+                let d = decode(Format::Cri, line.as_bytes());
+                prop_assert_eq!(d.time, Some(ts));
+                prop_assert_eq!(d.stream, if stderr { Stream::Stderr } else { Stream::Stdout });
+                prop_assert_eq!(d.partial, partial);
+                prop_assert_eq!(&*d.body, text.as_bytes());
+            }
+
+            #[test]
+            fn docker_lines_round_trip(text in body(), whole in any::<bool>(), stderr in any::<bool>()) {
+                let log = if whole { format!("{text}\n") } else { text.clone() };
+                let line = serde_json::json!({
+                    "log": log,
+                    "stream": if stderr { "stderr" } else { "stdout" },
+                    "time": "2026-11-27T06:16:57.123456789Z",
+                })
+                .to_string();
+                let d = decode(Format::Docker, line.as_bytes());
+                prop_assert_eq!(&*d.body, text.as_bytes());
+                prop_assert_eq!(d.partial, !whole);
+                prop_assert!(d.time.is_some());
+            }
+        }
+    }
 }

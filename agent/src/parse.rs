@@ -211,8 +211,10 @@ fn parse_logfmt(body: &str) -> Option<Parsed> {
             while i < bytes.len() {
                 match bytes[i] {
                     b'\\' if i + 1 < bytes.len() => {
-                        value.push(bytes[i + 1] as char);
-                        i += 2;
+                        // The escaped character may be any UTF-8 character, not one byte.
+                        let ch = body[i + 1..].chars().next()?;
+                        value.push(ch);
+                        i += 1 + ch.len_utf8();
                     }
                     b'"' => {
                         closed = true;
@@ -494,6 +496,90 @@ mod tests {
             ("GET / 200", None),
         ] {
             assert_eq!(detect_level(line), want, "{line}");
+        }
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A bare logfmt value that is text, not a number.
+        fn word() -> impl Strategy<Value = String> {
+            "[a-zA-Z][a-zA-Z0-9_./:-]{0,19}"
+        }
+
+        fn level() -> impl Strategy<Value = LogLevel> {
+            prop_oneof![
+                Just(LogLevel::Debug),
+                Just(LogLevel::Info),
+                Just(LogLevel::Warning),
+                Just(LogLevel::Error),
+                Just(LogLevel::Critical),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_body_parses_without_panicking(body in ".{0,300}") {
+                let parsed = parse(&body);
+                let _ = detect_level(&body);
+                for (key, value) in &parsed.context {
+                    // Context values are JSON text, whatever the body was.
+                    prop_assert!(serde_json::from_str::<serde_json::Value>(value).is_ok(), "{key}={value}");
+                }
+            }
+
+            #[test]
+            fn json_bodies_give_back_their_message_level_and_fields(
+                msg in "[ -~]{0,60}",
+                level in level(),
+                key in "[a-z]{3,10}",
+                value in any::<i64>(),
+            ) {
+                prop_assume!(!matches!(key.as_str(), "msg" | "message" | "level" | "lvl" | "severity" | "ts" | "time" | "timestamp"));
+                let body = serde_json::json!({"msg": msg, "level": level.as_str(), key.clone(): value}).to_string();
+                let parsed = parse(&body);
+                prop_assert_eq!(parsed.message.as_deref(), Some(msg.as_str()));
+                prop_assert_eq!(parsed.level, Some(level));
+                let found = parsed.context.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+                prop_assert_eq!(found, Some(value.to_string()));
+            }
+
+            #[test]
+            fn logfmt_bodies_give_back_their_message_level_and_fields(
+                msg in "[ -~&&[^\"\\\\]]{1,40}",
+                level in level(),
+                key in "[a-z]{3,10}",
+                value in word(),
+            ) {
+                prop_assume!(!matches!(key.as_str(), "msg" | "message" | "level" | "lvl" | "severity" | "ts" | "time" | "timestamp"));
+                let body = format!("level={} msg=\"{msg}\" {key}={value}", level.as_str());
+                let parsed = parse(&body);
+                prop_assert_eq!(parsed.level, Some(level));
+                prop_assert_eq!(parsed.message.as_deref(), Some(msg.as_str()));
+                let found = parsed.context.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+                prop_assert_eq!(found, Some(serde_json::to_string(&value).unwrap()));
+            }
+
+            #[test]
+            fn access_log_lines_give_back_method_path_and_status(
+                method in prop_oneof![Just("GET"), Just("POST"), Just("PUT"), Just("DELETE")],
+                path in "/[a-z0-9/_.-]{0,30}",
+                status in 100u16..600,
+                bytes in 0u32..100_000,
+            ) {
+                let body = format!(
+                    "10.0.0.7 - - [27/Nov/2026:06:00:00 +0000] \"{method} {path} HTTP/1.1\" {status} {bytes} \"-\" \"curl/8.0\""
+                );
+                let parsed = parse(&body);
+                let field = |k: &str| parsed.context.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+                prop_assert_eq!(field("method"), Some(format!("\"{method}\"")));
+                prop_assert_eq!(field("path"), Some(serde_json::to_string(&path).unwrap()));
+                prop_assert_eq!(field("status"), Some(status.to_string()));
+                prop_assert!(parsed.level.is_some());
+            }
         }
     }
 }

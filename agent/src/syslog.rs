@@ -236,7 +236,9 @@ mod tests {
             "<>x",
             "<13>Zzz 99 99:99:99 h t: m",
         ] {
-            let _ = to_entry(text, "syslog-udp");
+            let e = to_entry(text, "syslog-udp");
+            assert_eq!(e["source"], "syslog-udp", "{text:?}");
+            assert!(e["msg"].is_string(), "{text:?}: {e:?}");
         }
     }
 
@@ -258,5 +260,46 @@ mod tests {
         assert_eq!(e["service"], "kernel");
         let e = to_entry("no priority at all", "syslog-udp");
         assert_eq!(e["msg"], "no priority at all");
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever arrives on a socket: an entry with its source and a message taken
+            /// from the text itself, and a level only if it is a real one.
+            #[test]
+            fn any_text_is_an_entry_whose_message_comes_from_it(text in ".{0,200}") {
+                let e = to_entry(&text, "syslog-tcp");
+                prop_assert_eq!(&e["source"], "syslog-tcp");
+                let msg = e["msg"].as_str().expect("a message");
+                prop_assert!(text.contains(msg.trim()), "{msg:?} not in {text:?}");
+                if let Some(level) = e.get("level") {
+                    prop_assert!(level.as_str().and_then(LogLevel::parse).is_some());
+                }
+            }
+
+            /// RFC 5424 as a sender writes it comes back field by field.
+            #[test]
+            fn rfc5424_round_trips(
+                pri in 0u8..192,
+                host in "[a-z][a-z0-9-]{0,15}",
+                app in "[a-z][a-z0-9_]{0,15}",
+                procid in "[0-9]{1,5}",
+                msg in "[!-~]([ -~]{0,78}[!-~])?",
+            ) {
+                let line = format!("<{pri}>1 2026-11-27T06:00:00Z {host} {app} {procid} - - {msg}");
+                let e = to_entry(&line, "syslog-udp");
+                prop_assert_eq!(&e["hostname"], host.as_str());
+                prop_assert_eq!(&e["service"], app.as_str());
+                prop_assert_eq!(&e["procid"], procid.as_str());
+                prop_assert_eq!(e["msg"].as_str().unwrap(), msg.as_str());
+                let level = LogLevel::from_syslog_severity(u64::from(pri & 7)).unwrap();
+                prop_assert_eq!(&e["level"], level.as_str());
+            }
+        }
     }
 }

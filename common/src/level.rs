@@ -248,4 +248,25 @@ mod tests {
             "\"warning\""
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_text_is_a_level_or_refused(text in ".{0,32}") {
+                if let Some(level) = LogLevel::parse(&text) {
+                    prop_assert_eq!(LogLevel::parse(level.as_str()), Some(level));
+                }
+            }
+
+            #[test]
+            fn every_level_round_trips_through_its_name_and_any_case(i in 0usize..9, upper in any::<bool>()) {
+                let level = LogLevel::ALL[i];
+                let name = if upper { level.as_str().to_uppercase() } else { level.as_str().to_string() };
+                prop_assert_eq!(LogLevel::parse(&name), Some(level));
+            }
+        }
+    }
 }

@@ -421,4 +421,36 @@ mod tests {
             assert_eq!(days_from_civil(y, m, d), days);
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(5000))]
+
+            #[test]
+            fn any_text_parses_or_is_refused(text in ".{0,64}") {
+                let _ = Timestamp::parse(&text);
+                let _ = Timestamp::parse_rfc3339(&text);
+            }
+
+            #[test]
+            fn epoch_numbers_of_any_size_never_overflow(n in any::<i64>(), f in any::<f64>()) {
+                let _ = Timestamp::from_epoch_integer(n);
+                let _ = Timestamp::from_epoch_number(f);
+                let _ = Timestamp::parse(&n.to_string());
+                let _ = Timestamp::parse(&f.to_string());
+            }
+
+            /// Every instant from 1900 to 2200 survives RFC 3339 and back, to the nanosecond.
+            #[test]
+            fn rfc3339_round_trips(nanos in -2_208_988_800_000_000_000i64..7_258_118_400_000_000_000) {
+                let ts = Timestamp::from_nanos(nanos);
+                let text = ts.to_rfc3339();
+                prop_assert_eq!(Timestamp::parse_rfc3339(&text).unwrap(), ts, "{}", text);
+                prop_assert_eq!(Timestamp::parse(&text).unwrap(), ts);
+            }
+        }
+    }
 }

@@ -613,4 +613,92 @@ mod tests {
         let (secs, _) = e.id.get_timestamp().unwrap().to_unix();
         assert_eq!(secs as i64, e.timestamp.as_nanos() / 1_000_000_000);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn limits() -> EntryLimits {
+            EntryLimits {
+                max_entry_bytes: 1 << 20,
+            }
+        }
+
+        /// JSON values of any shape (nesting included), as a client might send them.
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                ".{0,40}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("timestamp".to_string()),
+                            Just("level".to_string()),
+                            Just("service".to_string()),
+                            Just("message".to_string()),
+                            Just("context".to_string()),
+                            Just("trace_id".to_string()),
+                            Just("tags".to_string()),
+                            Just("id".to_string()),
+                            ".{0,12}",
+                        ],
+                        inner,
+                        0..8,
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Whatever a client sends is an entry or a list of field errors, each short.
+            #[test]
+            fn any_json_is_an_entry_or_bounded_errors(value in json()) {
+                let text = serde_json::to_string(&value).unwrap();
+                let raw = serde_json::value::RawValue::from_string(text).unwrap();
+                match validate_log_entry(&raw, limits(), Timestamp::from_nanos(1_800_000_000_000_000_000)) {
+                    Ok(entry) => prop_assert!(!entry.service.trim().is_empty()),
+                    Err(error) => {
+                        prop_assert!(!error.errors.is_empty());
+                        for e in &error.errors {
+                            prop_assert!(e.field.len() <= MAX_ERROR_TEXT + 3);
+                            prop_assert!(e.reason.len() <= MAX_ERROR_TEXT + 3);
+                        }
+                    }
+                }
+            }
+
+            /// A well-formed entry is accepted and keeps its fields.
+            #[test]
+            fn valid_entries_keep_their_fields(
+                service in "[a-z][a-z0-9-]{0,20}",
+                message in ".{0,100}",
+                level in 0usize..9,
+            ) {
+                let level = crate::LogLevel::ALL[level];
+                let text = serde_json::json!({
+                    "timestamp": "2026-11-27T06:00:00Z",
+                    "level": level.as_str(),
+                    "service": service,
+                    "message": message,
+                }).to_string();
+                let raw = serde_json::value::RawValue::from_string(text).unwrap();
+                let entry = validate_log_entry(&raw, limits(), Timestamp::from_nanos(1_800_000_000_000_000_000)).unwrap();
+                prop_assert_eq!(entry.service, service);
+                prop_assert_eq!(entry.message, message);
+                prop_assert_eq!(entry.level, level);
+            }
+        }
+    }
 }

@@ -481,4 +481,29 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// A rule's query from any text: compiled, or refused with a reason.
+            #[test]
+            fn any_text_is_a_rule_query_or_refused(text in ".{0,200}") {
+                if let Ok(query) = TextQuery::parse(&text) {
+                    let mut vocabulary = Vocabulary::default();
+                    let _ = query.compile(&mut vocabulary);
+                }
+            }
+
+            #[test]
+            fn deep_or_long_rule_queries_stay_flat(n in 1usize..5000) {
+                let _ = TextQuery::parse(&"NOT ".repeat(n));
+                let _ = TextQuery::parse(&"(".repeat(n));
+                let _ = TextQuery::parse(&"a OR ".repeat(n));
+            }
+        }
+    }
 }

@@ -210,4 +210,26 @@ mod tests {
         assert!(parse_interval("0s").is_err());
         assert!(parse_interval("99999999999999999d").is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_text_is_an_interval_or_refused(text in ".{0,24}") {
+                if let Ok(secs) = parse_interval(&text) {
+                    prop_assert!(secs > 0 && secs <= 100 * 365 * 86_400);
+                }
+            }
+
+            #[test]
+            fn written_intervals_read_back(n in 1i64..100_000, unit in 0usize..4) {
+                let (suffix, scale) = [("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)][unit];
+                let expected = n * scale;
+                prop_assume!(expected <= 100 * 365 * 86_400);
+                prop_assert_eq!(parse_interval(&format!("{n}{suffix}")), Ok(expected));
+            }
+        }
+    }
 }

@@ -51,6 +51,51 @@ fn decompress(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Vec<u8>,
     }
 }
 
+/// A batch's lines: the JSON ones, where each was, and those that are not JSON.
+struct Lines<'a> {
+    raws: Vec<&'a RawValue>,
+    /// The line number of each of `raws`.
+    positions: Vec<usize>,
+    unreadable: Rejections,
+}
+
+/// Splits NDJSON into its entries (blank lines skipped); `None` past `max` entries, which is
+/// found by counting newlines before any line is read.
+fn read_lines(ndjson: &[u8], max: usize) -> Option<Lines<'_>> {
+    let is_entry = |line: &&[u8]| !line.iter().all(u8::is_ascii_whitespace);
+    if ndjson
+        .split(|&b| b == b'\n')
+        .filter(is_entry)
+        .nth(max)
+        .is_some()
+    {
+        return None;
+    }
+    let mut lines = Lines {
+        raws: Vec::new(),
+        positions: Vec::new(),
+        unreadable: Rejections::default(),
+    };
+    for (index, line) in ndjson.split(|&b| b == b'\n').filter(is_entry).enumerate() {
+        match serde_json::from_slice::<&RawValue>(line) {
+            Ok(raw) => {
+                lines.raws.push(raw);
+                lines.positions.push(index);
+            }
+            Err(error) => {
+                let reason = format!("not JSON ({error})");
+                lines.unreadable.push(Rejection {
+                    index,
+                    error: format!("entry: {reason}"),
+                    errors: vec![FieldError::new("entry", reason)],
+                    too_large: false,
+                })
+            }
+        }
+    }
+    Some(lines)
+}
+
 /// `POST /v1/ingest`.
 ///
 /// At most `MAX_BATCH_ENTRIES` lines (413 past it, counted before any line is read); the
@@ -64,41 +109,20 @@ pub async fn ingest(
 ) -> Result<Response, ApiError> {
     let ndjson = decompress(&headers, &body, state.config.max_request_bytes)?;
     drop(body);
-    let is_entry = |line: &&[u8]| !line.iter().all(u8::is_ascii_whitespace);
     let max = state.config.max_batch_entries;
-    if ndjson
-        .split(|&b| b == b'\n')
-        .filter(is_entry)
-        .nth(max)
-        .is_some()
-    {
+    let Some(Lines {
+        raws,
+        positions,
+        unreadable,
+    }) = read_lines(&ndjson, max)
+    else {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "the batch has more than {max} entries (MAX_BATCH_ENTRIES); send smaller batches"
             ),
         ));
-    }
-    let mut raws: Vec<&RawValue> = Vec::new();
-    let mut positions = Vec::new();
-    let mut unreadable = Rejections::default();
-    for (index, line) in ndjson.split(|&b| b == b'\n').filter(is_entry).enumerate() {
-        match serde_json::from_slice::<&RawValue>(line) {
-            Ok(raw) => {
-                raws.push(raw);
-                positions.push(index);
-            }
-            Err(error) => {
-                let reason = format!("not JSON ({error})");
-                unreadable.push(Rejection {
-                    index,
-                    error: format!("entry: {reason}"),
-                    errors: vec![FieldError::new("entry", reason)],
-                    too_large: false,
-                })
-            }
-        }
-    }
+    };
     let outcome = state.ingest.ingest(&raws, peer.name.as_deref()).await?;
     let mut validated = outcome.rejected;
     for rejection in &mut validated.listed {
@@ -121,4 +145,53 @@ pub async fn ingest(
             "rejected_count": rejected.count,
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn zstd_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_ENCODING, "zstd".parse().unwrap());
+        headers
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any body: decoded within the limit, or refused; never more than the limit.
+        #[test]
+        fn any_body_decompresses_within_the_limit_or_is_refused(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(out) = decompress(&zstd_headers(), &body, 4096) {
+                prop_assert!(out.len() <= 4096);
+            }
+            let plain = decompress(&HeaderMap::new(), &body, 4096).unwrap();
+            prop_assert_eq!(plain, body);
+        }
+
+        #[test]
+        fn zstd_round_trips_and_bombs_stop_at_the_limit(text in proptest::collection::vec(any::<u8>(), 0..2048), copies in 1usize..64) {
+            let body = zstd::bulk::compress(&text.repeat(copies), 3).unwrap();
+            match decompress(&zstd_headers(), &body, 4096) {
+                Ok(out) => prop_assert_eq!(out, text.repeat(copies)),
+                Err(e) => {
+                    prop_assert!(text.len() * copies > 4096);
+                    prop_assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+                }
+            }
+        }
+
+        /// Every non-blank line is accounted for: an entry to validate, or unreadable.
+        #[test]
+        fn every_line_is_read_or_rejected_by_its_index(lines in proptest::collection::vec(".{0,40}", 0..50)) {
+            let ndjson = lines.join("\n");
+            let entries = lines.iter().filter(|l| !l.bytes().all(|b| b.is_ascii_whitespace())).count();
+            let read = read_lines(ndjson.as_bytes(), 100).unwrap();
+            prop_assert_eq!(read.raws.len() + read.unreadable.count, entries);
+            prop_assert!(read.positions.iter().all(|p| *p < entries));
+            prop_assert!(read_lines(ndjson.as_bytes(), entries.saturating_sub(1)).is_none() || entries == 0);
+        }
+    }
 }

@@ -528,4 +528,33 @@ mod tests {
         let top = top_patterns(["user 1 in", "user 2 in", "disk full"].into_iter(), 1);
         assert_eq!((top[0].pattern.as_str(), top[0].count), ("user <*> in", 2));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn any_text_is_a_cursor_or_refused(text in "[A-Za-z0-9_-]{0,40}|.{0,40}") {
+                let _ = Cursor::decode(&text, Order::Asc);
+                let _ = Cursor::decode(&text, Order::Desc);
+            }
+
+            #[test]
+            fn cursors_round_trip_in_their_own_order_only(ts in any::<i64>(), seq in any::<u64>(), id in any::<u128>(), asc in any::<bool>()) {
+                let order = if asc { Order::Asc } else { Order::Desc };
+                let other = if asc { Order::Desc } else { Order::Asc };
+                for cursor in [
+                    Cursor::Sequence(SortPosition { ts, seq }),
+                    Cursor::Id { ts, id: Uuid::from_u128(id) },
+                ] {
+                    let text = cursor.encode(order);
+                    prop_assert_eq!(Cursor::decode(&text, order), Ok(cursor));
+                    prop_assert!(Cursor::decode(&text, other).is_err());
+                }
+            }
+        }
+    }
 }

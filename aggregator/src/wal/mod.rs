@@ -16,7 +16,7 @@ mod segment;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use segment::{
-    HEADER_LEN, RawRecord, ReadOutcome, SegmentReader, encode_record, list_segments, record_len,
-    segment_file_name, sync_dir,
+    HEADER_LEN, RawRecord, ReadOutcome, SegmentFile, SegmentReader, encode_record, list_segments,
+    record_len, segment_file_name, sync_dir,
 };
 
 /// Recent records kept in memory, so a consumer that keeps up (or falls behind by less than
@@ -333,7 +333,7 @@ impl Wal {
 
         let active_path = segments.last().map(|(_, p)| p.clone()).unwrap_or_default();
         let active_start = segments.last().map_or(0, |(s, _)| *s);
-        let active = OpenOptions::new().append(true).open(&active_path)?;
+        let active = SegmentFile::open(&active_path)?;
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -505,7 +505,7 @@ struct Writer {
     receiver: mpsc::Receiver<Job>,
     admission: Box<dyn Admission>,
     segment_bytes: u64,
-    active: File,
+    active: SegmentFile,
     active_start: u64,
     active_len: u64,
 }
@@ -595,10 +595,9 @@ impl Writer {
         }
 
         if !buf.is_empty() {
-            let written = self
-                .active
-                .write_all(buf)
-                .and_then(|()| self.active.sync_data());
+            let len = self.active_len + buf.len() as u64;
+            // Durable before anyone is told: the replies below go out only after this.
+            let written = self.active.append(buf).and_then(|()| self.active.sync(len));
             if let Err(error) = written {
                 tracing::error!(%error, "WAL write failed; the group is refused");
                 metrics::counter!("logging_aggregator_wal_write_errors_total").increment(1);
@@ -664,10 +663,7 @@ impl Writer {
         }
         let start = self.active_start + self.active_len;
         let path = self.shared.dir.join(segment_file_name(start));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)?;
+        let file = SegmentFile::create(&path)?;
         sync_dir(&self.shared.dir)?;
         self.active = file;
         self.active_start = start;

@@ -16,7 +16,7 @@
 //! when the WAL is opened.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 pub const HEADER_LEN: usize = 20;
@@ -195,6 +195,97 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Makes a rename or a new file in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// The segment being written: append-only, and durable only up to its last [`sync`].
+///
+/// Every durability point of the WAL goes through [`SegmentFile::sync`], so tests can see
+/// what a power loss would keep ([`durable`]): a test that acknowledges entries, throws away
+/// everything written after each file's last sync and reopens, fails if acknowledging ever
+/// stops waiting for the sync.
+///
+/// [`sync`]: SegmentFile::sync
+pub struct SegmentFile {
+    file: File,
+    #[cfg_attr(not(test), allow(dead_code))]
+    path: PathBuf,
+}
+
+impl SegmentFile {
+    /// Opens an existing segment to append to it; what it holds now is durable (it is what
+    /// the last run left on disk).
+    pub fn open(path: &Path) -> io::Result<SegmentFile> {
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        #[cfg(test)]
+        durable::record(path, file.metadata()?.len());
+        Ok(SegmentFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Creates a new, empty segment.
+    pub fn create(path: &Path) -> io::Result<SegmentFile> {
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(path)?;
+        #[cfg(test)]
+        durable::record(path, 0);
+        Ok(SegmentFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)
+    }
+
+    /// `fdatasync`: everything appended so far (`len` bytes in all) is durable.
+    pub fn sync(&mut self, len: u64) -> io::Result<()> {
+        self.file.sync_data()?;
+        #[cfg(test)]
+        durable::record(&self.path, len);
+        #[cfg(not(test))]
+        let _ = len;
+        Ok(())
+    }
+
+    /// Cuts the file back to `len` bytes (undoing a failed append).
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// What a power loss would keep of each segment: its length at its last sync.
+#[cfg(test)]
+pub mod durable {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static SYNCED: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
+
+    pub fn record(path: &Path, len: u64) {
+        let mut synced = SYNCED.lock().unwrap();
+        synced
+            .get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), len);
+    }
+
+    /// A power loss: every segment in `dir` loses what was written after its last sync.
+    pub fn lose_unsynced(dir: &Path) {
+        let synced = SYNCED.lock().unwrap();
+        let synced = synced.as_ref().cloned().unwrap_or_default();
+        for (_, path) in super::list_segments(dir).unwrap() {
+            let kept = synced.get(&path).copied().unwrap_or(0);
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            if file.metadata().unwrap().len() > kept {
+                file.set_len(kept).unwrap();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@ use std::time::Duration;
 
 use logging_common::{LogEntry, LogLevel, Timestamp};
 
+use std::io::Write;
+
 use super::*;
 
 /// Remembers every id it admitted.
@@ -292,4 +294,57 @@ async fn a_reader_far_behind_reads_back_from_disk() {
         .unwrap();
     assert_eq!(records.len(), 50);
     assert_eq!(messages(&records)[49], "message number 49");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_entry_survives_losing_what_was_not_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut acknowledged = Vec::new();
+    {
+        // Small segments, so acknowledgements also cross segment rolls.
+        let (wal, _) = open(dir.path(), 1 << 20);
+        let wal = Arc::new(wal);
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..8u64 {
+            let wal = wal.clone();
+            tasks.spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..200u64 {
+                    let batch = Batch::new(&[entry(task * 1000 + i)]);
+                    let id = batch.ids[0];
+                    wal.append(batch).await.unwrap();
+                    ids.push(id);
+                }
+                ids
+            });
+        }
+        while let Some(ids) = tasks.join_next().await {
+            acknowledged.extend(ids.unwrap());
+        }
+    }
+    // Power loss: whatever was written after a file's last sync is gone.
+    segment::durable::lose_unsynced(dir.path());
+    let (wal, recovered) = open(dir.path(), 1 << 20);
+    assert_eq!(
+        recovered.truncated_bytes, 0,
+        "nothing unsynced was acknowledged"
+    );
+    let mut reader = wal.reader("check").unwrap();
+    let records = tokio::task::spawn_blocking(move || drain(&mut reader))
+        .await
+        .unwrap();
+    let stored: std::collections::HashSet<Uuid> = records
+        .iter()
+        .flat_map(|r| r.lines().filter_map(|l| id_of_line(&l)).collect::<Vec<_>>())
+        .collect();
+    let lost: Vec<&Uuid> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged entries were lost",
+        lost.len()
+    );
+    assert_eq!(acknowledged.len(), 1600);
 }

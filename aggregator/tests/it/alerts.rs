@@ -193,7 +193,7 @@ async fn a_count_rule_fires_notifies_every_channel_and_resolves(db: Db) {
         entry("search", "error", "timeout", 0),
     ])
     .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    settle(&app).await;
     assert_eq!(
         app.get_json("/api/alerts").await["items"],
         json!([]),
@@ -617,10 +617,29 @@ async fn error_rate_and_numeric_rules_read_their_windows_per_group() {
     assert_eq!(latency["group"], json!({"context.route": "/pay"}));
     let p95 = latency["current_value"].as_f64().unwrap();
     assert!((p95 - 950.0).abs() / 950.0 < 0.02, "p95 = {p95}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    settle(&app).await;
     let firing = app.get_json("/api/alerts?status=firing").await;
     assert_eq!(firing["items"].as_array().unwrap().len(), 2, "{firing}");
     app.stop().await;
+}
+
+/// Waits until the evaluator has read everything ingested, then for two more evaluation
+/// rounds: what should have fired by now has (a fixed sleep could end before a slow round).
+async fn settle(app: &TestApp) {
+    for _ in 0..400 {
+        let stats = app.get_json("/api/logs/stats").await;
+        let behind = stats["wal"]["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "alerts")
+            .map(|c| c["lag_entries"].as_u64().unwrap_or(0));
+        if behind == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    wait_rounds(app, 2).await;
 }
 
 /// Waits until the evaluator has finished `rounds` more evaluation rounds.
@@ -854,7 +873,7 @@ async fn operators_acknowledge_and_resolve_by_hand() {
         .unwrap();
     expect_problem(again, StatusCode::CONFLICT).await;
     // The condition still holds, but the cooldown keeps it quiet; the history is kept.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_rounds(&app, 3).await;
     let all = app.get_json("/api/alerts").await;
     assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
     let filtered = app

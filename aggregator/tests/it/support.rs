@@ -262,8 +262,16 @@ impl TestApp {
 }
 
 /// A log entry with the required fields, at `seconds_ago` before now.
+///
+/// An entry up to an hour old never falls on yesterday: just after midnight UTC it is set at
+/// midnight instead, so a test's recent entries share one day partition whatever the time.
 pub fn entry(service: &str, level: &str, message: &str, seconds_ago: i64) -> Value {
-    let ts = logging_common::Timestamp::now().saturating_add_nanos(-seconds_ago * 1_000_000_000);
+    let now = logging_common::Timestamp::now();
+    let mut ts = now.saturating_add_nanos(-seconds_ago * 1_000_000_000);
+    let midnight = now.day() * 86_400 * 1_000_000_000;
+    if (0..=3600).contains(&seconds_ago) && ts.as_nanos() < midnight {
+        ts = logging_common::Timestamp::from_nanos(midnight);
+    }
     serde_json::json!({
         "timestamp": ts.to_rfc3339(),
         "level": level,

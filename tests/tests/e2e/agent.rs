@@ -60,12 +60,27 @@ async fn all_entries(aggregator: &AggregatorProcess) -> Vec<Value> {
     }
 }
 
-/// Waits until `count` entries are stored (or fails, showing what arrived).
+/// How long nothing new must arrive before "everything arrived" is believed: more than the
+/// agent's rescan, batch timeout and retry backoff, so a late duplicate (a batch re-sent
+/// after a restart) would be in what the test checks.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// Waits until `count` entries are stored and then nothing more arrives for [`QUIET`] (or
+/// fails, showing what arrived).
 async fn wait_for_count(aggregator: &AggregatorProcess, count: usize) -> Vec<Value> {
     let mut entries = Vec::new();
     for _ in 0..600 {
         entries = all_entries(aggregator).await;
         if entries.len() >= count {
+            let mut settled = std::time::Instant::now();
+            while settled.elapsed() < QUIET {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = all_entries(aggregator).await;
+                if now.len() != entries.len() {
+                    settled = std::time::Instant::now();
+                }
+                entries = now;
+            }
             return entries;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
