@@ -225,3 +225,133 @@ fn every_setting_is_documented_in_the_readme_and_nothing_else() {
             .collect();
     assert_eq!(documented, read, "README configuration table vs. Config");
 }
+
+/// A store that cannot keep up (here its day partition's directory is blocked by a file, as
+/// a damaged data directory would): readiness says so, a durable entry it has not indexed is
+/// a 503 naming the store (never a 404), writes are held back with 429 and `Retry-After`, and
+/// once the store can write again everything acknowledged is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_keep_up_holds_writes_back_and_says_so() {
+    let app = TestApp::start_with(Db::Sqlite, |c| {
+        c.ingest_max_lag_bytes = 1;
+        c.index_refresh_interval_ms = 100;
+    })
+    .await;
+    // Two days ago: a day no partition exists for yet.
+    let day = logging_common::Timestamp::now().day() - 2;
+    let name = logging_aggregator::index::day_name(day);
+    let blocker = app.dir.path().join("index").join(&name);
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let at = |n: i64| {
+        let mut e = entry("blocked", "info", &format!("entry {n}"), 0);
+        e["timestamp"] = serde_json::json!(format!("{name}T12:00:0{n}Z"));
+        e
+    };
+    let ids = app.ingest(vec![at(1)]).await;
+    // Durable, not searchable: 503 naming the store.
+    let response = app
+        .request(Method::GET, &format!("/api/logs/{}", ids[0]), Some(ADMIN))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().contains_key("retry-after"));
+    let problem = expect_problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("write-ahead log"),
+        "{problem}"
+    );
+    // Readiness: the index is down.
+    let mut ready = Value::Null;
+    for _ in 0..100 {
+        let response = app
+            .request(Method::GET, "/health/ready", None)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            ready = response.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready["checks"]["index"]["status"], "down", "{ready}");
+    // Writes are held back.
+    let response = app.post("/api/logs", &at(2)).await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    expect_problem(response, StatusCode::TOO_MANY_REQUESTS).await;
+    // The store can write again: everything acknowledged is found, writes are taken.
+    std::fs::remove_file(&blocker).unwrap();
+    let mut found = StatusCode::NOT_FOUND;
+    for _ in 0..100 {
+        found = app
+            .request(Method::GET, &format!("/api/logs/{}", ids[0]), Some(ADMIN))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if found == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found, StatusCode::OK);
+    app.ingest(vec![at(3)]).await;
+    app.stop().await;
+}
+
+/// `WAL_MAX_BYTES` bounds what the WAL keeps for a sink that is away: past it the sink skips
+/// its oldest entries, counted in its report and in `/metrics`, while the embedded index,
+/// which is never skipped, keeps every entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_wal_max_bytes_a_sink_that_is_away_skips_ahead_and_the_index_keeps_everything() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let app = TestApp::start_with(Db::Sqlite, |c| {
+        c.loki_url = Some(format!("http://127.0.0.1:{closed}"));
+        c.wal_segment_bytes = 1024 * 1024;
+        c.wal_max_bytes = 2 * 1024 * 1024;
+        c.alert_rules = Vec::new();
+    })
+    .await;
+    let padding = "x".repeat(1000);
+    let mut sent = 0;
+    for round in 0..10 {
+        let batch: Vec<Value> = (0..500)
+            .map(|i| entry("overrun", "info", &format!("{round}-{i} {padding}"), 1))
+            .collect();
+        sent += app.ingest(batch).await.len();
+    }
+    let report = crate::support::wait_for_sink(&app, "loki", |r| {
+        r["overrun_entries"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    assert!(report["overrun_entries"].as_u64().unwrap() > 0, "{report}");
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("logging_aggregator_wal_overrun_entries_total{consumer=\"loki\"}")),
+        "{metrics}"
+    );
+    let mut stats = Value::Null;
+    for _ in 0..100 {
+        stats = app.get_json("/api/logs/stats").await;
+        if stats["entries"] == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stats["entries"], sent, "the index skips nothing");
+    let wal_bytes = stats["wal"]["bytes_on_disk"].as_u64().unwrap();
+    assert!(
+        wal_bytes <= 4 * 1024 * 1024,
+        "the WAL holds {wal_bytes} bytes"
+    );
+    app.stop().await;
+}

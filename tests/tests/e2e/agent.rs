@@ -533,3 +533,128 @@ async fn a_node_laid_out_as_the_daemonset_sees_it_has_each_file_read_once() {
     assert_eq!(watched, 2.0, "two files, each tailed once");
     drop(agent);
 }
+
+/// The agent against an aggregator that refuses: a batch over the aggregator's limits (413)
+/// is halved until it fits and every line arrives; a batch of which nothing can be stored
+/// (400: entries older than the retention) goes to the dead-letter file with each entry's
+/// reason; the checkpoint moves past both, so nothing is sent again after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_batches_are_split_or_dead_lettered_never_lost_or_retried_forever() {
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    let aggregator = AggregatorProcess::start(
+        &aggregator_dir,
+        &[
+            ("MAX_REQUEST_BYTES", "65536"),
+            ("MAX_LOG_SIZE", "16384"),
+            ("LOG_RETENTION_DAYS", "2"),
+        ],
+    );
+    let log = pod_log(root.path(), "splitter", 0);
+    // 600 lines of ~300 bytes: one agent batch is ~180 KB, over the aggregator's 64 KiB.
+    // Lines the aggregator cannot store: their timestamps are a year old.
+    let too_old = |n: usize| {
+        format!(
+            "{} stdout F {{\"level\":\"info\",\"msg\":\"too old {n}\",\"ts\":\"2025-01-01T00:00:00Z\"}}\n",
+            now_rfc3339()
+        )
+    };
+    let mut text = String::new();
+    for seq in 0..600 {
+        text.push_str(&format!(
+            "{} stdout F {{\"level\":\"info\",\"msg\":\"request {seq} served {}\",\"seq\":{seq}}}\n",
+            now_rfc3339(),
+            "p".repeat(200)
+        ));
+        // Two among the good ones: rejected in a batch that is otherwise stored.
+        if seq == 100 || seq == 400 {
+            text.push_str(&too_old(seq));
+        }
+    }
+    std::fs::write(&log, text).unwrap();
+    let agent_dir = root.path().join("agent");
+    let agent = AgentProcess::start(
+        &aggregator,
+        &agent_dir,
+        &[
+            (
+                "AGENT_PATHS",
+                &format!("{}/var/log/pods/*/*/*.log", root.path().display()),
+            ),
+            ("MAX_LOG_SIZE", "16384"),
+        ],
+    );
+    let entries = wait_for_count(&aggregator, 600).await;
+    assert_exactly_once(&entries, 600);
+    // They got there by halving: the aggregator answered 413 first.
+    let metrics = http_client()
+        .get(format!("{}/metrics", aggregator.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("logging_aggregator_http_requests_total")
+                && l.contains("route=\"/v1/ingest\"")
+                && l.contains("status=\"413\"")),
+        "no batch was refused as too large"
+    );
+    // Then five alone: a batch of which nothing can be stored.
+    let mut more = String::new();
+    for n in 0..5 {
+        more.push_str(&too_old(1000 + n));
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(more.as_bytes())
+        .unwrap();
+    let dead = agent_dir.join("dead-letter.ndjson");
+    let mut records: Vec<Value> = Vec::new();
+    for _ in 0..100 {
+        records = std::fs::read_to_string(&dead)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if records.len() >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(records.len(), 7, "{records:?}");
+    for record in &records {
+        assert!(
+            record["entry"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("too old"),
+            "{record}"
+        );
+        assert!(
+            record["reason"].as_str().unwrap().contains("retention"),
+            "{record}"
+        );
+    }
+    assert_eq!(
+        agent
+            .metric("logging_agent_dead_letter_entries_total")
+            .await,
+        7.0
+    );
+    assert_eq!(
+        agent
+            .metric("logging_agent_batches_dead_lettered_total")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        agent.metric("logging_agent_entries_rejected_total").await,
+        2.0
+    );
+}

@@ -110,3 +110,133 @@ fn a_bad_setting_stops_the_binary_with_a_message_naming_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_bad_agent_setting_stops_it_with_a_message_naming_it() {
+    for (variable, value, says) in [
+        (
+            "AGGREGATOR_URL",
+            "ftp://aggregator",
+            "AGGREGATOR_URL: expected an https:// URL",
+        ),
+        ("LOG_BATCH_SIZE", "0", "LOG_BATCH_SIZE: must be at least 1"),
+        (
+            "MAX_LOG_SIZE",
+            "10",
+            "MAX_LOG_SIZE: must be at least 64 bytes",
+        ),
+        (
+            "AGENT_REDACT_PATTERNS",
+            "([unclosed",
+            "AGENT_REDACT_PATTERNS",
+        ),
+        (
+            "LOG_FORMAT",
+            "xml",
+            "LOG_FORMAT: expected auto, json or text",
+        ),
+        (
+            "AGENT_METRICS_PORT",
+            "ninety",
+            "AGENT_METRICS_PORT: expected a number",
+        ),
+    ] {
+        let output = std::process::Command::new(logging_tests::binary("logging-agent"))
+            .env_clear()
+            .env("AGGREGATOR_URL", "http://127.0.0.1:9")
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{variable}={value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{variable}={value}: {stderr}");
+    }
+}
+
+/// `logging-aggregator certs --out DIR`, as an operator runs it: it prints the files it
+/// wrote, and they make a working mutual-TLS pair (an aggregator serving with them accepts
+/// the agent certificate, which names the agent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certs_subcommand_writes_a_working_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
+        .env_clear()
+        .args(["certs", "--out"])
+        .arg(&out)
+        .args(["--agent-name", "node-7", "--server-name", "localhost"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(printed.len(), 5, "{printed:?}");
+    for name in [
+        "ca.pem",
+        "server.pem",
+        "server-key.pem",
+        "agent.pem",
+        "agent-key.pem",
+    ] {
+        let path = out.join(name);
+        assert!(printed.contains(&path.display().to_string()), "{name}");
+        assert!(std::fs::metadata(&path).unwrap().len() > 100);
+    }
+    let cert = |n: &str| out.join(n).display().to_string();
+    let aggregator = logging_tests::AggregatorProcess::start(
+        &dir.path().join("data"),
+        &[
+            ("TLS_CERT", &cert("server.pem")),
+            ("TLS_KEY", &cert("server-key.pem")),
+            ("TLS_CLIENT_CA", &cert("ca.pem")),
+        ],
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = logging_common::tls::client_config(
+        &out.join("ca.pem"),
+        &out.join("agent.pem"),
+        &out.join("agent-key.pem"),
+    )
+    .unwrap();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap();
+    let entry = serde_json::json!({
+        "timestamp": logging_common::Timestamp::now().to_rfc3339(),
+        "level": "info", "service": "certs", "message": "over the generated pair",
+    });
+    let answer: Value = client
+        .post(format!(
+            "https://localhost:{}/v1/ingest",
+            aggregator.ingest_port
+        ))
+        .body(entry.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    let mut agent = Value::Null;
+    for _ in 0..100 {
+        let page: Value = logging_tests::http_client()
+            .get(format!("{}/api/logs?service=certs", aggregator.base))
+            .bearer_auth(logging_tests::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        agent = page["items"][0]["context"]["agent"].clone();
+        if !agent.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent, "node-7", "the certificate's name is the agent's");
+}
