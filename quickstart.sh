@@ -44,6 +44,9 @@ cleanup() {
   true
 }
 trap cleanup EXIT INT TERM
+# Each background process in its own process group: Ctrl-C reaches this script only, and
+# cleanup stops the agent first (it sends what it has), then the aggregator.
+set -m
 
 DATA_DIR="$DEMO/aggregator" LOG_FORMAT=text ./target/release/logging-aggregator &
 AGGREGATOR=$!

@@ -141,181 +141,399 @@ pub struct Running {
     sinks: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Opens everything and starts serving.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
-    config.validate()?;
-    logging_common::tls::install_crypto_provider();
-    let config = Arc::new(config);
-    restrict_file_modes();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create DATA_DIR {}", config.data_dir.display()))?;
-    restrict_dir(&config.data_dir);
-    let metrics = metrics_handle();
+/// Why the aggregator did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting cannot be used; nothing was opened (the binary exits with code 2).
+    #[error("{0}")]
+    Config(String),
+    /// Something failed while opening or binding.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
 
-    let index = Arc::new(
-        LogIndex::open(
-            &config.data_dir.join("index"),
-            IndexOptions {
-                full_text: config.log_indexing_enabled,
-                compression: config.log_compression_enabled,
-            },
+fn config_error(error: impl std::fmt::Display) -> StartError {
+    StartError::Config(error.to_string())
+}
+
+/// Opens everything and starts serving: a table of contents of the start-up, each step owned
+/// by the subsystem it names.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    logging_common::tls::install_crypto_provider();
+    // 1. Every setting checked, every client built: a bad one stops the start here, before
+    //    the WAL, the store or the database is touched.
+    let plan = Plan::check(&config)?;
+    let config = Arc::new(config);
+    // 2. The stores, in recovery order: index → relational store → dedup → WAL.
+    let stores = Stores::open(&config).await?;
+    // 3. The WAL's consumers: indexer, alert evaluator (and its manager), sinks.
+    let consumers = Consumers::start(&config, &stores, plan.channels, plan.sinks).await?;
+    // 4. What handlers share, access control included.
+    let state = api_state(&config, &stores, &consumers, plan.reads, plan.proxies).await?;
+    // 5. The listeners: operator API, agents' ingest, metrics.
+    let (shutdown, _) = watch::channel(false);
+    let listening = Listening::bind(&config, &state, &shutdown).await?;
+    // 6. Background tasks.
+    let background = background_tasks(
+        &config,
+        &state,
+        &stores,
+        consumers.manager,
+        plan.broker,
+        &shutdown,
+    )
+    .await?;
+    Ok(Running {
+        state,
+        api_addr: listening.api_addr,
+        metrics_addr: listening.metrics_addr,
+        ingest_addr: listening.ingest_addr,
+        shutdown,
+        servers: listening.servers,
+        background,
+        indexer_stop: consumers.indexer_stop,
+        indexer: Some(consumers.indexer),
+        evaluator_stop: consumers.evaluator_stop,
+        evaluator: Some(consumers.evaluator),
+        sinks_stop: consumers.sinks_stop,
+        sinks: consumers.sinks,
+    })
+}
+
+/// One external store fed from the WAL, built and ready to be started.
+enum SinkPlan {
+    Loki(crate::sinks::loki::LokiSink),
+    Elasticsearch(crate::sinks::elasticsearch::ElasticsearchSink),
+    Broker(crate::broker::BrokerSink),
+}
+
+impl SinkPlan {
+    fn spawn(
+        self,
+        wal: &Wal,
+        data_dir: &std::path::Path,
+        statuses: crate::sinks::SinkStatuses,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        match self {
+            SinkPlan::Loki(sink) => crate::sinks::spawn(sink, wal, data_dir, statuses, stop),
+            SinkPlan::Elasticsearch(sink) => {
+                crate::sinks::spawn(sink, wal, data_dir, statuses, stop)
+            }
+            SinkPlan::Broker(sink) => crate::sinks::spawn(sink, wal, data_dir, statuses, stop),
+        }
+    }
+}
+
+/// What the configuration asks for, checked and built before anything is opened.
+struct Plan {
+    broker: Option<Arc<crate::broker::Publisher>>,
+    channels: Arc<Channels>,
+    sinks: Vec<SinkPlan>,
+    reads: crate::read::QueryBackend,
+    proxies: crate::api::client::TrustedProxies,
+}
+
+impl Plan {
+    fn check(config: &Config) -> Result<Plan, StartError> {
+        config.validate().map_err(config_error)?;
+        // The broker: one connection (made on first use) for the audit trail's and the
+        // alerts' events; the `log.ingested` sink has its own, on its own thread.
+        let broker = match &config.broker_url {
+            Some(url) => {
+                let settings = config.broker_settings(url).map_err(config_error)?;
+                tracing::info!(kind = ?settings.kind, topic = %settings.topic, "broker events enabled");
+                Some(Arc::new(crate::broker::Publisher::new(settings)))
+            }
+            None => None,
+        };
+        let channels =
+            Arc::new(Channels::from_config(config, broker.clone()).map_err(config_error)?);
+        let mut sinks = Vec::new();
+        if let Some(url) = &config.loki_url {
+            let settings = config.loki_settings(url).map_err(config_error)?;
+            tracing::info!(url = %settings.push_url, "Loki sink enabled");
+            sinks.push(SinkPlan::Loki(
+                crate::sinks::loki::LokiSink::new(settings).map_err(config_error)?,
+            ));
+        }
+        if let Some(url) = &config.elasticsearch_url {
+            let settings = config.elasticsearch_settings(url).map_err(config_error)?;
+            tracing::info!(url = %settings.base, index = %settings.index, "Elasticsearch sink enabled");
+            sinks.push(SinkPlan::Elasticsearch(
+                crate::sinks::elasticsearch::ElasticsearchSink::new(settings)
+                    .map_err(config_error)?,
+            ));
+        }
+        if let Some(publisher) = &broker {
+            sinks.push(SinkPlan::Broker(crate::broker::BrokerSink::new(
+                publisher.settings().clone(),
+            )));
+        }
+        let reads = query_backend(config).map_err(config_error)?;
+        let proxies = crate::api::client::TrustedProxies::parse(&config.trusted_proxies)
+            .map_err(|e| config_error(format!("TRUSTED_PROXIES: {e}")))?;
+        if let (Some(cert), Some(key), Some(ca)) =
+            (&config.tls_cert, &config.tls_key, &config.tls_client_ca)
+        {
+            logging_common::tls::server_config(cert, key, ca)
+                .map_err(|e| config_error(format!("TLS_CERT, TLS_KEY, TLS_CLIENT_CA: {e}")))?;
+        }
+        Ok(Plan {
+            broker,
+            channels,
+            sinks,
+            reads,
+            proxies,
+        })
+    }
+}
+
+/// The stores, opened in the order recovery needs: the index first (it knows what it has
+/// applied), then the relational store (soft deletes), then the WAL, whose unapplied tail is
+/// handed to dedup and replayed by the indexer.
+struct Stores {
+    index: Arc<LogIndex>,
+    db: Arc<Database>,
+    dedup: Arc<parking_lot::Mutex<Dedup>>,
+    wal: Arc<Wal>,
+}
+
+impl Stores {
+    async fn open(config: &Config) -> anyhow::Result<Stores> {
+        restrict_file_modes();
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create DATA_DIR {}", config.data_dir.display()))?;
+        restrict_dir(&config.data_dir);
+        let index = Arc::new(
+            LogIndex::open(
+                &config.data_dir.join("index"),
+                IndexOptions {
+                    full_text: config.log_indexing_enabled,
+                    compression: config.log_compression_enabled,
+                },
+            )
+            .context("cannot open the embedded index")?,
+        );
+        let db = Arc::new(
+            Database::connect(
+                &config.database_url(),
+                config.database_pool_size,
+                config.database_max_overflow,
+            )
+            .await
+            .context("cannot open the relational store (DATABASE_URL)")?,
+        );
+        index.merge_hidden(db.deletions().await?);
+        let dedup = {
+            let index = index.clone();
+            tokio::task::spawn_blocking(move || Dedup::new(index)).await??
+        };
+        let dedup = Arc::new(parking_lot::Mutex::new(dedup));
+        let (wal, recovered) = Wal::open(
+            &config.data_dir.join("wal"),
+            config.wal_segment_bytes,
+            index.committed_lsn(),
+            Box::new(SharedDedup(dedup.clone())),
         )
-        .context("cannot open the embedded index")?,
-    );
-    let db = Arc::new(
-        Database::connect(
-            &config.database_url(),
-            config.database_pool_size,
-            config.database_max_overflow,
+        .context("cannot open the write-ahead log")?;
+        wal.set_disk_cap(config.wal_max_bytes);
+        if recovered.truncated_bytes > 0 || !recovered.unapplied.is_empty() {
+            tracing::info!(
+                records = recovered.records,
+                unapplied = recovered.unapplied.len(),
+                truncated_bytes = recovered.truncated_bytes,
+                "recovering from the write-ahead log"
+            );
+        }
+        dedup.lock().add_unapplied(&recovered.unapplied);
+        Ok(Stores {
+            index,
+            db,
+            dedup,
+            wal: Arc::new(wal),
+        })
+    }
+}
+
+/// The WAL's consumers, each on its own thread with its own cursor.
+struct Consumers {
+    indexer_healthy: Arc<AtomicBool>,
+    indexer_stop: Arc<AtomicBool>,
+    indexer: std::thread::JoinHandle<()>,
+    alerting: Arc<Alerting>,
+    manager: ManagerTasks,
+    evaluator_stop: Arc<AtomicBool>,
+    evaluator: std::thread::JoinHandle<()>,
+    sink_statuses: crate::sinks::SinkStatuses,
+    sinks_stop: Arc<AtomicBool>,
+    sinks: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The alert lifecycle manager and the notification dispatcher, started with the
+/// background tasks.
+struct ManagerTasks {
+    manager: Manager,
+    dispatcher: Dispatcher,
+    evaluations: tokio::sync::mpsc::Receiver<crate::alerts::evaluator::Evaluation>,
+    commands: tokio::sync::mpsc::Receiver<crate::alerts::manager::Command>,
+}
+
+impl Consumers {
+    async fn start(
+        config: &Config,
+        stores: &Stores,
+        channels: Arc<Channels>,
+        sinks: Vec<SinkPlan>,
+    ) -> anyhow::Result<Consumers> {
+        // The embedded index.
+        let reader = stores.wal.reader(INDEX_CONSUMER)?;
+        stores.index.publish_searchable(reader.position());
+        let indexer_healthy = Arc::new(AtomicBool::new(true));
+        let indexer_stop = Arc::new(AtomicBool::new(false));
+        let indexer = Indexer::new(
+            stores.index.clone(),
+            reader,
+            IndexerOptions {
+                refresh: config.refresh_interval(),
+                threads: config.index_threads(),
+                memory_bytes: config.index_writer_memory_mb << 20,
+                retention_days: config.log_retention_days,
+            },
+            indexer_healthy.clone(),
+        );
+        let indexer = {
+            let stop = indexer_stop.clone();
+            std::thread::Builder::new()
+                .name("indexer".into())
+                .spawn(move || indexer.run(stop))?
+        };
+
+        // Alerting: its own WAL consumer, the lifecycle manager and the notification outbox.
+        let registry = Arc::new(RuleRegistry::default());
+        registry.replace(
+            alerts::load_rules(&stores.db, &config.alert_rules)
+                .await
+                .context("cannot load the alert rules")?,
+        );
+        let (evaluations, evaluations_rx) = tokio::sync::mpsc::channel(16);
+        let (commands, commands_rx) = tokio::sync::mpsc::channel(64);
+        let wake_dispatcher = Arc::new(tokio::sync::Notify::new());
+        let forget = ForgetList::default();
+        let manager = Manager::load(
+            stores.db.clone(),
+            registry.clone(),
+            config.alert_cooldown,
+            channels.names(),
+            wake_dispatcher.clone(),
+            forget.clone(),
         )
         .await
-        .context("cannot open the relational store (DATABASE_URL)")?,
-    );
-    index.merge_hidden(db.deletions().await?);
-
-    let dedup = {
-        let index = index.clone();
-        tokio::task::spawn_blocking(move || Dedup::new(index)).await??
-    };
-    let dedup = Arc::new(parking_lot::Mutex::new(dedup));
-    let (wal, recovered) = Wal::open(
-        &config.data_dir.join("wal"),
-        config.wal_segment_bytes,
-        index.committed_lsn(),
-        Box::new(SharedDedup(dedup.clone())),
-    )
-    .context("cannot open the write-ahead log")?;
-    wal.set_disk_cap(config.wal_max_bytes);
-    if recovered.truncated_bytes > 0 || !recovered.unapplied.is_empty() {
-        tracing::info!(
-            records = recovered.records,
-            unapplied = recovered.unapplied.len(),
-            truncated_bytes = recovered.truncated_bytes,
-            "recovering from the write-ahead log"
+        .context("cannot read the open alerts")?;
+        let alerts_dir = config.data_dir.join("alerts");
+        std::fs::create_dir_all(&alerts_dir)?;
+        let evaluator = Evaluator::new(
+            stores.wal.reader(ALERTS_CONSUMER)?,
+            registry.clone(),
+            evaluations,
+            Duration::from_secs(config.alert_check_interval),
+            &alerts_dir,
+            forget,
         );
+        let evaluator_stop = Arc::new(AtomicBool::new(false));
+        let evaluator = {
+            let stop = evaluator_stop.clone();
+            std::thread::Builder::new()
+                .name("alerts".into())
+                .spawn(move || evaluator.run(stop))?
+        };
+        let alerting = Arc::new(Alerting {
+            registry,
+            commands: commands.clone(),
+            channels: channels.names(),
+        });
+        let dispatcher = Dispatcher {
+            db: stores.db.clone(),
+            channels,
+            wake: wake_dispatcher,
+            commands,
+        };
+
+        // Sinks: each reads the WAL on its own thread, from its own cursor.
+        let sink_statuses = crate::sinks::SinkStatuses::default();
+        let sinks_stop = Arc::new(AtomicBool::new(false));
+        let sinks = sinks
+            .into_iter()
+            .map(|sink| {
+                sink.spawn(
+                    &stores.wal,
+                    &config.data_dir,
+                    sink_statuses.clone(),
+                    sinks_stop.clone(),
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Consumers {
+            indexer_healthy,
+            indexer_stop,
+            indexer,
+            alerting,
+            manager: ManagerTasks {
+                manager,
+                dispatcher,
+                evaluations: evaluations_rx,
+                commands: commands_rx,
+            },
+            evaluator_stop,
+            evaluator,
+            sink_statuses,
+            sinks_stop,
+            sinks,
+        })
     }
-    dedup.lock().add_unapplied(&recovered.unapplied);
-    let wal = Arc::new(wal);
+}
 
-    let reader = wal.reader(INDEX_CONSUMER)?;
-    index.publish_searchable(reader.position());
-    let indexer_healthy = Arc::new(AtomicBool::new(true));
-    let indexer_stop = Arc::new(AtomicBool::new(false));
-    let indexer = Indexer::new(
-        index.clone(),
-        reader,
-        IndexerOptions {
-            refresh: config.refresh_interval(),
-            threads: config.index_threads(),
-            memory_bytes: config.index_writer_memory_mb << 20,
-            retention_days: config.log_retention_days,
-        },
-        indexer_healthy.clone(),
-    );
-    let indexer = {
-        let stop = indexer_stop.clone();
-        std::thread::Builder::new()
-            .name("indexer".into())
-            .spawn(move || indexer.run(stop))?
-    };
-
-    // Alerting: its own WAL consumer, the lifecycle manager and the notification outbox.
-    let registry = Arc::new(RuleRegistry::default());
-    registry.replace(
-        alerts::load_rules(&db, &config.alert_rules)
-            .await
-            .context("cannot load the alert rules")?,
-    );
-    // The broker: one connection for the audit trail's and the alerts' events here; the
-    // `log.ingested` sink has its own, on its own thread.
-    let broker = match &config.broker_url {
-        Some(url) => {
-            let settings = config.broker_settings(url)?;
-            tracing::info!(kind = ?settings.kind, topic = %settings.topic, "broker events enabled");
-            Some(Arc::new(crate::broker::Publisher::new(settings)))
+/// The tokens (`API_TOKENS`, or the generated admin token), or none when access control is
+/// off.
+async fn access_tokens(config: &Config, db: &Database) -> anyhow::Result<Option<TokenTable>> {
+    if !config.log_access_control_enabled {
+        tracing::warn!(
+            "LOG_ACCESS_CONTROL_ENABLED=false: the API is open to anyone who can reach it"
+        );
+        return Ok(None);
+    }
+    let id_key = db
+        .token_id_key()
+        .await
+        .context("cannot read the token id key from the relational store")?;
+    Ok(Some(match &config.api_tokens {
+        Some(spec) => {
+            TokenTable::parse(spec, &id_key).map_err(|e| anyhow::anyhow!("API_TOKENS: {e}"))?
         }
-        None => None,
-    };
-    let channels = Arc::new(Channels::from_config(&config, broker.clone())?);
-    let (evaluations, evaluations_rx) = tokio::sync::mpsc::channel(16);
-    let (commands, commands_rx) = tokio::sync::mpsc::channel(64);
-    let wake_dispatcher = Arc::new(tokio::sync::Notify::new());
-    let forget = ForgetList::default();
-    let manager = Manager::load(
-        db.clone(),
-        registry.clone(),
-        config.alert_cooldown,
-        channels.names(),
-        wake_dispatcher.clone(),
-        forget.clone(),
-    )
-    .await
-    .context("cannot read the open alerts")?;
-    let alerts_dir = config.data_dir.join("alerts");
-    std::fs::create_dir_all(&alerts_dir)?;
-    let evaluator = Evaluator::new(
-        wal.reader(ALERTS_CONSUMER)?,
-        registry.clone(),
-        evaluations,
-        Duration::from_secs(config.alert_check_interval),
-        &alerts_dir,
-        forget,
-    );
-    let evaluator_stop = Arc::new(AtomicBool::new(false));
-    let evaluator = {
-        let stop = evaluator_stop.clone();
-        std::thread::Builder::new()
-            .name("alerts".into())
-            .spawn(move || evaluator.run(stop))?
-    };
-    // Sinks: each reads the WAL on its own thread, from its own cursor.
-    let sink_statuses = crate::sinks::SinkStatuses::default();
-    let sinks_stop = Arc::new(AtomicBool::new(false));
-    let mut sinks = Vec::new();
-    if let Some(url) = &config.loki_url {
-        let settings = config.loki_settings(url)?;
-        tracing::info!(url = %settings.push_url, "Loki sink enabled");
-        let sink = crate::sinks::loki::LokiSink::new(settings).context("the Loki sink")?;
-        sinks.push(crate::sinks::spawn(
-            sink,
-            &wal,
-            &config.data_dir,
-            sink_statuses.clone(),
-            sinks_stop.clone(),
-        )?);
-    }
-    if let Some(url) = &config.elasticsearch_url {
-        let settings = config.elasticsearch_settings(url)?;
-        tracing::info!(url = %settings.base, index = %settings.index, "Elasticsearch sink enabled");
-        let sink = crate::sinks::elasticsearch::ElasticsearchSink::new(settings)
-            .context("the Elasticsearch sink")?;
-        sinks.push(crate::sinks::spawn(
-            sink,
-            &wal,
-            &config.data_dir,
-            sink_statuses.clone(),
-            sinks_stop.clone(),
-        )?);
-    }
-    if let Some(publisher) = &broker {
-        sinks.push(crate::sinks::spawn(
-            crate::broker::BrokerSink::new(publisher.settings().clone()),
-            &wal,
-            &config.data_dir,
-            sink_statuses.clone(),
-            sinks_stop.clone(),
-        )?);
-    }
-    let alerting = Arc::new(Alerting {
-        registry,
-        commands: commands.clone(),
-        channels: channels.names(),
-    });
+        None => {
+            let (token, created) = load_or_create_admin_token(&config.data_dir)?;
+            let path = config.data_dir.join("admin-token");
+            if created {
+                tracing::warn!(path = %path.display(), "no API_TOKENS given: generated an admin token");
+            } else {
+                tracing::info!(path = %path.display(), "using the generated admin token");
+            }
+            TokenTable::parse(&format!("admin:{token}"), &id_key).map_err(|e| anyhow::anyhow!(e))?
+        }
+    }))
+}
 
+async fn api_state(
+    config: &Arc<Config>,
+    stores: &Stores,
+    consumers: &Consumers,
+    reads: crate::read::QueryBackend,
+    proxies: crate::api::client::TrustedProxies,
+) -> anyhow::Result<SharedState> {
     let ingest = Arc::new(Ingest::new(
-        wal.clone(),
-        dedup,
-        index.clone(),
+        stores.wal.clone(),
+        stores.dedup.clone(),
+        stores.index.clone(),
         IngestOptions {
             max_entry_bytes: config.max_log_size,
             environment: config.environment.clone(),
@@ -324,134 +542,113 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             metrics_max_services: config.metrics_max_services,
         },
     ));
-
-    let tokens = if config.log_access_control_enabled {
-        let id_key = db
-            .token_id_key()
-            .await
-            .context("cannot read the token id key from the relational store")?;
-        Some(match &config.api_tokens {
-            Some(spec) => {
-                TokenTable::parse(spec, &id_key).map_err(|e| anyhow::anyhow!("API_TOKENS: {e}"))?
-            }
-            None => {
-                let (token, created) = load_or_create_admin_token(&config.data_dir)?;
-                let path = config.data_dir.join("admin-token");
-                if created {
-                    tracing::warn!(path = %path.display(),
-                        "no API_TOKENS given: generated an admin token");
-                } else {
-                    tracing::info!(path = %path.display(), "using the generated admin token");
-                }
-                TokenTable::parse(&format!("admin:{token}"), &id_key)
-                    .map_err(|e| anyhow::anyhow!(e))?
-            }
-        })
-    } else {
-        tracing::warn!(
-            "LOG_ACCESS_CONTROL_ENABLED=false: the API is open to anyone who can reach it"
-        );
-        None
-    };
-
-    let reads = Arc::new(query_backend(&config)?);
     tracing::info!(backend = reads.name(), "reads answered by");
-    let state: SharedState = Arc::new(AppState {
-        reads,
+    Ok(Arc::new(AppState {
+        reads: Arc::new(reads),
         config: config.clone(),
         ingest,
-        index: index.clone(),
-        db: db.clone(),
-        tokens,
-        metrics,
+        index: stores.index.clone(),
+        db: stores.db.clone(),
+        tokens: access_tokens(config, &stores.db).await?,
+        metrics: metrics_handle(),
         started: Instant::now(),
-        indexer_healthy,
-        alerts: alerting,
-        sinks: sink_statuses,
-        proxies: crate::api::client::TrustedProxies::parse(&config.trusted_proxies)
-            .map_err(|e| anyhow::anyhow!("TRUSTED_PROXIES: {e}"))?,
-    });
+        indexer_healthy: consumers.indexer_healthy.clone(),
+        alerts: consumers.alerting.clone(),
+        sinks: consumers.sink_statuses.clone(),
+        proxies,
+    }))
+}
 
-    // Certificates first: once the API answers, everything an agent needs exists.
-    let tls = ingest_tls(&config)?;
-    let (shutdown, _) = watch::channel(false);
-    let mut servers = Vec::new();
-    let api_listener =
-        tokio::net::TcpListener::bind((config.bind_address.as_str(), config.service_port))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}:{} (SERVICE_PORT)",
-                    config.bind_address, config.service_port
-                )
-            })?;
-    let api_addr = api_listener.local_addr()?;
-    let limits = connection_limits(&config);
-    servers.push(listeners::serve(
-        "api",
-        api_listener,
-        Plain,
-        api::router(state.clone()),
-        limits,
-        shutdown.subscribe(),
-    ));
-    let ingest_tcp =
-        tokio::net::TcpListener::bind((config.bind_address.as_str(), config.ingest_port))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}:{} (INGEST_PORT)",
-                    config.bind_address, config.ingest_port
-                )
-            })?;
-    let ingest_addr = ingest_tcp.local_addr()?;
-    servers.push(listeners::serve(
-        "ingest",
-        ingest_tcp,
-        TlsHandshake::new(Arc::new(tls)),
-        api::ingest_router(state.clone()),
-        limits,
-        shutdown.subscribe(),
-    ));
-    let mut metrics_addr = None;
-    if config.prometheus_enabled
-        && config.prometheus_port != 0
-        && config.prometheus_port != config.service_port
-    {
-        let listener =
-            tokio::net::TcpListener::bind((config.bind_address.as_str(), config.prometheus_port))
+/// The three listeners, bound and serving.
+struct Listening {
+    api_addr: SocketAddr,
+    ingest_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl Listening {
+    async fn bind(
+        config: &Config,
+        state: &SharedState,
+        shutdown: &watch::Sender<bool>,
+    ) -> anyhow::Result<Listening> {
+        // Certificates first: once the API answers, everything an agent needs exists.
+        let tls = ingest_tls(config)?;
+        let limits = connection_limits(config);
+        let bind = |port: u16, name: &'static str| async move {
+            tokio::net::TcpListener::bind((config.bind_address.as_str(), port))
                 .await
                 .with_context(|| {
-                    format!(
-                        "cannot listen on {}:{} (PROMETHEUS_PORT)",
-                        config.bind_address, config.prometheus_port
-                    )
-                })?;
-        metrics_addr = Some(listener.local_addr()?);
-        servers.push(listeners::serve(
-            "metrics",
-            listener,
-            Plain,
-            api::metrics_router(state.clone()),
-            limits,
-            shutdown.subscribe(),
-        ));
+                    format!("cannot listen on {}:{port} ({name})", config.bind_address)
+                })
+        };
+        let api = bind(config.service_port, "SERVICE_PORT").await?;
+        let api_addr = api.local_addr()?;
+        let ingest = bind(config.ingest_port, "INGEST_PORT").await?;
+        let ingest_addr = ingest.local_addr()?;
+        let mut servers = vec![
+            listeners::serve(
+                "api",
+                api,
+                Plain,
+                api::router(state.clone()),
+                limits,
+                shutdown.subscribe(),
+            ),
+            listeners::serve(
+                "ingest",
+                ingest,
+                TlsHandshake::new(Arc::new(tls)),
+                api::ingest_router(state.clone()),
+                limits,
+                shutdown.subscribe(),
+            ),
+        ];
+        let mut metrics_addr = None;
+        if config.prometheus_enabled
+            && config.prometheus_port != 0
+            && config.prometheus_port != config.service_port
+        {
+            let listener = bind(config.prometheus_port, "PROMETHEUS_PORT").await?;
+            metrics_addr = Some(listener.local_addr()?);
+            servers.push(listeners::serve(
+                "metrics",
+                listener,
+                Plain,
+                api::metrics_router(state.clone()),
+                limits,
+                shutdown.subscribe(),
+            ));
+        }
+        let metrics = metrics_addr.map_or("none".to_string(), |a| a.to_string());
+        tracing::info!(api = %api_addr, ingest = %ingest_addr, metrics = %metrics,
+            data_dir = %config.data_dir.display(), database = state.db.engine().name(),
+            "logging aggregator started");
+        Ok(Listening {
+            api_addr,
+            ingest_addr,
+            metrics_addr,
+            servers,
+        })
     }
-    let metrics_listener = metrics_addr.map_or("none".to_string(), |a| a.to_string());
-    tracing::info!(api = %api_addr, ingest = %ingest_addr, metrics = %metrics_listener, data_dir = %config.data_dir.display(),
-        database = db.engine().name(), "logging aggregator started");
+}
 
+async fn background_tasks(
+    config: &Config,
+    state: &SharedState,
+    stores: &Stores,
+    alerting: ManagerTasks,
+    broker: Option<Arc<crate::broker::Publisher>>,
+    shutdown: &watch::Sender<bool>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut background = vec![
-        tokio::spawn(manager.run(evaluations_rx, commands_rx, shutdown.subscribe())),
-        tokio::spawn(
-            Dispatcher {
-                db: db.clone(),
-                channels,
-                wake: wake_dispatcher,
-                commands,
-            }
-            .run(shutdown.subscribe()),
-        ),
+        tokio::spawn(alerting.manager.run(
+            alerting.evaluations,
+            alerting.commands,
+            shutdown.subscribe(),
+        )),
+        tokio::spawn(alerting.dispatcher.run(shutdown.subscribe())),
         tokio::spawn(update_gauges(state.clone(), shutdown.subscribe())),
         tokio::spawn(check_dependencies(state.clone(), shutdown.subscribe())),
         tokio::spawn(sync_deletions(state.clone(), shutdown.subscribe())),
@@ -460,29 +657,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(publisher) = broker
         && config.audit_log_enabled
     {
-        let audit = crate::broker::AuditPublisher::new(db.clone(), publisher, &config.data_dir);
+        let audit =
+            crate::broker::AuditPublisher::new(stores.db.clone(), publisher, &config.data_dir);
         let cursor = audit
             .start()
             .await
             .context("the broker's audit event cursor")?;
         background.push(tokio::spawn(audit.run(cursor, shutdown.subscribe())));
     }
-
-    Ok(Running {
-        state,
-        api_addr,
-        metrics_addr,
-        ingest_addr,
-        shutdown,
-        servers,
-        background,
-        indexer_stop,
-        indexer: Some(indexer),
-        evaluator_stop,
-        evaluator: Some(evaluator),
-        sinks_stop,
-        sinks,
-    })
+    Ok(background)
 }
 
 /// The ingest listener's TLS: the configured files, or development certificates generated

@@ -125,7 +125,14 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config);
-    let running = app::start(config).await?;
+    let running = match app::start(config).await {
+        Ok(running) => running,
+        Err(app::StartError::Config(error)) => {
+            eprintln!("logging-aggregator: configuration error: {error}");
+            std::process::exit(2);
+        }
+        Err(app::StartError::Failed(error)) => return Err(error),
+    };
     wait_for_signal().await;
     running.shutdown().await;
     Ok(())

@@ -97,6 +97,23 @@ fn a_bad_setting_stops_the_binary_with_a_message_naming_it() {
         stderr.contains("ELASTICSEARCH_INDEX: \"Logs\" must be lower case"),
         "{stderr}"
     );
+    // A setting only a subsystem checks (an alert channel without its address) is refused
+    // before anything is opened: no WAL, no store, no database in DATA_DIR.
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
+        .env_clear()
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("ALERT_NOTIFICATION_CHANNELS", "webhook")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ALERT_WEBHOOK_URL"), "{stderr}");
+    assert!(!dir.path().join("data/wal").exists(), "the WAL was opened");
+    assert!(
+        !dir.path().join("data/logging.db").exists(),
+        "the database was opened"
+    );
     let output = std::process::Command::new(logging_tests::binary("logging-aggregator"))
         .env_clear()
         .env("LOKI_URL", "http://loki:3100")
