@@ -93,7 +93,9 @@ impl Encoder {
     /// out and `context.truncated` set; so a long line arrives cut, never refused.
     pub fn encode(&self, meta: &SourceMeta, message: &Message, out: &mut Vec<u8>) {
         let start = out.len();
-        self.encode_whole(meta, message, out, None);
+        // One reading of the clock for every attempt: the lines must differ in their message only.
+        let now = Timestamp::now();
+        self.encode_whole(meta, message, now, out, None);
         if out.len() - start > self.max_entry {
             out.truncate(start);
             let body = String::from_utf8_lossy(&message.body);
@@ -101,11 +103,11 @@ impl Encoder {
             let mut fired = Vec::new();
             let text = self.redactor.redact(body, &mut fired).into_owned();
             // The entry with an empty message says how much room the message has.
-            self.encode_whole(meta, message, out, Some(("", &fired)));
+            self.encode_whole(meta, message, now, out, Some(("", &fired)));
             let room = (self.max_entry + 2).saturating_sub(out.len() - start);
             out.truncate(start);
             let cut = fitting_prefix(&text, room);
-            self.encode_whole(meta, message, out, Some((cut, &fired)));
+            self.encode_whole(meta, message, now, out, Some((cut, &fired)));
         }
     }
 
@@ -115,6 +117,7 @@ impl Encoder {
         &self,
         meta: &SourceMeta,
         message: &Message,
+        now: Timestamp,
         out: &mut Vec<u8>,
         cut: Option<(&str, &[&'static str])>,
     ) {
@@ -146,10 +149,7 @@ impl Encoder {
                 .redactor
                 .redact(text.as_deref().unwrap_or(body), &mut fired),
         };
-        let timestamp = parsed
-            .timestamp
-            .or(message.time)
-            .unwrap_or_else(Timestamp::now);
+        let timestamp = parsed.timestamp.or(message.time).unwrap_or(now);
         let level = parsed.level.unwrap_or(LogLevel::Info);
         let id = deterministic_log_id(timestamp, &meta.source_id, message.start);
 

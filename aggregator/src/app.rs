@@ -387,7 +387,7 @@ impl Consumers {
         sinks: Vec<SinkPlan>,
     ) -> anyhow::Result<Consumers> {
         // The embedded index.
-        let reader = stores.wal.reader(INDEX_CONSUMER)?;
+        let reader = stores.wal.applying_reader(INDEX_CONSUMER)?;
         stores.index.publish_searchable(reader.position());
         let indexer_healthy = Arc::new(AtomicBool::new(true));
         let indexer_stop = Arc::new(AtomicBool::new(false));
@@ -396,9 +396,18 @@ impl Consumers {
             reader,
             IndexerOptions {
                 refresh: config.refresh_interval(),
-                threads: config.index_threads(),
-                memory_bytes: config.index_writer_memory_mb << 20,
+                flush_rows: crate::index::indexer::FLUSH_BLOCKS * crate::index::block::BLOCK_ROWS,
+                flush_bytes: (config.index_writer_memory_mb as u64) << 20,
                 retention_days: config.log_retention_days,
+                write: crate::index::part::WriteOptions {
+                    level: if config.log_compression_enabled {
+                        crate::index::part::ZSTD_LEVEL
+                    } else {
+                        0
+                    },
+                    bloom: config.log_indexing_enabled,
+                    threads: config.index_threads(),
+                },
             },
             indexer_healthy.clone(),
         );

@@ -1,35 +1,42 @@
 //! The indexer: the WAL consumer that feeds the embedded store.
 //!
-//! It runs on its own thread, reads durable records from its WAL cursor, adds each entry to
-//! the partition of its day, and every refresh interval commits the partitions it touched,
-//! reloads their readers, publishes the new searchable position and persists its cursor.
+//! It runs on its own thread and reads durable records from its WAL cursor. Each entry goes
+//! into the block being filled of its day's partition, and is searchable at once. A full block
+//! is sealed (kept in memory, read as it is); a partition's blocks in memory are flushed to a
+//! part when there are enough of them ([`IndexerOptions::flush_rows`], or as many bytes as
+//! `INDEX_WRITER_MEMORY_MB`), when the partition has been idle for [`IDLE_FLUSH`], when its
+//! oldest entry in memory is [`MAX_AGE`] old, and on stop.
 //!
-//! Exactly-once application without id lookups: each partition's commit carries, as its
-//! payload, the WAL position it covers. After a crash the indexer replays from its cursor and
-//! skips, per partition, every record before that partition's own committed position.
+//! Exactly once without id lookups: a part carries the WAL range it covers; after a crash
+//! the indexer replays from its cursor and each partition skips every record before the end
+//! of its last part. The cursor it persists never passes the oldest entry that is only in
+//! memory, so a crash loses nothing that the WAL does not still hold.
+//!
+//! Flushes of idle partitions leave small parts; when a partition holds [`MERGE_PARTS`] of
+//! them, an idle indexer merges them into one (the merged part is written before the others
+//! go, and one found inside another's range on opening is removed).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use std::borrow::Cow;
+use logging_common::Timestamp;
 
-use logging_common::model::numeric_fields;
-use logging_common::{LogLevel, Timestamp};
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use tantivy::schema::OwnedValue;
-use tantivy::{IndexWriter, TantivyDocument};
-use uuid::Uuid;
-
-use super::patterns::pattern_hash;
-use super::schema::{KeyKind, id_hash, key_hash};
-use super::{IndexError, LogIndex, Partition};
+use super::block::{BLOCK_ROWS, BlockBuilder};
+use super::part::{self, Part, WriteOptions};
+use super::{IndexError, LogIndex, MemBlock, Partition, template};
 use crate::wal::{Record, WalError, WalReader};
 
-/// A writer is closed when its partition has not been written for this long.
-const IDLE_WRITER: Duration = Duration::from_secs(300);
+/// A partition with entries in memory is flushed once nothing has come for this long…
+pub const IDLE_FLUSH: Duration = Duration::from_secs(5);
+/// …or once its oldest entry in memory is this old.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+/// Full blocks a partition keeps in memory before it is flushed to a part.
+pub const FLUSH_BLOCKS: usize = 16;
+/// Parts smaller than this are merged once there are [`MERGE_PARTS`] of them.
+pub const SMALL_PART_ROWS: u64 = 4 * BLOCK_ROWS as u64;
+pub const MERGE_PARTS: usize = 4;
 const RETENTION_CHECK: Duration = Duration::from_secs(60);
 const READ_BYTES: usize = 1024 * 1024;
 
@@ -37,26 +44,31 @@ const READ_BYTES: usize = 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct IndexerOptions {
     pub refresh: Duration,
-    pub threads: usize,
-    pub memory_bytes: usize,
+    /// Rows a partition keeps in memory before it is flushed.
+    pub flush_rows: usize,
+    /// Bytes of stored lines a partition keeps in memory before it is flushed.
+    pub flush_bytes: u64,
     pub retention_days: u32,
+    pub write: WriteOptions,
 }
 
-struct PartitionWriter {
+/// The indexer's state for one day partition.
+struct DayWriter {
     partition: Arc<Partition>,
-    writer: IndexWriter,
-    /// WAL position covered by this partition's last commit.
+    /// The WAL position the partition's parts cover up to.
     committed: u64,
-    dirty: bool,
-    last_write: Instant,
+    /// Where its oldest entry in memory is in the WAL.
+    memory_from: Option<u64>,
+    first_append: Instant,
+    last_append: Instant,
+    rows: usize,
+    bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum IndexerError {
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error(transparent)]
-    Tantivy(#[from] tantivy::TantivyError),
     #[error(transparent)]
     Wal(#[from] WalError),
 }
@@ -65,10 +77,12 @@ pub struct Indexer {
     index: Arc<LogIndex>,
     wal: WalReader,
     options: IndexerOptions,
-    writers: BTreeMap<i64, PartitionWriter>,
+    writers: BTreeMap<i64, DayWriter>,
     /// Position the cursor was last persisted at.
     persisted: u64,
     healthy: Arc<AtomicBool>,
+    /// Lines of the record being applied, by day.
+    pending: BTreeMap<i64, Vec<(bytes::Bytes, u64)>>,
 }
 
 impl Indexer {
@@ -86,23 +100,20 @@ impl Indexer {
             writers: BTreeMap::new(),
             persisted,
             healthy,
+            pending: BTreeMap::new(),
         }
     }
 
-    /// Runs until `stop` is set and everything durable has been indexed and committed.
+    /// Runs until `stop` is set and everything durable has been indexed and flushed.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
-        let mut next_refresh = Instant::now() + self.options.refresh;
         let mut next_retention = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Acquire);
-            // At most 200 ms: a stop requested while idle is seen promptly, not after a whole
-            // refresh interval (SIGTERM took INDEX_REFRESH_INTERVAL_MS to take effect).
+            // At most 200 ms: a stop requested while idle is seen promptly.
             let wait = if stopping {
                 Duration::ZERO
             } else {
-                next_refresh
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(200))
+                self.options.refresh.min(Duration::from_millis(200))
             };
             let waited = Instant::now();
             let step = self
@@ -117,6 +128,7 @@ impl Indexer {
                     for record in &records {
                         self.apply(record)?;
                     }
+                    self.index.publish_searchable(self.wal.position());
                     metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "apply")
                         .record(applied.elapsed().as_secs_f64());
                     Ok(caught_up)
@@ -128,52 +140,54 @@ impl Indexer {
                     continue;
                 }
             };
-            let now = Instant::now();
-            if now >= next_refresh || (stopping && caught_up) {
-                let refreshing = Instant::now();
-                let refreshed = self.refresh();
-                metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "refresh")
-                    .record(refreshing.elapsed().as_secs_f64());
-                if let Err(error) = refreshed {
-                    self.recover(&error);
-                    continue;
-                }
-                next_refresh = now + self.options.refresh;
+            let flushing = Instant::now();
+            if let Err(error) = self.flush_due(stopping) {
+                self.recover(&error);
+                continue;
             }
+            metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "flush")
+                .record(flushing.elapsed().as_secs_f64());
+            if let Err(error) = self.persist_cursor() {
+                self.recover(&error);
+                continue;
+            }
+            self.healthy.store(true, Ordering::Release);
+            if caught_up && !stopping {
+                self.merge_small_parts();
+                if self.writers.values().all(|w| w.rows == 0) {
+                    self.wal.retire_consumed();
+                }
+            }
+            let now = Instant::now();
             if now >= next_retention {
                 self.enforce_retention();
                 next_retention = now + RETENTION_CHECK;
             }
-            if stopping && caught_up {
+            if stopping && caught_up && self.writers.values().all(|w| w.rows == 0) {
                 tracing::info!(
                     position = self.persisted,
-                    "indexer stopped with everything committed"
+                    "indexer stopped with everything flushed"
                 );
                 return;
             }
         }
     }
 
-    fn writer(&mut self, day: i64) -> Result<&mut PartitionWriter, IndexerError> {
+    fn writer(&mut self, day: i64) -> Result<&mut DayWriter, IndexerError> {
         if !self.writers.contains_key(&day) {
             let partition = self.index.partition_for_write(day)?;
-            let threads = self
-                .options
-                .threads
-                .clamp(1, (self.options.memory_bytes / (16 << 20)).max(1));
-            let writer = partition
-                .index
-                .writer_with_num_threads(threads, self.options.memory_bytes)?;
-            writer.set_merge_policy(Box::new(merge_policy()));
             let committed = partition.committed_lsn();
+            let now = Instant::now();
             self.writers.insert(
                 day,
-                PartitionWriter {
+                DayWriter {
                     partition,
-                    writer,
                     committed,
-                    dirty: false,
-                    last_write: Instant::now(),
+                    memory_from: None,
+                    first_append: now,
+                    last_append: now,
+                    rows: 0,
+                    bytes: 0,
                 },
             );
         }
@@ -182,67 +196,168 @@ impl Indexer {
         })
     }
 
+    /// Adds a record's entries to their partitions' blocks being filled.
     fn apply(&mut self, record: &Record) -> Result<(), IndexerError> {
-        let fields = self.index.fields().clone();
-        let full_text = self.index.full_text();
+        let mut pending = std::mem::take(&mut self.pending);
         for (i, line) in record.lines().enumerate() {
-            let entry: EntryView<'_> = match serde_json::from_slice(&line) {
-                Ok(entry) => entry,
-                Err(error) => {
-                    // The WAL's checksum held, so this is a bug of ours, not a torn write:
-                    // say so loudly and keep going with the rest.
-                    tracing::error!(lsn = record.lsn, %error, "unreadable entry in the WAL");
-                    metrics::counter!("logging_aggregator_index_errors_total").increment(1);
-                    continue;
-                }
+            let Some(ts) = timestamp_of(&line) else {
+                // The WAL's checksum held, so this is a bug of ours, not a torn write: say so
+                // loudly and keep going with the rest.
+                tracing::error!(lsn = record.lsn, "unreadable entry in the WAL");
+                metrics::counter!("logging_aggregator_index_errors_total").increment(1);
+                continue;
             };
-            let pw = self.writer(entry.timestamp.day())?;
-            if record.lsn < pw.committed {
+            pending
+                .entry(ts.day())
+                .or_default()
+                .push((line, record.lsn + i as u64));
+        }
+        for (day, lines) in &mut pending {
+            if lines.is_empty() {
                 continue;
             }
-            let doc = document(&fields, full_text, &entry, &line, record.lsn + i as u64);
-            pw.writer.add_document(doc)?;
-            pw.dirty = true;
-            pw.last_write = Instant::now();
+            let writer = self.writer(*day)?;
+            if record.lsn < writer.committed {
+                lines.clear();
+                continue;
+            }
+            let partition = writer.partition.clone();
+            let mut added = 0;
+            let mut bytes = 0;
+            {
+                let state = partition.state.read();
+                let mut open = state.open.write();
+                for (line, seq) in lines.drain(..) {
+                    match open.push(&line, seq) {
+                        Ok(()) => {
+                            added += 1;
+                            bytes += line.len() as u64;
+                        }
+                        Err(error) => {
+                            tracing::error!(lsn = record.lsn, %error, "unreadable entry in the WAL");
+                            metrics::counter!("logging_aggregator_index_errors_total").increment(1);
+                        }
+                    }
+                }
+                drop(open);
+                drop(state);
+            }
+            let writer = self.writer(*day)?;
+            if added > 0 {
+                let now = Instant::now();
+                if writer.memory_from.is_none() {
+                    writer.memory_from = Some(record.lsn);
+                    writer.first_append = now;
+                }
+                writer.last_append = now;
+                writer.rows += added;
+                writer.bytes += bytes;
+            }
+            seal_if_full(&writer.partition);
         }
+        self.pending = pending;
         metrics::counter!("logging_aggregator_indexed_entries_total")
             .increment(u64::from(record.count));
         Ok(())
     }
 
-    /// Commits what changed, makes it searchable and persists the cursor.
-    fn refresh(&mut self) -> Result<(), IndexerError> {
+    /// Flushes the partitions that are due (all of them when stopping).
+    fn flush_due(&mut self, stopping: bool) -> Result<(), IndexerError> {
         let position = self.wal.position();
-        let started = Instant::now();
-        for pw in self.writers.values_mut().filter(|pw| pw.dirty) {
-            let mut commit = pw.writer.prepare_commit()?;
-            commit.set_payload(&position.to_string());
-            commit.commit()?;
-            pw.committed = position;
-            pw.dirty = false;
-            pw.partition.reader.reload()?;
-        }
-        if position != self.persisted {
-            self.wal.commit(position)?;
-            self.persisted = position;
+        let days: Vec<i64> = self
+            .writers
+            .iter()
+            .filter(|(_, w)| {
+                w.rows > 0
+                    && (stopping
+                        || w.rows >= self.options.flush_rows
+                        || w.bytes >= self.options.flush_bytes
+                        || w.last_append.elapsed() >= IDLE_FLUSH
+                        || w.first_append.elapsed() >= MAX_AGE)
+            })
+            .map(|(d, _)| *d)
+            .collect();
+        for day in days {
+            let writer = self.writer(day)?;
+            let from = writer.memory_from.unwrap_or(writer.committed);
+            let partition = writer.partition.clone();
+            let started = Instant::now();
+            flush(&partition, from, position, self.options.write)?;
+            let writer = self.writer(day)?;
+            tracing::debug!(day = %super::day_name(day), rows = writer.rows, seconds = started.elapsed().as_secs_f64(), "flushed a part");
             metrics::histogram!("logging_aggregator_index_refresh_seconds")
                 .record(started.elapsed().as_secs_f64());
+            writer.committed = position;
+            writer.memory_from = None;
+            writer.rows = 0;
+            writer.bytes = 0;
         }
-        self.index.publish_searchable(position);
-        self.writers
-            .retain(|_, pw| pw.dirty || pw.last_write.elapsed() < IDLE_WRITER);
-        self.healthy.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// After a failure, throw away what was not committed and replay it from the WAL.
+    /// Persists the cursor: up to what is read, but never past an entry only in memory.
+    fn persist_cursor(&mut self) -> Result<(), IndexerError> {
+        let position = self.wal.position();
+        let cursor = self
+            .writers
+            .values()
+            .filter_map(|w| w.memory_from)
+            .min()
+            .unwrap_or(position)
+            .min(position);
+        if cursor > self.persisted {
+            self.wal.commit(cursor)?;
+            self.persisted = cursor;
+        }
+        Ok(())
+    }
+
+    /// After a failure, throw away what is only in memory and replay it from the WAL.
     fn recover(&mut self, error: &IndexerError) {
-        tracing::error!(%error, position = self.persisted, "indexing failed; replaying from the last commit");
+        tracing::error!(%error, position = self.persisted, "indexing failed; replaying from the last flush");
         metrics::counter!("logging_aggregator_index_errors_total").increment(1);
         self.healthy.store(false, Ordering::Release);
+        for writer in self.writers.values() {
+            let mut state = writer.partition.state.write();
+            state.sealed.clear();
+            *state.open.write() = BlockBuilder::default();
+        }
         self.writers.clear();
+        self.pending.clear();
         self.wal.seek(self.persisted);
         std::thread::sleep(Duration::from_secs(1));
+    }
+
+    /// Merges a partition's small parts, one partition a call, when there are enough.
+    fn merge_small_parts(&mut self) {
+        for day in self.index.days() {
+            let Some(partition) = self.index.partition(day) else {
+                continue;
+            };
+            let parts = partition.parts();
+            let small: Vec<Arc<Part>> = parts
+                .iter()
+                .filter(|p| p.rows() < SMALL_PART_ROWS)
+                .cloned()
+                .collect();
+            if small.len() < MERGE_PARTS {
+                continue;
+            }
+            // Consecutive in WAL order, so the merged range covers exactly them.
+            let run: Vec<Arc<Part>> = consecutive_run(&parts, &small);
+            if run.len() < 2 {
+                continue;
+            }
+            let started = Instant::now();
+            match merge(&partition, &run, self.options.write) {
+                Ok(rows) => tracing::info!(day = %super::day_name(day), parts = run.len(), rows,
+                    seconds = started.elapsed().as_secs_f64(), "merged small parts"),
+                Err(error) => {
+                    tracing::error!(day = %super::day_name(day), %error, "cannot merge parts")
+                }
+            }
+            return;
+        }
     }
 
     fn enforce_retention(&mut self) {
@@ -264,87 +379,152 @@ impl Indexer {
     }
 }
 
-/// Segments merged at once. See [`merge_policy`].
-const MERGE_FACTOR: usize = 32;
+#[cfg(test)]
+impl Indexer {
+    /// Reads and applies what the WAL holds, flushing nothing; returns the records read.
+    pub fn read_for_test(&mut self) -> usize {
+        let records = self.wal.next_records(usize::MAX, Duration::ZERO).unwrap();
+        for record in &records {
+            self.apply(record).unwrap();
+        }
+        self.index.publish_searchable(self.wal.position());
+        records.len()
+    }
 
-/// Merges for an append-only log store: a refresh every second writes a small segment per
-/// indexing thread, and merging them eight at a time (tantivy's default) rewrites every entry
-/// three or four times in a day. Merging 32 at once cut the aggregator's CPU per entry by a
-/// quarter (BENCHMARKS.md); queries pay with a few more segments per partition, which cost
-/// microseconds each.
-fn merge_policy() -> tantivy::merge_policy::LogMergePolicy {
-    let mut policy = tantivy::merge_policy::LogMergePolicy::default();
-    policy.set_min_num_segments(MERGE_FACTOR);
-    policy.set_min_layer_size(20_000);
-    policy
+    /// Flushes everything in memory and persists the cursor, as a stop does.
+    pub fn finish_for_test(&mut self) {
+        self.flush_due(true).unwrap();
+        self.persist_cursor().unwrap();
+    }
+
+    /// Runs one round of merging.
+    pub fn merge_for_test(&mut self) {
+        self.merge_small_parts();
+    }
 }
 
-/// What the indexer reads of a stored entry line, borrowing from it.
-#[derive(Deserialize)]
-pub struct EntryView<'a> {
-    pub id: Uuid,
-    pub timestamp: Timestamp,
-    pub level: LogLevel,
-    #[serde(borrow)]
-    pub service: Cow<'a, str>,
-    #[serde(borrow)]
-    pub message: Cow<'a, str>,
-    #[serde(default, borrow)]
-    pub context: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    pub trace_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub request_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub correlation_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub user_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub tags: Vec<Cow<'a, str>>,
+/// The entry's timestamp, read from the head of its stored line (or, for a line not in the
+/// canonical form, from its JSON).
+fn timestamp_of(line: &[u8]) -> Option<Timestamp> {
+    if let Some((head, _)) = template::split_line(line) {
+        return Some(head.ts);
+    }
+    #[derive(serde::Deserialize)]
+    struct Ts {
+        timestamp: Timestamp,
+    }
+    serde_json::from_slice::<Ts>(line).ok().map(|t| t.timestamp)
 }
 
-/// The index document of one entry; `json` is its stored line.
-pub fn document(
-    fields: &super::schema::Fields,
-    full_text: bool,
-    entry: &EntryView<'_>,
-    json: &[u8],
-    seq: u64,
-) -> TantivyDocument {
-    let mut doc = TantivyDocument::new();
-    doc.add_u64(fields.id_key, id_hash(&entry.id));
-    doc.add_i64(fields.ts, entry.timestamp.as_nanos());
-    doc.add_u64(fields.seq, seq);
-    doc.add_u64(fields.level, u64::from(entry.level.rank()));
-    doc.add_text(fields.service, &entry.service);
-    for (kind, value) in [
-        (KeyKind::TraceId, &entry.trace_id),
-        (KeyKind::RequestId, &entry.request_id),
-        (KeyKind::CorrelationId, &entry.correlation_id),
-        (KeyKind::UserId, &entry.user_id),
-    ] {
-        if let Some(value) = value {
-            doc.add_u64(fields.keys, key_hash(kind, value));
+/// Moves a full block being filled to the sealed blocks.
+fn seal_if_full(partition: &Partition) {
+    if partition.state.read().open.read().rows() < super::block::BLOCK_ROWS {
+        return;
+    }
+    let mut state = partition.state.write();
+    let open = state.open.clone();
+    let mut builder = open.write();
+    let slots = builder.slots().to_vec();
+    let block = builder.take();
+    drop(builder);
+    let summary = block.summary();
+    state.sealed.push(Arc::new(MemBlock {
+        block,
+        slots,
+        summary,
+    }));
+}
+
+/// Writes the partition's blocks in memory as the part covering `[from, to)`, then makes it
+/// what readers see in their place.
+fn flush(
+    partition: &Partition,
+    from: u64,
+    to: u64,
+    options: WriteOptions,
+) -> Result<(), IndexError> {
+    let (sealed, open) = {
+        let state = partition.state.read();
+        (state.sealed.clone(), state.open.clone())
+    };
+    let path = {
+        let open = open.read();
+        let mut blocks: Vec<&super::block::Block> = sealed.iter().map(|m| &m.block).collect();
+        if open.rows() > 0 {
+            blocks.push(&open.block);
+        }
+        part::write(&partition.dir, partition.day, from, to, &blocks, options)?
+    };
+    let part = Arc::new(Part::open(&path)?);
+    let mut state = partition.state.write();
+    state.parts.push(part);
+    state.parts.sort_by_key(|p| p.lsn_from);
+    state.sealed.clear();
+    *state.open.write() = BlockBuilder::default();
+    Ok(())
+}
+
+/// The longest run of `small` parts that follow each other in `parts` (WAL order).
+fn consecutive_run(parts: &[Arc<Part>], small: &[Arc<Part>]) -> Vec<Arc<Part>> {
+    let mut best: Vec<Arc<Part>> = Vec::new();
+    let mut run: Vec<Arc<Part>> = Vec::new();
+    for part in parts {
+        if small.iter().any(|s| Arc::ptr_eq(s, part)) {
+            run.push(part.clone());
+            if run.len() > best.len() {
+                best = run.clone();
+            }
+        } else {
+            run.clear();
         }
     }
-    for tag in &entry.tags {
-        doc.add_text(fields.tags, tag);
-    }
-    if full_text {
-        doc.add_text(fields.message, &entry.message);
-    }
-    doc.add_u64(fields.pattern, pattern_hash(&entry.message));
-    if let Some(context) = entry.context {
-        let numbers = numeric_fields(context.get());
-        if !numbers.is_empty() {
-            let object: BTreeMap<String, OwnedValue> = numbers
-                .into_iter()
-                .map(|(k, v)| (k, OwnedValue::F64(v)))
-                .collect();
-            doc.add_object(fields.num, object);
+    best
+}
+
+/// Merges `run` (consecutive parts of `partition`) into one part; returns its rows.
+fn merge(
+    partition: &Partition,
+    run: &[Arc<Part>],
+    options: WriteOptions,
+) -> Result<u64, IndexError> {
+    let from = run.iter().map(|p| p.lsn_from).min().unwrap_or(0);
+    let to = run.iter().map(|p| p.lsn_to).max().unwrap_or(0);
+    let mut builder = BlockBuilder::default();
+    let mut blocks = Vec::new();
+    let mut rows = 0u64;
+    for part in run {
+        for b in 0..part.blocks.len() {
+            let view = super::scan::View::disk(part, b);
+            let all: Vec<usize> = (0..view.rows()).collect();
+            let seq = view.seq()?.to_vec();
+            for (row, line) in all.iter().zip(view.lines(&all)?) {
+                if builder.push(&line, seq[*row]).is_ok() {
+                    rows += 1;
+                }
+                if builder.rows() >= BLOCK_ROWS {
+                    blocks.push(builder.take());
+                }
+            }
         }
     }
-    doc.add_u64(fields.raw_len, json.len() as u64);
-    doc.add_bytes(fields.src, json);
-    doc
+    if builder.rows() > 0 {
+        blocks.push(builder.take());
+    }
+    let refs: Vec<&super::block::Block> = blocks.iter().collect();
+    let path = part::write(&partition.dir, partition.day, from, to, &refs, options)?;
+    let merged = Arc::new(Part::open(&path)?);
+    {
+        let mut state = partition.state.write();
+        state
+            .parts
+            .retain(|p| !run.iter().any(|r| Arc::ptr_eq(r, p)));
+        state.parts.push(merged);
+        state.parts.sort_by_key(|p| p.lsn_from);
+    }
+    for old in run {
+        // Readers still holding it keep the file open; it goes when they finish.
+        let _ = std::fs::remove_file(&old.path);
+    }
+    crate::wal::sync_dir(&partition.dir)?;
+    Ok(rows)
 }

@@ -1,67 +1,125 @@
-//! The embedded log store: a tantivy full-text index per UTC day.
+//! The embedded log store: day partitions of columnar blocks, written by the [`indexer`] from
+//! the WAL and read by the API. `docs/storage.md` describes the format and why it was chosen.
 //!
-//! Partitioning by day is what makes retention cheap (a whole directory is dropped) and time
-//! filters fast (a query for the last hour opens one partition). The [`indexer`] thread feeds
-//! it from the WAL; this module answers reads: listings and searches sorted by (timestamp,
-//! ingest sequence) with cursors, lookups by id, analytics and stats.
+//! A day partition (`index/YYYY-MM-DD/`) holds **parts** (immutable files of blocks, see
+//! [`part`]) and, in memory, the entries not yet flushed to one: full blocks, and the block
+//! being filled. Everything a read needs is in those: a row is searchable as soon as the
+//! indexer has added it to the block being filled. Partitioning by day makes retention a
+//! directory removal and time filters a choice of directories; within a day, block
+//! summaries (time range, levels, services) and Bloom filters decide which blocks are read.
 //!
-//! Reads are near-real-time: a partition's reader is reloaded after each commit, and
-//! [`LogIndex::searchable_lsn`] says up to which WAL position everything is visible.
+//! Exactly once: a part records the WAL range `[from, to)` it covers; on replay a partition
+//! skips every record before the end of its last part, and the WAL cursor never passes the
+//! oldest entry still only in memory.
 
-pub mod collect;
+pub mod block;
+pub mod bloom;
 pub mod indexer;
+pub mod part;
 pub mod patterns;
 pub mod query;
 pub mod query_language;
-pub mod schema;
+pub mod scan;
+pub mod template;
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use logging_common::Timestamp;
 use parking_lot::RwLock;
 use serde::Serialize;
-use tantivy::collector::{Count, DocSetCollector};
-use tantivy::query::{Query, QueryParser, TermQuery};
-use tantivy::schema::{IndexRecordOption, Schema, Value};
-use tantivy::store::{Compressor, ZstdCompressor};
-use tantivy::tokenizer::TokenizerManager;
-use tantivy::{
-    DocAddress, Executor, Index, IndexReader, IndexSettings, ReloadPolicy, Searcher,
-    TantivyDocument, Term,
-};
 use tokio::sync::watch;
 use uuid::Uuid;
+use xxhash_rust::xxh3::xxh3_64;
 
-use collect::{
-    AnalyticsCollector, AnalyticsFruit, Hit, PageCollector, PatternCounts, StatsCollector,
-    StatsFruit,
-};
+use block::{Block, BlockBuilder, BlockError, Summary};
+use part::Part;
 use query::{LogFilter, Order, Page, QueryError, SortPosition};
-use schema::{Fields, id_hash};
-
-use crate::wal::id_of_line;
+use scan::{Compiled, View};
 
 const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
+
+/// The dedup filter's hash of an entry id.
+pub fn id_hash(id: &Uuid) -> u64 {
+    xxh3_64(id.as_bytes())
+}
+
+/// A full block held in memory until its partition is flushed.
+pub struct MemBlock {
+    pub block: Block,
+    pub slots: Vec<Vec<u32>>,
+    pub summary: Summary,
+}
+
+/// What a day partition holds, swapped as a whole when a flush or merge changes it.
+struct State {
+    parts: Vec<Arc<Part>>,
+    sealed: Vec<Arc<MemBlock>>,
+    /// The block being filled; written by the indexer alone.
+    open: Arc<RwLock<BlockBuilder>>,
+}
 
 /// One day of entries.
 pub struct Partition {
     pub day: i64,
     pub dir: PathBuf,
-    pub index: Index,
-    pub reader: IndexReader,
+    state: RwLock<State>,
+}
+
+/// A consistent view of a partition: what a read scans.
+struct Snapshot {
+    parts: Vec<Arc<Part>>,
+    sealed: Vec<Arc<MemBlock>>,
 }
 
 impl Partition {
-    /// The WAL position this partition's last commit covered (0 if none).
+    /// The WAL position its parts cover up to (0 if none).
     pub fn committed_lsn(&self) -> u64 {
-        self.index
-            .load_metas()
-            .ok()
-            .and_then(|m| m.payload)
-            .and_then(|p| p.parse().ok())
+        self.state
+            .read()
+            .parts
+            .iter()
+            .map(|p| p.lsn_to)
+            .max()
             .unwrap_or(0)
+    }
+
+    /// Runs `read` on a consistent view: the block being filled is read under its lock,
+    /// taken while the partition's state is, so no row is seen twice or missed across a
+    /// seal or a flush.
+    fn with_snapshot<T>(&self, read: impl FnOnce(&Snapshot, &BlockBuilder) -> T) -> T {
+        let state = self.state.read();
+        let open = state.open.clone();
+        let guard = open.read();
+        let snapshot = Snapshot {
+            parts: state.parts.clone(),
+            sealed: state.sealed.clone(),
+        };
+        drop(state);
+        read(&snapshot, &guard)
+    }
+
+    /// Rows in memory, not yet in a part.
+    pub fn memtable_rows(&self) -> usize {
+        let state = self.state.read();
+        state.sealed.iter().map(|b| b.block.rows()).sum::<usize>() + state.open.read().rows()
+    }
+
+    pub fn parts(&self) -> Vec<Arc<Part>> {
+        self.state.read().parts.clone()
+    }
+
+    /// Bytes the entries not yet flushed take in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        let state = self.state.read();
+        state
+            .sealed
+            .iter()
+            .map(|b| b.block.memory_bytes())
+            .sum::<u64>()
+            + state.open.read().block.memory_bytes()
     }
 }
 
@@ -128,6 +186,20 @@ impl AnalyticsRequest {
     }
 }
 
+/// Counts per level, by level rank.
+pub type LevelCounts = [u64; 9];
+
+/// What analytics counts.
+#[derive(Debug, Default)]
+pub struct AnalyticsFruit {
+    pub by_level: Vec<LevelCounts>,
+    /// (bucket, service) → count.
+    pub by_service: HashMap<(usize, String), u64>,
+    /// service → (total, errors).
+    pub service_totals: HashMap<String, (u64, u64)>,
+    pub values: Vec<f64>,
+}
+
 /// A top message pattern.
 #[derive(Debug, Serialize)]
 pub struct PatternCount {
@@ -141,30 +213,25 @@ pub struct PatternCount {
 pub struct PartitionStats {
     pub day: String,
     pub entries: u64,
+    /// Parts on disk, plus one for the entries still in memory.
     pub segments: usize,
+    /// On disk, plus what the entries not yet flushed to a part take in memory.
     pub stored_bytes: u64,
+}
+
+/// Totals over the whole store.
+#[derive(Debug, Default)]
+pub struct StatsTotals {
+    pub entries: u64,
+    pub raw_bytes: u64,
+    pub by_service: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
 pub struct IndexStats {
-    pub totals: StatsFruit,
+    pub totals: StatsTotals,
     pub stored_bytes: u64,
     pub partitions: Vec<PartitionStats>,
-}
-
-/// The embedded store.
-pub struct LogIndex {
-    root: PathBuf,
-    schema: Schema,
-    fields: Fields,
-    settings: IndexSettings,
-    parser: Option<QueryParser>,
-    partitions: RwLock<BTreeMap<i64, Arc<Partition>>>,
-    /// Runs a query's segments in parallel; shared by every partition.
-    executor: Executor,
-    /// Soft-deleted ids, by the day partition that holds them.
-    hidden: RwLock<HashMap<i64, Vec<Uuid>>>,
-    searchable: watch::Sender<u64>,
 }
 
 /// How the store is set up.
@@ -176,39 +243,38 @@ pub struct IndexOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    #[error("embedded index: {0}")]
-    Tantivy(#[from] tantivy::TantivyError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
     #[error("embedded index I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<BlockError> for QueryError {
+    fn from(error: BlockError) -> QueryError {
+        QueryError::Index(IndexError::Block(error))
+    }
+}
+
+/// The embedded store.
+pub struct LogIndex {
+    root: PathBuf,
+    options: IndexOptions,
+    partitions: RwLock<BTreeMap<i64, Arc<Partition>>>,
+    /// Soft-deleted ids, by the day partition that holds them.
+    hidden: RwLock<HashMap<i64, Vec<Uuid>>>,
+    searchable: watch::Sender<u64>,
+}
+
+/// Which blocks of a partition a read looks at, in the order it looks.
+enum Source {
+    Sealed(usize),
+    Part(usize, usize),
 }
 
 impl LogIndex {
     /// Opens every day partition under `root`.
     pub fn open(root: &Path, options: IndexOptions) -> Result<LogIndex, IndexError> {
         std::fs::create_dir_all(root)?;
-        let (schema, fields) = schema::build(options.full_text);
-        let settings = IndexSettings {
-            docstore_compression: if options.compression {
-                Compressor::Zstd(ZstdCompressor {
-                    compression_level: Some(3),
-                })
-            } else {
-                Compressor::None
-            },
-            docstore_blocksize: 128 * 1024,
-            ..IndexSettings::default()
-        };
-        let parser = options.full_text.then(|| {
-            let mut parser = QueryParser::new(
-                schema.clone(),
-                vec![fields.message],
-                TokenizerManager::default(),
-            );
-            parser.set_conjunction_by_default();
-            parser
-        });
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let executor = Executor::multi_thread(threads, "search-")?;
         let mut partitions = BTreeMap::new();
         let mut max_lsn = 0;
         for entry in std::fs::read_dir(root)? {
@@ -217,13 +283,18 @@ impl LogIndex {
             let Some(day) = parse_day_name(&name) else {
                 continue;
             };
-            let mut index = Index::open_in_dir(entry.path())?;
-            index.set_executor(executor.clone());
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let parts = open_parts(&entry.path())?;
             let partition = Partition {
                 day,
                 dir: entry.path(),
-                reader: reader_for(&index)?,
-                index,
+                state: RwLock::new(State {
+                    parts,
+                    sealed: Vec::new(),
+                    open: Arc::new(RwLock::new(BlockBuilder::default())),
+                }),
             };
             max_lsn = max_lsn.max(partition.committed_lsn());
             partitions.insert(day, Arc::new(partition));
@@ -231,26 +302,22 @@ impl LogIndex {
         let (searchable, _) = watch::channel(max_lsn);
         Ok(LogIndex {
             root: root.to_path_buf(),
-            schema,
-            fields,
-            settings,
-            parser,
+            options,
             partitions: RwLock::new(partitions),
-            executor,
             hidden: RwLock::new(HashMap::new()),
             searchable,
         })
     }
 
-    pub fn fields(&self) -> &Fields {
-        &self.fields
+    pub fn options(&self) -> IndexOptions {
+        self.options
     }
 
     pub fn full_text(&self) -> bool {
-        self.parser.is_some()
+        self.options.full_text
     }
 
-    /// The highest WAL position any partition has committed.
+    /// The highest WAL position any partition has in a part.
     pub fn committed_lsn(&self) -> u64 {
         self.partitions
             .read()
@@ -267,19 +334,15 @@ impl LogIndex {
         }
         let dir = self.root.join(day_name(day));
         std::fs::create_dir_all(&dir)?;
-        let mut index = match Index::open_in_dir(&dir) {
-            Ok(index) => index,
-            Err(_) => Index::builder()
-                .schema(self.schema.clone())
-                .settings(self.settings.clone())
-                .create_in_dir(&dir)?,
-        };
-        index.set_executor(self.executor.clone());
+        let parts = open_parts(&dir)?;
         let partition = Arc::new(Partition {
             day,
             dir,
-            reader: reader_for(&index)?,
-            index,
+            state: RwLock::new(State {
+                parts,
+                sealed: Vec::new(),
+                open: Arc::new(RwLock::new(BlockBuilder::default())),
+            }),
         });
         self.partitions.write().insert(day, partition.clone());
         Ok(partition)
@@ -299,6 +362,10 @@ impl LogIndex {
 
     pub fn days(&self) -> Vec<i64> {
         self.partitions.read().keys().copied().collect()
+    }
+
+    pub fn partition(&self, day: i64) -> Option<Arc<Partition>> {
+        self.partitions.read().get(&day).cloned()
     }
 
     // --- near-real-time visibility ---
@@ -325,8 +392,7 @@ impl LogIndex {
     /// never undone, so this only adds.
     pub fn merge_hidden(&self, deleted: impl IntoIterator<Item = (Uuid, i64)>) -> usize {
         let mut hidden = self.hidden.write();
-        let mut known: std::collections::HashSet<Uuid> =
-            hidden.values().flatten().copied().collect();
+        let mut known: HashSet<Uuid> = hidden.values().flatten().copied().collect();
         let mut added = 0;
         for (id, day) in deleted {
             if known.insert(id) {
@@ -351,15 +417,12 @@ impl LogIndex {
         self.hidden.read().values().flatten().copied().collect()
     }
 
-    fn hidden_in(&self, day: i64) -> Vec<Uuid> {
-        self.hidden.read().get(&day).cloned().unwrap_or_default()
-    }
-
-    fn is_hidden(&self, id: Uuid, day: i64) -> bool {
+    fn hidden_in(&self, day: i64) -> HashSet<Uuid> {
         self.hidden
             .read()
             .get(&day)
-            .is_some_and(|ids| ids.contains(&id))
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     // --- reads ---
@@ -385,29 +448,65 @@ impl LogIndex {
 
     /// Finds the day partition holding `id`, soft-deleted or not.
     pub fn locate(&self, id: Uuid) -> Result<Option<i64>, IndexError> {
-        Ok(self.find(id)?.map(|(partition, _, _)| partition.day))
+        Ok(self.find(id)?.map(|(day, _)| day))
     }
 
-    fn find(&self, id: Uuid) -> Result<Option<(Arc<Partition>, Searcher, DocAddress)>, IndexError> {
+    /// The day and stored line of `id`, soft-deleted or not.
+    fn find(&self, id: Uuid) -> Result<Option<(i64, Vec<u8>)>, IndexError> {
         let mut candidates: Vec<Arc<Partition>> =
             self.partitions.read().values().cloned().collect();
-        // A UUIDv7 made from the entry's timestamp names its day: look there first.
-        if let Some(ts) = id.get_timestamp() {
-            let (secs, nanos) = ts.to_unix();
-            let day = (secs as i64 * 1_000_000_000 + i64::from(nanos)).div_euclid(NANOS_PER_DAY);
+        // A UUIDv7 made from the entry's timestamp names its day and its millisecond.
+        let millis = (id.get_version_num() == 7).then(|| {
+            let b = id.as_bytes();
+            i64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]])
+        });
+        if let Some(ms) = millis {
+            let day = (ms * 1_000_000).div_euclid(NANOS_PER_DAY);
             candidates.sort_by_key(|p| p.day != day);
         }
-        let query = TermQuery::new(
-            Term::from_field_u64(self.fields.id_key, id_hash(&id)),
-            IndexRecordOption::Basic,
-        );
+        let hash = bloom::id_hash(&id);
         for partition in candidates {
-            let searcher = partition.reader.searcher();
-            for address in searcher.search(&query, &DocSetCollector)? {
-                // The index holds a hash of the id: confirm on the stored entry.
-                if id_of_line(&self.stored_json(&searcher, address)?) == Some(id) {
-                    return Ok(Some((partition, searcher, address)));
-                }
+            let found = partition.with_snapshot(
+                |snapshot, open| -> Result<Option<Vec<u8>>, BlockError> {
+                    let open_summary = open.block.summary();
+                    let mut views: Vec<View<'_>> = vec![View::memory(
+                        &open.block,
+                        open.slots(),
+                        Cow::Owned(open_summary),
+                    )];
+                    views.extend(
+                        snapshot
+                            .sealed
+                            .iter()
+                            .map(|m| View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary))),
+                    );
+                    for part in &snapshot.parts {
+                        views.extend((0..part.blocks.len()).map(|b| View::disk(part, b)));
+                    }
+                    for view in &views {
+                        let s = view.summary();
+                        let by_time = millis.is_some_and(|ms| {
+                            let (lo, hi) = (ms * 1_000_000, ms * 1_000_000 + 999_999);
+                            s.ts_min <= hi && s.ts_max >= lo
+                        });
+                        let by_bloom = || -> Result<bool, BlockError> {
+                            Ok(match view.bloom()? {
+                                Some(bloom) => bloom.contains(hash),
+                                None => true,
+                            })
+                        };
+                        if s.rows == 0 || !(by_time || by_bloom()?) {
+                            continue;
+                        }
+                        if let Some(row) = view.ids()?.iter().position(|i| *i == id) {
+                            return Ok(view.lines(&[row])?.pop());
+                        }
+                    }
+                    Ok(None)
+                },
+            )?;
+            if let Some(line) = found {
+                return Ok(Some((partition.day, line)));
             }
         }
         Ok(None)
@@ -415,118 +514,135 @@ impl LogIndex {
 
     /// The stored JSON of a visible (not soft-deleted) entry, and its day.
     pub fn get(&self, id: Uuid) -> Result<Option<(i64, Vec<u8>)>, IndexError> {
-        let Some((partition, searcher, address)) = self.find(id)? else {
+        let Some((day, line)) = self.find(id)? else {
             return Ok(None);
         };
-        if self.is_hidden(id, partition.day) {
+        if self.hidden_in(day).contains(&id) {
             return Ok(None);
         }
-        Ok(Some((
-            partition.day,
-            api_json(self.stored_json(&searcher, address)?),
-        )))
-    }
-
-    fn stored_json(&self, searcher: &Searcher, address: DocAddress) -> Result<Vec<u8>, IndexError> {
-        let doc: TantivyDocument = searcher.doc(address)?;
-        Ok(doc
-            .get_first(self.fields.src)
-            .and_then(|v| v.as_bytes())
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default())
+        Ok(Some((day, api_json(line))))
     }
 
     /// Visits the id hash of every stored entry (to fill the dedup filter at start-up).
     pub fn for_each_id_hash(&self, mut visit: impl FnMut(u64)) -> Result<u64, IndexError> {
         let mut n = 0;
-        for partition in self.partitions.read().values() {
-            let searcher = partition.reader.searcher();
-            for segment in searcher.segment_readers() {
-                let inverted = segment.inverted_index(self.fields.id_key)?;
-                let mut terms = inverted.terms().stream()?;
-                while terms.advance() {
-                    if let Ok(bytes) = <[u8; 8]>::try_from(terms.key()) {
-                        visit(u64::from_be_bytes(bytes));
+        let partitions: Vec<Arc<Partition>> = self.partitions.read().values().cloned().collect();
+        for partition in partitions {
+            partition.with_snapshot(|snapshot, open| -> Result<(), BlockError> {
+                for id in &open.block.ids {
+                    visit(id_hash(id));
+                    n += 1;
+                }
+                for sealed in &snapshot.sealed {
+                    for id in &sealed.block.ids {
+                        visit(id_hash(id));
                         n += 1;
                     }
                 }
-            }
+                for part in &snapshot.parts {
+                    for b in 0..part.blocks.len() {
+                        let ts = part.ts(b)?;
+                        for id in part.ids(b, &ts)? {
+                            visit(id_hash(&id));
+                            n += 1;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
         }
         Ok(n)
     }
 
     /// A page of entries matching `filter`, sorted by (timestamp, sequence).
     pub fn search(&self, filter: &LogFilter, page: &Page) -> Result<Found, QueryError> {
+        if filter.text.is_some() && !self.options.full_text {
+            return Err(QueryError::invalid(
+                "q",
+                "full-text search is off (LOG_INDEXING_ENABLED=false)",
+            ));
+        }
+        let query = Compiled::new(filter);
+        let bound = page.after.map(|a| (page.order, a));
         let (lower, upper) = bounds(filter, page);
-        let mut hits: Vec<(Hit, Searcher)> = Vec::new();
-        let mut total = 0u64;
-        let mut text_queries: HashMap<i64, Box<dyn Query>> = HashMap::new();
         let mut partitions = self.partitions_between(lower, upper);
         if page.order == Order::Asc {
             partitions.reverse();
         }
         let wanted = page.limit + 1;
+        let mut best = Best::new(wanted, page.order);
+        let mut total = 0u64;
         for partition in partitions {
-            let have_page = hits.len() >= wanted;
-            if have_page && !page.with_total {
+            if best.full() && !page.with_total {
                 break;
             }
             let hidden = self.hidden_in(partition.day);
-            let query = query::build(
-                &self.fields,
-                self.parser.as_ref(),
-                &within_day(filter, partition.day),
-                page.order,
-                page.after,
-                &hidden,
-            )?;
-            let searcher = partition.reader.searcher();
-            if have_page {
-                // Partitions are disjoint in time: one further along the sort cannot add to
-                // the page, only to the count.
-                total += searcher.search(&*query, &Count)? as u64;
-                continue;
-            }
-            let collector = PageCollector {
-                limit: wanted - hits.len(),
-                order: page.order,
-                after: page.after,
-            };
-            let (count, found) = if page.with_total {
-                searcher.search(&*query, &(Count, collector))?
-            } else {
-                (0, searcher.search(&*query, &collector)?)
-            };
-            total += count as u64;
-            if page.highlight
-                && !found.is_empty()
-                && let (Some(text), Some(parser)) = (&filter.text, &self.parser)
-            {
-                text_queries.insert(partition.day, parser.parse_query_lenient(text).0);
-            }
-            hits.extend(found.into_iter().map(|hit| (hit, searcher.clone())));
+            partition.with_snapshot(|snapshot, open| -> Result<(), QueryError> {
+                // The block being filled, first: it holds the newest entries, and its lock is
+                // held only while it is read.
+                let summary = open.block.summary();
+                let view = View::memory(&open.block, open.slots(), Cow::Owned(summary));
+                total += collect(&view, &query, &hidden, bound, &mut best, page.with_total)?;
+                drop(view);
+                let mut sources: Vec<(Source, &Summary)> = snapshot
+                    .sealed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (Source::Sealed(i), &m.summary))
+                    .collect();
+                for (p, part) in snapshot.parts.iter().enumerate() {
+                    sources.extend(
+                        part.blocks
+                            .iter()
+                            .enumerate()
+                            .map(|(b, entry)| (Source::Part(p, b), &entry.summary)),
+                    );
+                }
+                // Blocks most likely to fill the page first, so the others can be skipped.
+                match page.order {
+                    Order::Desc => sources.sort_by_key(|(_, s)| std::cmp::Reverse(s.ts_max)),
+                    Order::Asc => sources.sort_by_key(|(_, s)| s.ts_min),
+                }
+                for (source, summary) in sources {
+                    if !page.with_total && best.beats_block(summary) {
+                        continue;
+                    }
+                    let view = match source {
+                        Source::Sealed(i) => {
+                            let m = &snapshot.sealed[i];
+                            View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary))
+                        }
+                        Source::Part(p, b) => View::disk(&snapshot.parts[p], b),
+                    };
+                    total += collect(&view, &query, &hidden, bound, &mut best, page.with_total)?;
+                }
+                Ok(())
+            })?;
         }
-        let next = (hits.len() > page.limit).then(|| hits[page.limit - 1].0.position);
-        hits.truncate(page.limit);
-        let mut entries = Vec::with_capacity(hits.len());
-        for (hit, searcher) in hits {
-            let json = self
-                .stored_json(&searcher, hit.address)
-                .map_err(|e| match e {
-                    IndexError::Tantivy(e) => QueryError::Index(e),
-                    IndexError::Io(e) => QueryError::Index(tantivy::TantivyError::from(e)),
-                })?;
-            let day = hit.position.ts.div_euclid(NANOS_PER_DAY);
-            let highlight = match text_queries.get(&day) {
-                Some(q) => highlight(&searcher, &**q, self.fields.message, &json)?,
-                None => None,
-            };
-            entries.push(FoundEntry {
-                position: hit.position,
-                json: api_json(json),
-                highlight,
-            });
-        }
+        let mut rows = best.into_sorted();
+        let next = (rows.len() > page.limit).then(|| rows[page.limit - 1].0);
+        rows.truncate(page.limit);
+        let phrases = if page.highlight {
+            query.highlight_words()
+        } else {
+            Vec::new()
+        };
+        let entries = rows
+            .into_iter()
+            .map(|(position, line)| {
+                let highlight = if phrases.is_empty() {
+                    None
+                } else {
+                    scan::highlight(&message_of(&line), &phrases, 200)
+                        .map(|(fragment, ranges)| Highlight { fragment, ranges })
+                };
+                FoundEntry {
+                    position,
+                    json: api_json(line),
+                    highlight,
+                }
+            })
+            .collect();
         Ok(Found {
             entries,
             next,
@@ -539,102 +655,174 @@ impl LogIndex {
         &self,
         request: &AnalyticsRequest,
     ) -> Result<(AnalyticsFruit, Vec<PatternCount>), QueryError> {
+        if request.filter.text.is_some() && !self.options.full_text {
+            return Err(QueryError::invalid(
+                "q",
+                "full-text search is off (LOG_INDEXING_ENABLED=false)",
+            ));
+        }
         let mut filter = request.filter.clone();
         filter.start = Some(request.start);
         filter.end = Some(request.end);
+        let query = Compiled::new(&filter);
         let buckets = request.buckets();
-        let collector = AnalyticsCollector {
-            start: request.start.as_nanos(),
-            interval: request.interval_nanos,
-            buckets,
-            value_field: request.value_field.as_ref().map(|f| format!("num.{f}")),
-        };
-        let mut merged = AnalyticsFruit {
+        let mut out = AnalyticsFruit {
             by_level: vec![[0; 9]; buckets],
             ..Default::default()
         };
-        let mut searchers: Vec<Searcher> = Vec::new();
-        let mut patterns: PatternCounts<(usize, DocAddress)> = PatternCounts::default();
+        let field_path = request.value_field.as_ref().map(|f| format!("context.{f}"));
+        let mut patterns: HashMap<String, (u64, String)> = HashMap::new();
         for partition in self.partitions_between(
             filter.start.map(|t| t.as_nanos()),
             filter.end.map(|t| t.as_nanos()),
         ) {
             let hidden = self.hidden_in(partition.day);
-            let query = query::build(
-                &self.fields,
-                self.parser.as_ref(),
-                &within_day(&filter, partition.day),
-                Order::Desc,
-                None,
-                &hidden,
-            )?;
-            let searcher = partition.reader.searcher();
-            let mut fruit = searcher.search(&*query, &collector)?;
-            let which = searchers.len();
-            for (pattern, (n, address)) in std::mem::take(&mut fruit.patterns) {
-                patterns.entry(pattern).or_insert((0, (which, address))).0 += n;
-            }
-            searchers.push(searcher);
-            merged.absorb(fruit);
+            partition.with_snapshot(|snapshot, open| -> Result<(), QueryError> {
+                let summary = open.block.summary();
+                let view = View::memory(&open.block, open.slots(), Cow::Owned(summary));
+                count(
+                    &view,
+                    &query,
+                    &hidden,
+                    request,
+                    field_path.as_deref(),
+                    &mut out,
+                    &mut patterns,
+                )?;
+                drop(view);
+                for m in &snapshot.sealed {
+                    let view = View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary));
+                    count(
+                        &view,
+                        &query,
+                        &hidden,
+                        request,
+                        field_path.as_deref(),
+                        &mut out,
+                        &mut patterns,
+                    )?;
+                }
+                for part in &snapshot.parts {
+                    for b in 0..part.blocks.len() {
+                        let view = View::disk(part, b);
+                        count(
+                            &view,
+                            &query,
+                            &hidden,
+                            request,
+                            field_path.as_deref(),
+                            &mut out,
+                            &mut patterns,
+                        )?;
+                    }
+                }
+                Ok(())
+            })?;
         }
         // The top N without sorting every pattern: select, then sort the N.
-        let mut top: Vec<(u64, u64, (usize, DocAddress))> = patterns
+        let mut top: Vec<(String, u64, String)> = patterns
             .into_iter()
-            .map(|(p, (n, at))| (p, n, at))
+            .map(|(p, (n, example))| (p, n, example))
             .collect();
-        let by_count = |a: &(u64, u64, (usize, DocAddress)),
-                        b: &(u64, u64, (usize, DocAddress))| {
-            b.1.cmp(&a.1).then(a.0.cmp(&b.0))
+        let by_count = |a: &(String, u64, String), b: &(String, u64, String)| {
+            b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
         };
         if top.len() > request.top_patterns && request.top_patterns > 0 {
             top.select_nth_unstable_by(request.top_patterns - 1, by_count);
         }
         top.truncate(request.top_patterns);
         top.sort_by(by_count);
-        let mut out = Vec::with_capacity(top.len());
-        for (_, count, (which, address)) in top {
-            let json = self.stored_json(&searchers[which], address).map_err(|e| {
-                QueryError::Index(tantivy::TantivyError::SystemError(e.to_string()))
-            })?;
-            let example = message_of(&json);
-            out.push(PatternCount {
-                pattern: patterns::template(&example),
+        let top = top
+            .into_iter()
+            .map(|(pattern, count, example)| PatternCount {
+                pattern,
                 count,
                 example,
-            });
-        }
-        Ok((merged, out))
+            })
+            .collect();
+        Ok((out, top))
     }
 
     /// Totals over the whole store.
     pub fn stats(&self) -> Result<IndexStats, IndexError> {
-        let mut totals = StatsFruit::default();
+        let mut totals = StatsTotals::default();
         let mut partitions = Vec::new();
         let mut stored_bytes = 0;
         let snapshot: Vec<Arc<Partition>> = self.partitions.read().values().cloned().collect();
         for partition in snapshot {
             let hidden = self.hidden_in(partition.day);
-            let query = query::build(
-                &self.fields,
-                None,
-                &LogFilter::default(),
-                Order::Desc,
-                None,
-                &hidden,
-            )
-            .map_err(|e| IndexError::Io(std::io::Error::other(e.to_string())))?;
-            let searcher = partition.reader.searcher();
-            let fruit = searcher.search(&*query, &StatsCollector)?;
-            let bytes = dir_size(&partition.dir);
+            let (entries, segments) =
+                partition.with_snapshot(|snapshot, open| -> Result<(u64, usize), BlockError> {
+                    let mut entries = 0u64;
+                    let mut add = |summary: &Summary| {
+                        entries += u64::from(summary.rows);
+                        totals.raw_bytes += summary.raw_bytes;
+                        for (json, n) in &summary.services {
+                            let name = serde_json::from_str::<String>(json)
+                                .unwrap_or_else(|_| json.clone());
+                            *totals.by_service.entry(name).or_default() += u64::from(*n);
+                        }
+                    };
+                    add(&open.block.summary());
+                    for m in &snapshot.sealed {
+                        add(&m.summary);
+                    }
+                    for part in &snapshot.parts {
+                        for b in &part.blocks {
+                            add(&b.summary);
+                        }
+                    }
+                    // Soft-deleted entries are not counted: find them, and take them off.
+                    if !hidden.is_empty() {
+                        let mut views: Vec<View<'_>> = vec![View::memory(
+                            &open.block,
+                            open.slots(),
+                            Cow::Owned(open.block.summary()),
+                        )];
+                        views.extend(
+                            snapshot.sealed.iter().map(|m| {
+                                View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary))
+                            }),
+                        );
+                        for part in &snapshot.parts {
+                            views.extend((0..part.blocks.len()).map(|b| View::disk(part, b)));
+                        }
+                        for view in &views {
+                            let rows: Vec<usize> = view
+                                .ids()?
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, id)| hidden.contains(id))
+                                .map(|(i, _)| i)
+                                .collect();
+                            if rows.is_empty() {
+                                continue;
+                            }
+                            let service = view.service()?;
+                            for (row, line) in rows.iter().zip(view.lines(&rows)?) {
+                                entries -= 1;
+                                totals.raw_bytes =
+                                    totals.raw_bytes.saturating_sub(line.len() as u64);
+                                let name = view.service_name(service[*row] as usize);
+                                if let Some(n) = totals.by_service.get_mut(&name) {
+                                    *n = n.saturating_sub(1);
+                                }
+                            }
+                        }
+                    }
+                    Ok((entries, snapshot.parts.len() + 1))
+                })?;
+            totals.entries += entries;
+            let bytes = dir_size(&partition.dir) + partition.memory_bytes();
             stored_bytes += bytes;
             partitions.push(PartitionStats {
                 day: day_name(partition.day),
-                entries: fruit.entries,
-                segments: searcher.segment_readers().len(),
+                entries,
+                segments,
                 stored_bytes: bytes,
             });
-            totals.absorb(fruit);
         }
+        totals.by_service.retain(|_, n| *n > 0);
         Ok(IndexStats {
             totals,
             stored_bytes,
@@ -648,26 +836,279 @@ impl LogIndex {
     }
 }
 
-fn reader_for(index: &Index) -> Result<IndexReader, tantivy::TantivyError> {
-    index
-        .reader_builder()
-        .reload_policy(ReloadPolicy::Manual)
-        .try_into()
+/// Opens the parts of a partition directory: leftovers of an interrupted write (`.tmp`) and
+/// of an interrupted merge (a part inside another's range) are removed.
+fn open_parts(dir: &Path) -> Result<Vec<Arc<Part>>, IndexError> {
+    let mut found: Vec<(u64, u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+            continue;
+        }
+        if let Some((from, to)) = part::parse_file_name(&name) {
+            found.push((from, to, entry.path()));
+        }
+    }
+    found.sort_by_key(|(from, to, _)| (*from, std::cmp::Reverse(*to)));
+    let mut parts: Vec<Arc<Part>> = Vec::new();
+    for (from, to, path) in found {
+        if parts.iter().any(|p| p.lsn_from <= from && to <= p.lsn_to) {
+            tracing::info!(part = %path.display(), "removing a part a finished merge replaced");
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        parts.push(Arc::new(Part::open(&path)?));
+    }
+    parts.sort_by_key(|p| p.lsn_from);
+    Ok(parts)
 }
 
-/// The filter as it applies to one day's partition: a bound that the whole day satisfies is
-/// dropped, so a query over whole days reads no timestamp column to filter.
-fn within_day(filter: &LogFilter, day: i64) -> LogFilter {
-    let day_start = day.saturating_mul(NANOS_PER_DAY);
-    let day_end = day_start.saturating_add(NANOS_PER_DAY);
-    let mut filter = filter.clone();
-    if filter.start.is_some_and(|s| s.as_nanos() <= day_start) {
-        filter.start = None;
+/// The best `limit` rows seen so far, in a read's order, with their lines.
+struct Best {
+    limit: usize,
+    order: Order,
+    /// Max-heap on the sort key turned so that the worst row kept is on top.
+    heap: BinaryHeap<(u128, Vec<u8>)>,
+}
+
+impl Best {
+    fn new(limit: usize, order: Order) -> Best {
+        Best {
+            limit,
+            order,
+            heap: BinaryHeap::new(),
+        }
     }
-    if filter.end.is_some_and(|e| e.as_nanos() >= day_end) {
-        filter.end = None;
+
+    /// The heap's key: larger is worse.
+    fn key(&self, position: SortPosition) -> u128 {
+        match self.order {
+            Order::Asc => position.key(),
+            Order::Desc => u128::MAX - position.key(),
+        }
     }
-    filter
+
+    fn full(&self) -> bool {
+        self.heap.len() >= self.limit
+    }
+
+    fn worst(&self) -> Option<u128> {
+        self.heap.peek().map(|(k, _)| *k)
+    }
+
+    /// Whether a row at `position` would be kept.
+    fn wants(&self, position: SortPosition) -> bool {
+        !self.full() || self.worst().is_some_and(|w| self.key(position) < w)
+    }
+
+    /// Whether every row of a block is worse than what is kept.
+    fn beats_block(&self, summary: &Summary) -> bool {
+        if !self.full() {
+            return false;
+        }
+        let best_possible = match self.order {
+            Order::Desc => SortPosition {
+                ts: summary.ts_max,
+                seq: summary.seq_max,
+            },
+            Order::Asc => SortPosition {
+                ts: summary.ts_min,
+                seq: summary.seq_min,
+            },
+        };
+        !self.wants(best_possible)
+    }
+
+    fn push(&mut self, position: SortPosition, line: Vec<u8>) {
+        let key = self.key(position);
+        self.heap.push((key, line));
+        if self.heap.len() > self.limit {
+            self.heap.pop();
+        }
+    }
+
+    fn into_sorted(self) -> Vec<(SortPosition, Vec<u8>)> {
+        let order = self.order;
+        let mut rows: Vec<(u128, Vec<u8>)> = self.heap.into_vec();
+        rows.sort_by_key(|(k, _)| *k);
+        rows.into_iter()
+            .map(|(k, line)| {
+                let key = match order {
+                    Order::Asc => k,
+                    Order::Desc => u128::MAX - k,
+                };
+                (SortPosition::from_key(key), line)
+            })
+            .collect()
+    }
+}
+
+/// Scans one block for a page: counts every match, keeps the best rows (with their lines).
+fn collect(
+    view: &View<'_>,
+    query: &Compiled,
+    hidden: &HashSet<Uuid>,
+    bound: Option<(Order, SortPosition)>,
+    best: &mut Best,
+    count_all: bool,
+) -> Result<u64, QueryError> {
+    let mut total = 0u64;
+    let mut kept: Vec<(SortPosition, usize)> = Vec::new();
+    let mut local = Best::new(best.limit, best.order);
+    let seq_needed = view.rows() > 0;
+    let ts = if seq_needed { Some(view.ts()?) } else { None };
+    let seq = if seq_needed { Some(view.seq()?) } else { None };
+    scan::scan(view, query, hidden, bound, false, |row, _| {
+        total += 1;
+        if let (Some(ts), Some(seq)) = (ts, seq) {
+            let position = SortPosition {
+                ts: ts[row],
+                seq: seq[row],
+            };
+            if best.wants(position) && local.wants(position) {
+                local.push(position, Vec::new());
+                kept.push((position, row));
+            }
+        }
+        // Rows are in arrival order, not sort order: every row of the block is looked at.
+        let _ = count_all;
+        true
+    })?;
+    if kept.is_empty() {
+        return Ok(total);
+    }
+    // The rows that made this block's own top: their lines, once.
+    let cut = local.worst();
+    kept.retain(|(p, _)| cut.is_none_or(|w| local.key(*p) <= w));
+    kept.sort_by_key(|(_, row)| *row);
+    let rows: Vec<usize> = kept.iter().map(|(_, r)| *r).collect();
+    let lines = view.lines(&rows)?;
+    for ((position, _), line) in kept.into_iter().zip(lines) {
+        if best.wants(position) {
+            best.push(position, line);
+        }
+    }
+    Ok(total)
+}
+
+/// Adds one block's matching rows to the analytics.
+fn count(
+    view: &View<'_>,
+    query: &Compiled,
+    hidden: &HashSet<Uuid>,
+    request: &AnalyticsRequest,
+    field_path: Option<&str>,
+    out: &mut AnalyticsFruit,
+    patterns: &mut HashMap<String, (u64, String)>,
+) -> Result<(), QueryError> {
+    if view.rows() == 0 {
+        return Ok(());
+    }
+    let start = request.start.as_nanos();
+    let interval = request.interval_nanos;
+    let buckets = out.by_level.len();
+    let services = view.summary().services.len();
+    // Counts by (bucket, service number) and by template, then named once per block.
+    let mut by_service: HashMap<(usize, u32), u64> = HashMap::new();
+    let mut totals = vec![(0u64, 0u64); services];
+    let templates = view.templates()?;
+    let mut by_template = vec![0u64; templates.len()];
+    let mut first_row = vec![usize::MAX; templates.len()];
+    // The numeric field: per template, the column and place of its one variable, if any.
+    let field: Vec<Option<(u32, usize)>> = templates
+        .iter()
+        .map(|info| {
+            let path = field_path?;
+            let value = info.values.iter().find(|v| v.number && v.path == path)?;
+            let [template::Piece::Var(k)] = value.pieces.as_slice() else {
+                return None;
+            };
+            let column = *info.slots.get(*k)?;
+            let before = info.slots[..*k].iter().filter(|c| **c == column).count();
+            Some((column, before))
+        })
+        .collect();
+    let wants_values = field.iter().any(Option::is_some);
+    let ts = view.ts()?;
+    let levels = view.levels()?;
+    let service = view.service()?;
+    let template = view.template()?;
+    let error_rank = logging_common::LogLevel::Error.rank();
+    let mut failed = None;
+    scan::scan(view, query, hidden, None, wants_values, |row, at| {
+        let bucket = usize::try_from((ts[row] - start).div_euclid(interval)).unwrap_or(usize::MAX);
+        let level = levels[row] as usize;
+        if bucket < buckets && level < 9 {
+            out.by_level[bucket][level] += 1;
+            *by_service.entry((bucket, service[row])).or_default() += 1;
+        }
+        let s = &mut totals[service[row] as usize];
+        s.0 += 1;
+        if levels[row] >= error_rank {
+            s.1 += 1;
+        }
+        let t = template[row] as usize;
+        by_template[t] += 1;
+        if first_row[t] == usize::MAX {
+            first_row[t] = row;
+        }
+        if let Some(Some((column, before))) = field.get(t) {
+            match view.column(*column as usize) {
+                Ok(values) => {
+                    let position = at.get(*column as usize).copied().unwrap_or(0) as usize + before;
+                    if let Some(number) = values
+                        .get(position)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .filter(|v| v.is_finite())
+                    {
+                        out.values.push(number);
+                    }
+                }
+                Err(error) => {
+                    failed = Some(error);
+                    return false;
+                }
+            }
+        }
+        true
+    })?;
+    if let Some(error) = failed {
+        return Err(error.into());
+    }
+    for ((bucket, n), count) in by_service {
+        *out.by_service
+            .entry((bucket, view.service_name(n as usize)))
+            .or_default() += count;
+    }
+    for (n, (total, errors)) in totals.into_iter().enumerate() {
+        if total > 0 {
+            let entry = out.service_totals.entry(view.service_name(n)).or_default();
+            entry.0 += total;
+            entry.1 += errors;
+        }
+    }
+    // Patterns: one example message per template, its pattern counted for all its rows.
+    let seen: Vec<usize> = (0..templates.len())
+        .filter(|t| by_template[*t] > 0)
+        .collect();
+    let mut rows: Vec<usize> = seen.iter().map(|t| first_row[*t]).collect();
+    rows.sort_unstable();
+    let lines = view.lines(&rows)?;
+    let example: HashMap<usize, String> = rows
+        .iter()
+        .zip(lines)
+        .map(|(row, line)| (*row, message_of(&line)))
+        .collect();
+    for t in seen {
+        let message = example.get(&first_row[t]).cloned().unwrap_or_default();
+        let pattern = patterns::template(&message);
+        let entry = patterns.entry(pattern).or_insert((0, message));
+        entry.0 += by_template[t];
+    }
+    Ok(())
 }
 
 /// The time bounds a read touches, as nanoseconds: [lower, upper).
@@ -703,28 +1144,6 @@ pub(crate) fn message_of(json: &[u8]) -> String {
     serde_json::from_slice::<Message>(json)
         .map(|m| m.message)
         .unwrap_or_default()
-}
-
-fn highlight(
-    searcher: &Searcher,
-    query: &dyn Query,
-    field: tantivy::schema::Field,
-    json: &[u8],
-) -> Result<Option<Highlight>, QueryError> {
-    let mut generator = tantivy::snippet::SnippetGenerator::create(searcher, query, field)?;
-    generator.set_max_num_chars(200);
-    let snippet = generator.snippet(&message_of(json));
-    if snippet.highlighted().is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Highlight {
-        fragment: snippet.fragment().to_string(),
-        ranges: snippet
-            .highlighted()
-            .iter()
-            .map(|r| [r.start, r.end])
-            .collect(),
-    }))
 }
 
 fn dir_size(dir: &Path) -> u64 {

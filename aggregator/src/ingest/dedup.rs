@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::index::LogIndex;
-use crate::index::schema::id_hash;
+use crate::index::{LogIndex, id_hash};
 use crate::wal::Admission;
 
 /// A Bloom filter that grows: when the newest layer is full, a layer four times its size is

@@ -305,7 +305,7 @@ impl From<QueryError> for ReadError {
     fn from(error: QueryError) -> ReadError {
         match error {
             QueryError::Invalid { field, reason } => ReadError::Invalid { field, reason },
-            QueryError::Index(e) => ReadError::Index(crate::index::IndexError::from(e)),
+            QueryError::Index(e) => ReadError::Index(e),
         }
     }
 }
@@ -420,7 +420,7 @@ impl QueryBackend {
 }
 
 fn embedded_analytics(
-    fruit: crate::index::collect::AnalyticsFruit,
+    fruit: crate::index::AnalyticsFruit,
     request: &AnalyticsRequest,
 ) -> Analytics {
     Analytics {

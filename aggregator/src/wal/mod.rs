@@ -14,6 +14,8 @@
 
 mod segment;
 
+pub use segment::sync_dir;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -30,7 +32,7 @@ use uuid::Uuid;
 
 use segment::{
     HEADER_LEN, RawRecord, ReadOutcome, SegmentFile, SegmentReader, encode_record, list_segments,
-    record_len, segment_file_name, sync_dir,
+    record_len, segment_file_name,
 };
 
 /// Recent records kept in memory, so a consumer that keeps up (or falls behind by less than
@@ -145,7 +147,14 @@ pub struct Appended {
     pub visible_after: u64,
 }
 
-struct Job {
+enum Job {
+    Append(Appending),
+    /// Start a new segment if every consumer has read and committed all of the active one,
+    /// so that an idle WAL keeps nothing it has delivered on disk.
+    RetireConsumed,
+}
+
+struct Appending {
     batch: Batch,
     reply: oneshot::Sender<Result<Appended, WalError>>,
 }
@@ -174,6 +183,10 @@ struct State {
     /// Consumers that may never be skipped (the index, the alert evaluator). The others (the
     /// sinks, and cursors left by consumers no longer configured) give way to the disk cap.
     required: HashSet<String>,
+    /// Consumers for which what is read is applied (the index: read means searchable), so
+    /// their lag is reported from their read position rather than their persisted cursor,
+    /// which trails on purpose.
+    applied_on_read: HashSet<String>,
     /// Entries each optional consumer lost to the disk cap.
     overrun: HashMap<String, u64>,
 }
@@ -199,6 +212,9 @@ struct Shared {
     failed: AtomicBool,
     /// Most bytes the segments may hold for optional consumers; 0 = no cap.
     disk_cap: AtomicU64,
+    /// The writer's queue, for consumers asking it to retire a consumed segment (weak: the
+    /// writer stops when the [`Wal`] is dropped).
+    jobs: mpsc::WeakSender<Job>,
 }
 
 impl Shared {
@@ -335,6 +351,8 @@ impl Wal {
         let active_start = segments.last().map_or(0, |(s, _)| *s);
         let active = SegmentFile::open(&active_path)?;
 
+        let (sender, receiver) = mpsc::channel(1024);
+        let weak = sender.downgrade();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             state: Mutex::new(State {
@@ -347,14 +365,15 @@ impl Wal {
                 counted_before: 0,
                 total_entries,
                 required: HashSet::new(),
+                applied_on_read: HashSet::new(),
                 overrun: HashMap::new(),
             }),
             appended: Condvar::new(),
             durable_end: AtomicU64::new(end),
             failed: AtomicBool::new(false),
             disk_cap: AtomicU64::new(0),
+            jobs: weak,
         });
-        let (sender, receiver) = mpsc::channel(1024);
         let writer = Writer {
             shared: shared.clone(),
             receiver,
@@ -374,7 +393,7 @@ impl Wal {
     pub async fn append(&self, batch: Batch) -> Result<Appended, WalError> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send(Job { batch, reply })
+            .send(Job::Append(Appending { batch, reply }))
             .await
             .map_err(|_| WalError::Closed)?;
         answer.await.map_err(|_| WalError::Closed)?
@@ -392,6 +411,13 @@ impl Wal {
     pub fn reader(&self, name: &str) -> Result<WalReader, WalError> {
         self.shared.lock().required.insert(name.to_string());
         self.open_reader(name)
+    }
+
+    /// Opens a reader for a required consumer that applies what it reads at once (the
+    /// index), so its lag is what it has not read, whatever its persisted cursor says.
+    pub fn applying_reader(&self, name: &str) -> Result<WalReader, WalError> {
+        self.shared.lock().applied_on_read.insert(name.to_string());
+        self.reader(name)
     }
 
     /// Opens a reader for a consumer that gives way to the disk cap (a sink).
@@ -446,15 +472,21 @@ impl Wal {
         let mut consumers: Vec<ConsumerLag> = state
             .cursors
             .iter()
-            .map(|(name, &position)| ConsumerLag {
-                name: name.clone(),
-                position,
-                read_position: state.positions.get(name).copied().unwrap_or(position),
-                lag_bytes: end.saturating_sub(position),
-                lag_entries: state
-                    .total_entries
-                    .saturating_sub(state.entries_at(position)),
-                overrun_entries: state.overrun.get(name).copied().unwrap_or(0),
+            .map(|(name, &position)| {
+                let read_position = state.positions.get(name).copied().unwrap_or(position);
+                let done = if state.applied_on_read.contains(name) {
+                    read_position.max(position)
+                } else {
+                    position
+                };
+                ConsumerLag {
+                    name: name.clone(),
+                    position,
+                    read_position,
+                    lag_bytes: end.saturating_sub(done),
+                    lag_entries: state.total_entries.saturating_sub(state.entries_at(done)),
+                    overrun_entries: state.overrun.get(name).copied().unwrap_or(0),
+                }
             })
             .collect();
         consumers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -521,30 +553,74 @@ impl Writer {
     fn run(mut self) {
         let mut buf = Vec::with_capacity(GROUP_BYTES);
         while let Some(first) = self.receiver.blocking_recv() {
-            let mut group_bytes = first.batch.json.len();
-            let mut jobs = vec![first];
-            while group_bytes < GROUP_BYTES {
-                match self.receiver.try_recv() {
-                    Ok(job) => {
-                        group_bytes += job.batch.json.len();
-                        jobs.push(job);
+            let mut retire = false;
+            let mut jobs = Vec::new();
+            let mut group_bytes = 0;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Append(appending) => {
+                        group_bytes += appending.batch.json.len();
+                        jobs.push(appending);
                     }
-                    Err(_) => break,
+                    Job::RetireConsumed => retire = true,
+                }
+                if group_bytes < GROUP_BYTES {
+                    next = self.receiver.try_recv().ok();
                 }
             }
-            if self.shared.failed.load(Ordering::Acquire) {
-                for job in jobs {
-                    let _ = job.reply.send(Err(WalError::Failed(
-                        "an earlier write could not be undone".into(),
-                    )));
+            if !jobs.is_empty() {
+                if self.shared.failed.load(Ordering::Acquire) {
+                    for job in jobs {
+                        let _ = job.reply.send(Err(WalError::Failed(
+                            "an earlier write could not be undone".into(),
+                        )));
+                    }
+                } else {
+                    self.commit_group(jobs, &mut buf);
                 }
-                continue;
             }
-            self.commit_group(jobs, &mut buf);
+            if retire && let Err(error) = self.retire_consumed() {
+                tracing::warn!(%error, "cannot retire a consumed WAL segment");
+            }
         }
     }
 
-    fn commit_group(&mut self, jobs: Vec<Job>, buf: &mut Vec<u8>) {
+    /// Replaces the active segment by an empty one when every consumer has committed all of
+    /// it, and deletes it.
+    fn retire_consumed(&mut self) -> io::Result<()> {
+        let end = self.active_start + self.active_len;
+        if self.active_len == 0 {
+            return Ok(());
+        }
+        {
+            let state = self.shared.lock();
+            if state.cursors.is_empty() || state.cursors.values().any(|c| *c < end) {
+                return Ok(());
+            }
+        }
+        let path = self.shared.dir.join(segment_file_name(end));
+        let file = SegmentFile::create(&path)?;
+        sync_dir(&self.shared.dir)?;
+        self.active = file;
+        self.active_start = end;
+        self.active_len = 0;
+        let mut removable = Vec::new();
+        {
+            let mut state = self.shared.lock();
+            state.segments.push((end, path));
+            while state.segments.len() > 1 && state.segments[1].0 <= end {
+                removable.push(state.segments.remove(0).1);
+            }
+        }
+        for path in removable {
+            std::fs::remove_file(&path)?;
+        }
+        tracing::debug!(at = end, "retired the consumed WAL segment");
+        Ok(())
+    }
+
+    fn commit_group(&mut self, jobs: Vec<Appending>, buf: &mut Vec<u8>) {
         let started = Instant::now();
         if let Err(error) = self.roll_if_full() {
             tracing::error!(%error, "cannot start a new WAL segment");
@@ -848,6 +924,21 @@ impl WalReader {
 
     /// Persists that everything before `lsn` has been applied by this consumer, and deletes
     /// segments every consumer has passed.
+    /// Asks the writer to retire the active segment if every consumer has committed all of
+    /// it (an idle WAL then holds no delivered bytes). Does nothing while anyone lags.
+    pub fn retire_consumed(&self) {
+        let end = self.shared.durable_end.load(Ordering::Acquire);
+        let consumed = {
+            let state = self.shared.lock();
+            !state.cursors.is_empty()
+                && state.cursors.values().all(|c| *c >= end)
+                && state.segments.last().is_some_and(|(start, _)| *start < end)
+        };
+        if consumed && let Some(jobs) = self.shared.jobs.upgrade() {
+            let _ = jobs.try_send(Job::RetireConsumed);
+        }
+    }
+
     pub fn commit(&self, lsn: u64) -> Result<(), WalError> {
         let dir = self.shared.dir.join("cursors");
         let tmp = dir.join(format!("{}.tmp", self.name));

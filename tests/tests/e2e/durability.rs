@@ -219,7 +219,7 @@ async fn sigterm_finishes_requests_commits_the_index_and_exits_cleanly() {
     assert!(exit.success(), "exit status {exit}");
     let log = aggregator.log_text();
     assert!(
-        log.contains("indexer stopped with everything committed"),
+        log.contains("indexer stopped with everything flushed"),
         "{log}"
     );
     // The index holds everything: nothing is left for the WAL to replay.

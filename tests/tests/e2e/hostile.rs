@@ -540,17 +540,43 @@ async fn a_full_disk_refuses_writes_with_retry_after_and_loses_nothing_acknowled
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     aggregator.restart();
-    for id in &acknowledged {
-        let mut found = false;
-        for _ in 0..100 {
-            let (status, _) = get(&aggregator, &format!("/api/logs/{id}")).await;
-            if status == 200 {
-                found = true;
-                break;
+    // Every acknowledged entry is there: walk the listing (one lookup by id per entry would
+    // take minutes), then look a few up by id.
+    let mut stored = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored.len() < acknowledged.len() && Instant::now() < deadline {
+        stored.clear();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/logs?service=disk&limit=1000&cursor={c}"),
+                None => "/api/logs?service=disk&limit=1000".to_string(),
+            };
+            let (_, page) = get(&aggregator, &path).await;
+            for item in page["items"].as_array().into_iter().flatten() {
+                stored.insert(item["id"].as_str().unwrap_or_default().to_string());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
         }
-        assert!(found, "acknowledged entry {id} was lost");
+        if stored.len() < acknowledged.len() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged entries were lost",
+        lost.len()
+    );
+    for id in acknowledged.iter().step_by(1000) {
+        let (status, _) = get(&aggregator, &format!("/api/logs/{id}")).await;
+        assert_eq!(status, 200, "{id}");
     }
 }
 

@@ -1,0 +1,422 @@
+//! A part: the blocks one flush of a day partition wrote, in one immutable file.
+//!
+//! ```text
+//! "LOGPART1"                      magic and format version
+//! column frames of block 0 …      zstd frames (or raw, with compression off), as the footer says
+//! column frames of block 1 …
+//! footer                          zstd of JSON: format version, day, WAL range, each block's
+//!                                 summary and the offset, length and CRC32 of each frame
+//! footer length (u32 LE), footer CRC32 (u32 LE), "LOGPART1"
+//! ```
+//!
+//! A part is written to a temporary name, `fsync`ed, renamed to `<from>-<to>.part` (the WAL
+//! range `[from, to)` it covers) and the directory `fsync`ed: it exists whole or not at all.
+//! Every frame's CRC is checked when it is read, and the footer's when the part is opened, so
+//! a damaged file is refused by name rather than misread. A merge writes the part covering
+//! its inputs' union before it deletes them; a part found inside another's range on opening
+//! is what a crash left of a merge, and goes.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::block::{
+    self, Block, BlockError, Summary, VarColumn, decode_deltas, decode_ids, decode_strings,
+    decode_varints, encode_deltas, encode_ids, encode_strings, encode_varints,
+};
+use super::bloom::Bloom;
+
+const MAGIC: &[u8; 8] = b"LOGPART1";
+/// The footer's format; a part of a later format is refused, naming its file.
+pub const FORMAT_VERSION: u32 = 1;
+/// The frames of a block, in order; the variable columns follow.
+const FIXED_FRAMES: usize = 8;
+const TS: usize = 0;
+const SEQ: usize = 1;
+const IDS: usize = 2;
+const LEVELS: usize = 3;
+const SERVICE: usize = 4;
+const TEMPLATE: usize = 5;
+const TEMPLATES: usize = 6;
+const BLOOM: usize = 7;
+
+/// Where one frame is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub offset: u64,
+    pub len: u32,
+    /// Its length decompressed (equal to `len` when stored raw).
+    pub raw_len: u32,
+    pub crc: u32,
+    /// zstd-compressed.
+    pub zstd: bool,
+}
+
+/// A block as the footer describes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockEntry {
+    pub summary: Summary,
+    /// The fixed frames, then one per variable column (in `summary.paths` order).
+    pub frames: Vec<Frame>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Footer {
+    version: u32,
+    day: i64,
+    lsn_from: u64,
+    lsn_to: u64,
+    blocks: Vec<BlockEntry>,
+}
+
+/// The zstd level parts are written with.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// How parts are written.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteOptions {
+    /// zstd level; 0 stores frames uncompressed (`LOG_COMPRESSION_ENABLED=false`).
+    pub level: i32,
+    /// Build Bloom filters (`LOG_INDEXING_ENABLED`).
+    pub bloom: bool,
+    /// Threads encoding blocks (`LOG_PROCESSING_WORKERS`).
+    pub threads: usize,
+}
+
+/// An open part.
+pub struct Part {
+    pub path: PathBuf,
+    file: File,
+    pub day: i64,
+    pub lsn_from: u64,
+    pub lsn_to: u64,
+    pub blocks: Vec<BlockEntry>,
+    pub bytes: u64,
+}
+
+/// A part's file name for the WAL range it covers.
+pub fn file_name(from: u64, to: u64) -> String {
+    format!("{from:020}-{to:020}.part")
+}
+
+/// The WAL range a part's file name says it covers.
+pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".part")?;
+    let (from, to) = stem.split_once('-')?;
+    Some((from.parse().ok()?, to.parse().ok()?))
+}
+
+fn corrupt(path: &Path, what: impl Into<String>) -> BlockError {
+    BlockError::Corrupt {
+        file: path.display().to_string(),
+        what: what.into(),
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlockError + '_ {
+    move |source| BlockError::Io {
+        file: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `blocks` as the part of `day` covering WAL positions `[from, to)` in `dir`.
+pub fn write(
+    dir: &Path,
+    day: i64,
+    from: u64,
+    to: u64,
+    blocks: &[&Block],
+    options: WriteOptions,
+) -> Result<PathBuf, BlockError> {
+    let path = dir.join(file_name(from, to));
+    let tmp = dir.join(format!("{}.tmp", file_name(from, to)));
+    // Encoding is per block and independent: done on all cores.
+    let threads = options.threads.max(1);
+    let encoded: Vec<Encoded> = if blocks.len() > 1 && threads > 1 {
+        let per = blocks.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = blocks
+                .chunks(per)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|b| encode_block(b, options))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    } else {
+        blocks.iter().map(|b| encode_block(b, options)).collect()
+    };
+    let mut file = File::create(&tmp).map_err(io(&tmp))?;
+    let mut offset = MAGIC.len() as u64;
+    let mut out = Vec::with_capacity(1 << 20);
+    out.extend_from_slice(MAGIC);
+    let mut entries = Vec::with_capacity(encoded.len());
+    for (summary, frames, zstd, raw_lens) in encoded {
+        let mut refs = Vec::with_capacity(frames.len());
+        for ((frame, zstd), raw_len) in frames.iter().zip(zstd).zip(raw_lens) {
+            refs.push(Frame {
+                offset,
+                len: frame.len() as u32,
+                raw_len,
+                crc: crc32fast::hash(frame),
+                zstd,
+            });
+            offset += frame.len() as u64;
+            out.extend_from_slice(frame);
+            if out.len() >= 8 << 20 {
+                file.write_all(&out).map_err(io(&tmp))?;
+                out.clear();
+            }
+        }
+        entries.push(BlockEntry {
+            summary,
+            frames: refs,
+        });
+    }
+    let footer = Footer {
+        version: FORMAT_VERSION,
+        day,
+        lsn_from: from,
+        lsn_to: to,
+        blocks: entries,
+    };
+    let json = serde_json::to_vec(&footer).map_err(|e| corrupt(&tmp, e.to_string()))?;
+    let footer = zstd::bulk::compress(&json, 3).map_err(io(&tmp))?;
+    out.extend_from_slice(&footer);
+    out.extend_from_slice(&(footer.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&footer).to_le_bytes());
+    out.extend_from_slice(MAGIC);
+    file.write_all(&out).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    crate::wal::sync_dir(dir).map_err(io(dir))?;
+    Ok(path)
+}
+
+/// A block encoded: its summary, its frames, whether each is zstd, their raw lengths.
+type Encoded = (Summary, Vec<Vec<u8>>, Vec<bool>, Vec<u32>);
+
+fn encode_block(block: &Block, options: WriteOptions) -> Encoded {
+    let mut raw: Vec<Vec<u8>> = Vec::with_capacity(FIXED_FRAMES + block.columns.len());
+    raw.push(encode_deltas(block.ts.iter().copied()));
+    raw.push(encode_deltas(block.seq.iter().map(|s| *s as i64)));
+    raw.push(encode_ids(&block.ids, &block.ts));
+    raw.push(block.levels.clone());
+    raw.push(encode_varints(block.service.iter().copied()));
+    raw.push(encode_varints(block.template.iter().copied()));
+    raw.push(encode_strings(block.templates.iter().map(|t| &t[..])));
+    raw.push(if options.bloom {
+        block::bloom_of(block).to_bytes()
+    } else {
+        Vec::new()
+    });
+    for column in &block.columns {
+        raw.push(column.data.clone());
+    }
+    let raw_lens = raw.iter().map(|r| r.len() as u32).collect();
+    let mut zstd = Vec::with_capacity(raw.len());
+    let frames = raw
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            // Ids and Bloom filters are random: compressing them costs time and gains nothing.
+            if options.level == 0 || i == BLOOM || bytes.len() < 64 {
+                zstd.push(false);
+                return bytes;
+            }
+            match zstd::bulk::compress(&bytes, options.level) {
+                Ok(c) if c.len() < bytes.len() => {
+                    zstd.push(true);
+                    c
+                }
+                _ => {
+                    zstd.push(false);
+                    bytes
+                }
+            }
+        })
+        .collect();
+    (block.summary(), frames, zstd, raw_lens)
+}
+
+impl Part {
+    /// Opens a part, checking its magic, footer CRC and format version.
+    pub fn open(path: &Path) -> Result<Part, BlockError> {
+        let file = File::open(path).map_err(io(path))?;
+        let bytes = file.metadata().map_err(io(path))?.len();
+        let tail_len = 8 + 4 + 4;
+        if bytes < (MAGIC.len() + tail_len) as u64 {
+            return Err(corrupt(path, "shorter than a part can be"));
+        }
+        let mut tail = [0u8; 16];
+        file.read_exact_at(&mut tail, bytes - tail_len as u64)
+            .map_err(io(path))?;
+        if &tail[8..] != MAGIC {
+            return Err(corrupt(path, "its end is not a part's"));
+        }
+        let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+        let footer_crc = u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]);
+        let footer_at = (bytes - tail_len as u64)
+            .checked_sub(footer_len)
+            .filter(|at| *at >= MAGIC.len() as u64)
+            .ok_or_else(|| corrupt(path, "its footer length is impossible"))?;
+        let mut footer = vec![0u8; footer_len as usize];
+        file.read_exact_at(&mut footer, footer_at)
+            .map_err(io(path))?;
+        if crc32fast::hash(&footer) != footer_crc {
+            return Err(corrupt(path, "its footer fails its checksum"));
+        }
+        let json = zstd::bulk::decompress(&footer, 256 << 20)
+            .map_err(|e| corrupt(path, format!("its footer does not decompress: {e}")))?;
+        let footer: Footer = serde_json::from_slice(&json)
+            .map_err(|e| corrupt(path, format!("its footer does not read: {e}")))?;
+        if footer.version != FORMAT_VERSION {
+            return Err(corrupt(
+                path,
+                format!(
+                    "format {} (this aggregator reads format {FORMAT_VERSION}); reindex from the WAL or upgrade",
+                    footer.version
+                ),
+            ));
+        }
+        for block in &footer.blocks {
+            if block.frames.len() != FIXED_FRAMES + block.summary.paths.len()
+                || block
+                    .frames
+                    .iter()
+                    .any(|f| f.offset + u64::from(f.len) > footer_at)
+            {
+                return Err(corrupt(path, "a block's frames are out of the file"));
+            }
+        }
+        Ok(Part {
+            path: path.to_path_buf(),
+            file,
+            day: footer.day,
+            lsn_from: footer.lsn_from,
+            lsn_to: footer.lsn_to,
+            blocks: footer.blocks,
+            bytes,
+        })
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.blocks.iter().map(|b| u64::from(b.summary.rows)).sum()
+    }
+
+    /// One frame's bytes, checked and decompressed.
+    fn frame(&self, frame: &Frame) -> Result<Vec<u8>, BlockError> {
+        let mut bytes = vec![0u8; frame.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, frame.offset)
+            .map_err(io(&self.path))?;
+        if crc32fast::hash(&bytes) != frame.crc {
+            return Err(corrupt(
+                &self.path,
+                format!("the frame at byte {} fails its checksum", frame.offset),
+            ));
+        }
+        if !frame.zstd {
+            return Ok(bytes);
+        }
+        zstd::bulk::decompress(&bytes, frame.raw_len as usize).map_err(|e| {
+            corrupt(
+                &self.path,
+                format!(
+                    "the frame at byte {} does not decompress: {e}",
+                    frame.offset
+                ),
+            )
+        })
+    }
+
+    fn bad(&self, what: &str) -> BlockError {
+        corrupt(&self.path, format!("its {what} column does not decode"))
+    }
+
+    pub fn ts(&self, block: usize) -> Result<Vec<i64>, BlockError> {
+        let entry = &self.blocks[block];
+        decode_deltas(&self.frame(&entry.frames[TS])?, entry.summary.rows as usize)
+            .ok_or_else(|| self.bad("timestamp"))
+    }
+
+    pub fn seq(&self, block: usize) -> Result<Vec<u64>, BlockError> {
+        let entry = &self.blocks[block];
+        decode_deltas(
+            &self.frame(&entry.frames[SEQ])?,
+            entry.summary.rows as usize,
+        )
+        .map(|v| v.into_iter().map(|s| s as u64).collect())
+        .ok_or_else(|| self.bad("sequence"))
+    }
+
+    pub fn ids(&self, block: usize, ts: &[i64]) -> Result<Vec<uuid::Uuid>, BlockError> {
+        decode_ids(&self.frame(&self.blocks[block].frames[IDS])?, ts).ok_or_else(|| self.bad("id"))
+    }
+
+    pub fn levels(&self, block: usize) -> Result<Vec<u8>, BlockError> {
+        let levels = self.frame(&self.blocks[block].frames[LEVELS])?;
+        (levels.len() == self.blocks[block].summary.rows as usize)
+            .then_some(levels)
+            .ok_or_else(|| self.bad("level"))
+    }
+
+    pub fn service(&self, block: usize) -> Result<Vec<u32>, BlockError> {
+        let entry = &self.blocks[block];
+        decode_varints(
+            &self.frame(&entry.frames[SERVICE])?,
+            entry.summary.rows as usize,
+        )
+        .filter(|v| {
+            v.iter()
+                .all(|s| (*s as usize) < entry.summary.services.len())
+        })
+        .ok_or_else(|| self.bad("service"))
+    }
+
+    pub fn template(&self, block: usize) -> Result<Vec<u32>, BlockError> {
+        let entry = &self.blocks[block];
+        decode_varints(
+            &self.frame(&entry.frames[TEMPLATE])?,
+            entry.summary.rows as usize,
+        )
+        .ok_or_else(|| self.bad("template"))
+    }
+
+    pub fn templates(&self, block: usize) -> Result<Vec<Box<[u8]>>, BlockError> {
+        Ok(decode_strings(
+            &self.frame(&self.blocks[block].frames[TEMPLATES])?,
+        ))
+    }
+
+    pub fn bloom(&self, block: usize) -> Result<Option<Bloom>, BlockError> {
+        let bytes = self.frame(&self.blocks[block].frames[BLOOM])?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        Bloom::from_bytes(&bytes)
+            .map(Some)
+            .ok_or_else(|| self.bad("Bloom filter"))
+    }
+
+    pub fn column(&self, block: usize, column: usize) -> Result<VarColumn, BlockError> {
+        let frame = self.blocks[block]
+            .frames
+            .get(FIXED_FRAMES + column)
+            .ok_or_else(|| self.bad("variable"))?;
+        Ok(VarColumn::from_bytes(self.frame(frame)?))
+    }
+}

@@ -1,0 +1,987 @@
+//! How a read finds its rows: a filter and a `q` tree compiled against one block at a time.
+//!
+//! For each block, from its summary alone: is its time range, are its levels and services,
+//! any use? Then each term of the query is decided once per **template** where the template
+//! settles it: a word without digits can only be a template word, so "does this row say
+//! `declined`" is "does its template", asked once per template and answered for every row by
+//! its template number. Only terms that depend on variables (words with digits, ids, values
+//! of keyword fields that hold variables, fragments) look at the row's variables, and a
+//! block's Bloom filter turns most blocks away for those before any variable is read. Counting
+//! a common word over millions of rows therefore costs a byte per row, and finding a rare id
+//! costs the few blocks whose filter says "maybe".
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
+use logging_common::LogLevel;
+use uuid::Uuid;
+
+use super::block::{Block, BlockError, Summary, VarColumn, slot_counts};
+use super::bloom::{self, Bloom};
+use super::part::Part;
+use super::query::{LogFilter, Order, SortPosition};
+use super::query_language::{Field, Match, Node, Pattern, words};
+use super::template::{self, Piece, Value, WHOLE_LINE, is_template_word};
+
+/// Paths that are not searched by a term without a field: they are not the entry's content.
+const NOT_CONTENT: [&str; 5] = ["created_at", "timestamp", "id", "level", "service"];
+
+/// A block, in memory or in a part, with its columns decoded as a query asks for them.
+pub struct View<'a> {
+    summary: Cow<'a, Summary>,
+    memory: Option<(&'a Block, &'a [Vec<u32>])>,
+    disk: Option<(&'a Part, usize)>,
+    ts: OnceLock<Cow<'a, [i64]>>,
+    seq: OnceLock<Cow<'a, [u64]>>,
+    ids: OnceLock<Cow<'a, [Uuid]>>,
+    levels: OnceLock<Cow<'a, [u8]>>,
+    service: OnceLock<Cow<'a, [u32]>>,
+    template: OnceLock<Cow<'a, [u32]>>,
+    templates: OnceLock<Vec<TemplateInfo>>,
+    columns: Vec<OnceLock<Cow<'a, VarColumn>>>,
+    bloom: OnceLock<Option<Bloom>>,
+}
+
+/// What a query needs of one template.
+pub struct TemplateInfo {
+    pub text: Box<[u8]>,
+    pub values: Vec<Value>,
+    /// The column of each variable.
+    pub slots: Vec<u32>,
+    /// Variables per column: how far a row of this template moves each column.
+    pub counts: Vec<(u32, u32)>,
+}
+
+impl<'a> View<'a> {
+    pub fn memory(block: &'a Block, slots: &'a [Vec<u32>], summary: Cow<'a, Summary>) -> View<'a> {
+        View::new(summary, Some((block, slots)), None)
+    }
+
+    pub fn disk(part: &'a Part, block: usize) -> View<'a> {
+        View::new(
+            Cow::Borrowed(&part.blocks[block].summary),
+            None,
+            Some((part, block)),
+        )
+    }
+
+    fn new(
+        summary: Cow<'a, Summary>,
+        memory: Option<(&'a Block, &'a [Vec<u32>])>,
+        disk: Option<(&'a Part, usize)>,
+    ) -> View<'a> {
+        let columns = (0..summary.paths.len()).map(|_| OnceLock::new()).collect();
+        View {
+            summary,
+            memory,
+            disk,
+            ts: OnceLock::new(),
+            seq: OnceLock::new(),
+            ids: OnceLock::new(),
+            levels: OnceLock::new(),
+            service: OnceLock::new(),
+            template: OnceLock::new(),
+            templates: OnceLock::new(),
+            columns,
+            bloom: OnceLock::new(),
+        }
+    }
+
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    pub fn rows(&self) -> usize {
+        self.summary.rows as usize
+    }
+
+    pub fn ts(&self) -> Result<&[i64], BlockError> {
+        cell(&self.ts, || match (self.memory, self.disk) {
+            (Some((b, _)), _) => Ok(Cow::Borrowed(&b.ts[..])),
+            (_, Some((p, i))) => Ok(Cow::Owned(p.ts(i)?)),
+            _ => Ok(Cow::Borrowed(&[][..])),
+        })
+    }
+
+    pub fn seq(&self) -> Result<&[u64], BlockError> {
+        cell(&self.seq, || match (self.memory, self.disk) {
+            (Some((b, _)), _) => Ok(Cow::Borrowed(&b.seq[..])),
+            (_, Some((p, i))) => Ok(Cow::Owned(p.seq(i)?)),
+            _ => Ok(Cow::Borrowed(&[][..])),
+        })
+    }
+
+    pub fn ids(&self) -> Result<&[Uuid], BlockError> {
+        if let Some(v) = self.ids.get() {
+            return Ok(v);
+        }
+        let ids = match (self.memory, self.disk) {
+            (Some((b, _)), _) => Cow::Borrowed(&b.ids[..]),
+            (_, Some((p, i))) => Cow::Owned(p.ids(i, self.ts()?)?),
+            _ => Cow::Borrowed(&[][..]),
+        };
+        Ok(self.ids.get_or_init(|| ids))
+    }
+
+    pub fn levels(&self) -> Result<&[u8], BlockError> {
+        cell(&self.levels, || match (self.memory, self.disk) {
+            (Some((b, _)), _) => Ok(Cow::Borrowed(&b.levels[..])),
+            (_, Some((p, i))) => Ok(Cow::Owned(p.levels(i)?)),
+            _ => Ok(Cow::Borrowed(&[][..])),
+        })
+    }
+
+    pub fn service(&self) -> Result<&[u32], BlockError> {
+        cell(&self.service, || match (self.memory, self.disk) {
+            (Some((b, _)), _) => Ok(Cow::Borrowed(&b.service[..])),
+            (_, Some((p, i))) => Ok(Cow::Owned(p.service(i)?)),
+            _ => Ok(Cow::Borrowed(&[][..])),
+        })
+    }
+
+    pub fn template(&self) -> Result<&[u32], BlockError> {
+        cell(&self.template, || match (self.memory, self.disk) {
+            (Some((b, _)), _) => Ok(Cow::Borrowed(&b.template[..])),
+            (_, Some((p, i))) => Ok(Cow::Owned(p.template(i)?)),
+            _ => Ok(Cow::Borrowed(&[][..])),
+        })
+    }
+
+    pub fn templates(&self) -> Result<&[TemplateInfo], BlockError> {
+        if let Some(v) = self.templates.get() {
+            return Ok(v);
+        }
+        let columns = self.summary.paths.len();
+        let infos: Vec<TemplateInfo> = match (self.memory, self.disk) {
+            (Some((b, slots)), _) => b
+                .templates
+                .iter()
+                .zip(slots)
+                .map(|(t, s)| TemplateInfo::new(t.clone(), s.clone(), columns))
+                .collect(),
+            (_, Some((p, i))) => {
+                let texts = p.templates(i)?;
+                let slots = super::block::template_slots(&texts, &self.summary.paths);
+                texts
+                    .into_iter()
+                    .zip(slots)
+                    .map(|(t, s)| TemplateInfo::new(t, s, columns))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(self.templates.get_or_init(|| infos))
+    }
+
+    pub fn column(&self, column: usize) -> Result<&VarColumn, BlockError> {
+        let Some(cell_) = self.columns.get(column) else {
+            static EMPTY: VarColumn = VarColumn {
+                data: Vec::new(),
+                starts: Vec::new(),
+            };
+            return Ok(&EMPTY);
+        };
+        cell(cell_, || match (self.memory, self.disk) {
+            (Some((b, _)), _) => Ok(Cow::Borrowed(&b.columns[column])),
+            (_, Some((p, i))) => Ok(Cow::Owned(p.column(i, column)?)),
+            _ => Ok(Cow::Owned(VarColumn::default())),
+        })
+    }
+
+    pub fn bloom(&self) -> Result<Option<&Bloom>, BlockError> {
+        if let Some(v) = self.bloom.get() {
+            return Ok(v.as_ref());
+        }
+        let bloom = match self.disk {
+            Some((p, i)) => p.bloom(i)?,
+            None => None,
+        };
+        Ok(self.bloom.get_or_init(|| bloom).as_ref())
+    }
+
+    /// The service name of service number `n`, decoded.
+    pub fn service_name(&self, n: usize) -> String {
+        self.summary
+            .services
+            .get(n)
+            .map(|(json, _)| serde_json::from_str::<String>(json).unwrap_or_else(|_| json.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The stored lines of `rows` (ascending), in that order.
+    pub fn lines(&self, rows: &[usize]) -> Result<Vec<Vec<u8>>, BlockError> {
+        let templates = self.templates()?;
+        let template = self.template()?;
+        let ts = self.ts()?;
+        let ids = self.ids()?;
+        let levels = self.levels()?;
+        let service = self.service()?;
+        let mut at = vec![0u32; self.summary.paths.len()];
+        let mut out = Vec::with_capacity(rows.len());
+        let mut wanted = rows.iter().peekable();
+        for row in 0..self.rows() {
+            let Some(&&next) = wanted.peek() else { break };
+            let info = &templates[template[row] as usize];
+            if row == next {
+                wanted.next();
+                let mut line = Vec::new();
+                let mut mine = at.clone();
+                if !self.write_line(row, info, &mut mine, ts, ids, levels, service, &mut line)? {
+                    return Err(BlockError::Corrupt {
+                        file: "a block".into(),
+                        what: format!("row {row} asks for a variable its columns lack"),
+                    });
+                }
+                out.push(line);
+            }
+            for (c, n) in &info.counts {
+                at[*c as usize] += n;
+            }
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_line(
+        &self,
+        row: usize,
+        info: &TemplateInfo,
+        at: &mut [u32],
+        ts: &[i64],
+        ids: &[Uuid],
+        levels: &[u8],
+        service: &[u32],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, BlockError> {
+        let mut values: Vec<&[u8]> = Vec::with_capacity(info.slots.len());
+        for &column in &info.slots {
+            let c = self.column(column as usize)?;
+            let Some(position) = at.get_mut(column as usize) else {
+                return Ok(false);
+            };
+            let Some(v) = c.get(*position as usize) else {
+                return Ok(false);
+            };
+            *position += 1;
+            values.push(v);
+        }
+        let var = |i: usize| values.get(i).copied();
+        Ok(match info.text.strip_prefix(&[WHOLE_LINE]) {
+            Some(whole) => template::fill(whole, var, out),
+            None => {
+                let level = LogLevel::ALL
+                    .iter()
+                    .find(|l| l.rank() == levels[row])
+                    .copied()
+                    .unwrap_or(LogLevel::Info);
+                let name = self
+                    .summary
+                    .services
+                    .get(service[row] as usize)
+                    .map(|(s, _)| s.as_bytes())
+                    .unwrap_or(b"\"\"");
+                template::write_head(
+                    out,
+                    &ids[row],
+                    logging_common::Timestamp::from_nanos(ts[row]),
+                    level,
+                    name,
+                );
+                template::fill(&info.text, var, out)
+            }
+        })
+    }
+
+    /// The text of a value of row `row` (its variables taken from `at`, the row's positions).
+    fn value_text(
+        &self,
+        info: &TemplateInfo,
+        value: &Value,
+        at: &[u32],
+    ) -> Result<String, BlockError> {
+        let mut text = String::new();
+        for piece in &value.pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(t),
+                Piece::Var(k) => {
+                    let column = info.slots.get(*k).copied().unwrap_or(0) as usize;
+                    // Earlier variables of the same row in the same column come first.
+                    let before = info.slots[..*k]
+                        .iter()
+                        .filter(|c| **c as usize == column)
+                        .count();
+                    let position = at.get(column).copied().unwrap_or(0) as usize + before;
+                    if let Some(v) = self.column(column)?.get(position) {
+                        text.push_str(&String::from_utf8_lossy(v));
+                    }
+                }
+            }
+        }
+        Ok(text)
+    }
+}
+
+fn cell<'s, 'a, T: ?Sized + ToOwned>(
+    cell: &'s OnceLock<Cow<'a, T>>,
+    make: impl FnOnce() -> Result<Cow<'a, T>, BlockError>,
+) -> Result<&'s T, BlockError> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = make()?;
+    Ok(cell.get_or_init(|| v))
+}
+
+impl TemplateInfo {
+    fn new(text: Box<[u8]>, slots: Vec<u32>, columns: usize) -> TemplateInfo {
+        let values = template::values(&text);
+        let counts = slot_counts(std::slice::from_ref(&slots), columns)
+            .pop()
+            .unwrap_or_default();
+        TemplateInfo {
+            text,
+            values,
+            slots,
+            counts,
+        }
+    }
+}
+
+/// A read's question, compiled once: row filters, and the tree of terms (`q` and the id and
+/// tag filters, which are terms on their fields).
+pub struct Compiled {
+    /// `[start, end)` in nanoseconds.
+    start: Option<i64>,
+    end: Option<i64>,
+    /// Bit `rank` for each level wanted.
+    levels: u16,
+    services: Option<Vec<String>>,
+    expr: Option<Expr>,
+    atoms: Vec<Match>,
+    /// Whether any term looks at templates (the template column is needed).
+    values: bool,
+}
+
+/// The tree of a query, its terms numbered.
+#[derive(Clone, Debug)]
+enum Expr {
+    Atom(usize),
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
+    Not(Box<Expr>),
+}
+
+fn compile_node(node: &Node, atoms: &mut Vec<Match>) -> Expr {
+    match node {
+        Node::Match(m) => {
+            atoms.push(m.clone());
+            Expr::Atom(atoms.len() - 1)
+        }
+        Node::And(all) => Expr::And(all.iter().map(|n| compile_node(n, atoms)).collect()),
+        Node::Or(any) => Expr::Or(any.iter().map(|n| compile_node(n, atoms)).collect()),
+        Node::Not(inner) => Expr::Not(Box::new(compile_node(inner, atoms))),
+    }
+}
+
+fn keyword(field: Field, value: &str) -> Node {
+    Node::Match(Match {
+        field,
+        raw: value.to_string(),
+        pattern: Pattern::Words(words(value).collect()),
+    })
+}
+
+impl Compiled {
+    pub fn new(filter: &LogFilter) -> Compiled {
+        let mut levels = u16::MAX;
+        if let Some(level) = filter.level {
+            levels &= 1 << level.rank();
+        }
+        if let Some(min) = filter.min_level {
+            levels &= LogLevel::ALL
+                .iter()
+                .filter(|l| l.rank() >= min.rank())
+                .fold(0, |m, l| m | 1 << l.rank());
+        }
+        let mut terms = Vec::new();
+        if let Some(node) = &filter.parsed {
+            terms.push(node.clone());
+        }
+        for (field, value) in [
+            (Field::TraceId, &filter.trace_id),
+            (Field::RequestId, &filter.request_id),
+            (Field::CorrelationId, &filter.correlation_id),
+            (Field::UserId, &filter.user_id),
+        ] {
+            if let Some(value) = value {
+                terms.push(keyword(field, value));
+            }
+        }
+        for tag in &filter.tags {
+            terms.push(keyword(Field::Tags, tag));
+        }
+        let mut atoms = Vec::new();
+        let expr = match terms.len() {
+            0 => None,
+            1 => Some(compile_node(&terms[0], &mut atoms)),
+            _ => Some(compile_node(&Node::And(terms), &mut atoms)),
+        };
+        let values = atoms
+            .iter()
+            .any(|m| !matches!(m.field, Field::Service | Field::Level | Field::Id));
+        Compiled {
+            start: filter.start.map(|t| t.as_nanos()),
+            end: filter.end.map(|t| t.as_nanos()),
+            levels,
+            services: (!filter.services.is_empty()).then(|| filter.services.clone()),
+            expr,
+            atoms,
+            values,
+        }
+    }
+
+    /// The positive word terms on the message (or anywhere), for highlighting.
+    pub fn highlight_words(&self) -> Vec<Vec<String>> {
+        self.atoms
+            .iter()
+            .filter(|m| matches!(m.field, Field::Anywhere | Field::Message))
+            .filter_map(|m| match &m.pattern {
+                Pattern::Words(ws) if !ws.is_empty() => Some(ws.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether the block's summary rules it out.
+    fn excludes(&self, summary: &Summary, bound: Option<(Order, SortPosition)>) -> bool {
+        if summary.rows == 0
+            || self.start.is_some_and(|s| summary.ts_max < s)
+            || self.end.is_some_and(|e| summary.ts_min >= e)
+            || summary.levels & self.levels == 0
+        {
+            return true;
+        }
+        if let Some((order, after)) = bound {
+            let past = match order {
+                Order::Desc => summary.ts_min > after.ts,
+                Order::Asc => summary.ts_max < after.ts,
+            };
+            if past {
+                return true;
+            }
+        }
+        if let Some(wanted) = &self.services {
+            let any = summary.services.iter().any(|(json, _)| {
+                let name = serde_json::from_str::<String>(json).unwrap_or_default();
+                wanted.contains(&name)
+            });
+            if !any {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// How one term is decided in one block.
+enum AtomPlan {
+    /// The row's level is in the mask.
+    Level(u16),
+    /// By service number.
+    Service(Vec<bool>),
+    Id(Option<Uuid>),
+    Values {
+        templates: Vec<Verdict>,
+        /// Anywhere: also a match when the service (by number) matches…
+        services: Vec<bool>,
+        /// …or when the term is this entry's id.
+        id: Option<Uuid>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Yes,
+    No,
+    /// Depends on the row's variables.
+    Row,
+}
+
+fn admitted(field: &Field, path: &str) -> bool {
+    match field {
+        Field::Anywhere => !NOT_CONTENT.contains(&path),
+        Field::Message => path == "message",
+        Field::Context(p) => path.strip_prefix("context.") == Some(p.as_str()),
+        Field::TraceId => path == "trace_id",
+        Field::SpanId => path == "span_id",
+        Field::RequestId => path == "request_id",
+        Field::CorrelationId => path == "correlation_id",
+        Field::UserId => path == "user_id",
+        Field::Tags => path == "tags",
+        Field::Environment => path == "environment",
+        Field::ServiceVersion => path == "service_version",
+        Field::Service | Field::Level | Field::Id => false,
+    }
+}
+
+/// The lower-cased words of a text.
+fn tokens(text: &str) -> Vec<String> {
+    words(text).collect()
+}
+
+fn phrase_in(text: &str, phrase: &[String]) -> bool {
+    let tokens = tokens(text);
+    !phrase.is_empty() && tokens.windows(phrase.len()).any(|w| w == phrase)
+}
+
+/// Whether a value's text matches a term's pattern.
+fn value_matches(m: &Match, keyword: bool, text: &str) -> bool {
+    match (&m.pattern, keyword) {
+        (Pattern::Words(_), true) => text == m.raw,
+        (Pattern::Words(phrase), false) => phrase_in(text, phrase),
+        (Pattern::Contains(f), _) => text.to_lowercase().contains(f.as_str()),
+        (Pattern::Prefix(f), true) => text.to_lowercase().starts_with(f.as_str()),
+        (Pattern::Suffix(f), true) => text.to_lowercase().ends_with(f.as_str()),
+        (Pattern::Prefix(f), false) => tokens(text).iter().any(|t| t.starts_with(f.as_str())),
+        (Pattern::Suffix(f), false) => tokens(text).iter().any(|t| t.ends_with(f.as_str())),
+    }
+}
+
+/// A value's words from its template alone: `None` where a variable stands.
+fn template_tokens(value: &Value) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for piece in &value.pieces {
+        match piece {
+            Piece::Text(t) => out.extend(words(t).map(Some)),
+            Piece::Var(_) => out.push(None),
+        }
+    }
+    out
+}
+
+fn plain_text(value: &Value) -> Option<String> {
+    let mut text = String::new();
+    for piece in &value.pieces {
+        match piece {
+            Piece::Text(t) => text.push_str(t),
+            Piece::Var(_) => return None,
+        }
+    }
+    Some(text)
+}
+
+/// How a term is decided for the rows of one template.
+fn template_verdict(m: &Match, info: &TemplateInfo) -> Verdict {
+    let keyword = m.field.is_keyword();
+    let mut row = false;
+    for value in info.values.iter().filter(|v| admitted(&m.field, &v.path)) {
+        if let Some(text) = plain_text(value) {
+            if value_matches(m, keyword, &text) {
+                return Verdict::Yes;
+            }
+            continue;
+        }
+        match &m.pattern {
+            Pattern::Words(phrase) if !keyword => {
+                let tokens = template_tokens(value);
+                if phrase.iter().all(|w| is_template_word(w)) {
+                    // Template words only: a variable between them breaks the phrase.
+                    let found = tokens.windows(phrase.len()).any(|w| {
+                        w.iter()
+                            .zip(phrase)
+                            .all(|(t, p)| t.as_deref() == Some(p.as_str()))
+                    });
+                    if found {
+                        return Verdict::Yes;
+                    }
+                } else if phrase
+                    .iter()
+                    .filter(|w| is_template_word(w))
+                    .all(|w| tokens.iter().any(|t| t.as_deref() == Some(w.as_str())))
+                {
+                    row = true;
+                }
+            }
+            _ => row = true,
+        }
+    }
+    if row { Verdict::Row } else { Verdict::No }
+}
+
+/// The words of a term that only variables can hold: what a Bloom filter can rule out.
+fn variable_words(m: &Match) -> Vec<String> {
+    match &m.pattern {
+        Pattern::Words(phrase) if !m.field.is_keyword() => phrase
+            .iter()
+            .filter(|w| !is_template_word(w))
+            .cloned()
+            .collect(),
+        Pattern::Words(_) => tokens(&m.raw)
+            .into_iter()
+            .filter(|w| !is_template_word(w))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the block's Bloom filter allows every variable word of the term under one of the
+/// paths the term looks at.
+fn bloom_allows(m: &Match, bloom: Option<&Bloom>, paths: &[String]) -> bool {
+    let Some(bloom) = bloom else {
+        return true;
+    };
+    let words = variable_words(m);
+    if words.is_empty() {
+        return true;
+    }
+    let probe: Vec<&str> = paths
+        .iter()
+        .filter(|p| admitted(&m.field, p) || p.as_str() == super::block::OTHER_PATHS)
+        .map(String::as_str)
+        .collect();
+    words
+        .iter()
+        .all(|w| probe.iter().any(|p| bloom.contains(bloom::word_hash(p, w))))
+}
+
+/// A term that names an entry id: the whole id, however it was cut into words.
+fn as_id(m: &Match) -> Option<Uuid> {
+    Uuid::try_parse(m.raw.trim()).ok()
+}
+
+fn plan_atom(m: &Match, view: &View<'_>) -> Result<AtomPlan, BlockError> {
+    Ok(match &m.field {
+        Field::Level => AtomPlan::Level(match m.raw.parse::<LogLevel>() {
+            Ok(level) => 1 << level.rank(),
+            Err(_) => 0,
+        }),
+        Field::Service => AtomPlan::Service(
+            (0..view.summary().services.len())
+                .map(|n| value_matches(m, true, &view.service_name(n)))
+                .collect(),
+        ),
+        Field::Id => AtomPlan::Id(as_id(m)),
+        field => {
+            let allowed = bloom_allows(m, view.bloom()?, &view.summary().paths);
+            let templates = if allowed {
+                view.templates()?
+                    .iter()
+                    .map(|info| template_verdict(m, info))
+                    .collect()
+            } else {
+                vec![Verdict::No; view.templates()?.len()]
+            };
+            let anywhere = *field == Field::Anywhere;
+            AtomPlan::Values {
+                templates,
+                services: if anywhere {
+                    (0..view.summary().services.len())
+                        .map(|n| value_matches(m, false, &view.service_name(n)))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                id: if anywhere { as_id(m) } else { None },
+            }
+        }
+    })
+}
+
+/// Scans one block: calls `found(row, positions)` for every row that matches, in row order,
+/// until it returns false. `hidden` are soft-deleted ids; `bound` keeps only rows past a
+/// cursor. With `positions`, `found` gets where the row's variables start in each column.
+pub fn scan(
+    view: &View<'_>,
+    query: &Compiled,
+    hidden: &HashSet<Uuid>,
+    bound: Option<(Order, SortPosition)>,
+    positions: bool,
+    mut found: impl FnMut(usize, &[u32]) -> bool,
+) -> Result<(), BlockError> {
+    if query.excludes(view.summary(), bound) {
+        return Ok(());
+    }
+    let plans: Vec<AtomPlan> = query
+        .atoms
+        .iter()
+        .map(|m| plan_atom(m, view))
+        .collect::<Result<_, _>>()?;
+    // A term ruled out for the whole block settles an AND of terms at once.
+    if let Some(expr) = &query.expr
+        && constant(expr, &plans) == Some(false)
+    {
+        return Ok(());
+    }
+    let ts = view.ts()?;
+    let seq = if bound.is_some() {
+        Some(view.seq()?)
+    } else {
+        None
+    };
+    let levels =
+        if query.levels != u16::MAX || plans.iter().any(|p| matches!(p, AtomPlan::Level(_))) {
+            Some(view.levels()?)
+        } else {
+            None
+        };
+    let wanted_services: Option<Vec<bool>> = query.services.as_ref().map(|wanted| {
+        (0..view.summary().services.len())
+            .map(|n| wanted.contains(&view.service_name(n)))
+            .collect()
+    });
+    let needs_service = wanted_services.is_some()
+        || plans.iter().any(|p| match p {
+            AtomPlan::Service(_) => true,
+            AtomPlan::Values { services, .. } => services.iter().any(|s| *s),
+            _ => false,
+        });
+    let service = if needs_service {
+        Some(view.service()?)
+    } else {
+        None
+    };
+    let needs_ids = !hidden.is_empty()
+        || plans.iter().any(|p| match p {
+            AtomPlan::Id(Some(_)) => true,
+            AtomPlan::Values { id, .. } => id.is_some(),
+            _ => false,
+        });
+    let ids = if needs_ids { Some(view.ids()?) } else { None };
+    let (template, templates) = if query.values || positions {
+        (Some(view.template()?), Some(view.templates()?))
+    } else {
+        (None, None)
+    };
+    let needs_positions = positions
+        || plans.iter().any(|p| match p {
+            AtomPlan::Values { templates, .. } => templates.contains(&Verdict::Row),
+            _ => false,
+        });
+    let mut at = vec![0u32; view.summary().paths.len()];
+    for row in 0..view.rows() {
+        let info = match (template, templates) {
+            (Some(t), Some(infos)) => infos.get(t[row] as usize),
+            _ => None,
+        };
+        let keep = (|| -> Result<bool, BlockError> {
+            let t = ts[row];
+            if query.start.is_some_and(|s| t < s) || query.end.is_some_and(|e| t >= e) {
+                return Ok(false);
+            }
+            if let (Some((order, after)), Some(seq)) = (bound, seq) {
+                let key = SortPosition {
+                    ts: t,
+                    seq: seq[row],
+                }
+                .key();
+                let past = match order {
+                    Order::Desc => key < after.key(),
+                    Order::Asc => key > after.key(),
+                };
+                if !past {
+                    return Ok(false);
+                }
+            }
+            if let Some(levels) = levels
+                && query.levels & (1 << levels[row]) == 0
+            {
+                return Ok(false);
+            }
+            if let (Some(wanted), Some(service)) = (&wanted_services, service)
+                && !wanted[service[row] as usize]
+            {
+                return Ok(false);
+            }
+            if let Some(expr) = &query.expr {
+                let mut atom = |i: usize| -> Result<bool, BlockError> {
+                    Ok(match &plans[i] {
+                        AtomPlan::Level(mask) => levels.is_some_and(|l| mask & (1 << l[row]) != 0),
+                        AtomPlan::Service(by) => service.is_some_and(|s| by[s[row] as usize]),
+                        AtomPlan::Id(id) => ids.zip(*id).is_some_and(|(ids, id)| ids[row] == id),
+                        AtomPlan::Values {
+                            templates: verdicts,
+                            services,
+                            id,
+                        } => {
+                            if service.is_some_and(|s| services.get(s[row] as usize) == Some(&true))
+                                || ids.zip(*id).is_some_and(|(ids, id)| ids[row] == id)
+                            {
+                                return Ok(true);
+                            }
+                            let Some(info) = info else { return Ok(false) };
+                            match verdicts.get(template.map_or(0, |t| t[row] as usize)) {
+                                Some(Verdict::Yes) => true,
+                                Some(Verdict::Row) => {
+                                    let m = &query.atoms[i];
+                                    let keyword = m.field.is_keyword();
+                                    let mut any = false;
+                                    for value in
+                                        info.values.iter().filter(|v| admitted(&m.field, &v.path))
+                                    {
+                                        let text = view.value_text(info, value, &at)?;
+                                        if value_matches(m, keyword, &text) {
+                                            any = true;
+                                            break;
+                                        }
+                                    }
+                                    any
+                                }
+                                _ => false,
+                            }
+                        }
+                    })
+                };
+                if !eval(expr, &mut atom)? {
+                    return Ok(false);
+                }
+            }
+            if let Some(ids) = ids
+                && !hidden.is_empty()
+                && hidden.contains(&ids[row])
+            {
+                return Ok(false);
+            }
+            Ok(true)
+        })()?;
+        if keep && !found(row, &at) {
+            break;
+        }
+        if needs_positions && let Some(info) = info {
+            for (c, n) in &info.counts {
+                at[*c as usize] += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The expression's value when its terms are constants for the whole block, if it is.
+fn constant(expr: &Expr, plans: &[AtomPlan]) -> Option<bool> {
+    match expr {
+        Expr::Atom(i) => match &plans[*i] {
+            AtomPlan::Values {
+                templates,
+                services,
+                id: None,
+            } if services.iter().all(|s| !s) => {
+                if templates.iter().all(|v| *v == Verdict::No) {
+                    Some(false)
+                } else {
+                    None
+                }
+            }
+            AtomPlan::Service(by) if by.iter().all(|b| !b) => Some(false),
+            _ => None,
+        },
+        Expr::And(all) => {
+            let mut result = Some(true);
+            for e in all {
+                match constant(e, plans) {
+                    Some(false) => return Some(false),
+                    Some(true) => {}
+                    None => result = None,
+                }
+            }
+            result
+        }
+        Expr::Or(any) => {
+            let mut result = Some(false);
+            for e in any {
+                match constant(e, plans) {
+                    Some(true) => return Some(true),
+                    Some(false) => {}
+                    None => result = None,
+                }
+            }
+            result
+        }
+        Expr::Not(inner) => constant(inner, plans).map(|b| !b),
+    }
+}
+
+fn eval(
+    expr: &Expr,
+    atom: &mut impl FnMut(usize) -> Result<bool, BlockError>,
+) -> Result<bool, BlockError> {
+    Ok(match expr {
+        Expr::Atom(i) => atom(*i)?,
+        Expr::And(all) => {
+            for e in all {
+                if !eval(e, atom)? {
+                    return Ok(false);
+                }
+            }
+            true
+        }
+        Expr::Or(any) => {
+            for e in any {
+                if eval(e, atom)? {
+                    return Ok(true);
+                }
+            }
+            false
+        }
+        Expr::Not(inner) => !eval(inner, atom)?,
+    })
+}
+
+/// Where in `message` the query's words are, for a highlight: the fragment of at most
+/// `max_chars` characters around the first match, and the byte ranges in it.
+pub fn highlight(
+    message: &str,
+    phrases: &[Vec<String>],
+    max_chars: usize,
+) -> Option<(String, Vec<[usize; 2]>)> {
+    // Word spans of the message, lower-cased.
+    let mut spans: Vec<(usize, usize, String)> = Vec::new();
+    let mut start = None;
+    for (i, c) in message.char_indices() {
+        match (c.is_alphanumeric(), start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                spans.push((s, i, message[s..i].to_lowercase()));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        spans.push((s, message.len(), message[s..].to_lowercase()));
+    }
+    let mut hits: Vec<(usize, usize)> = Vec::new();
+    for phrase in phrases {
+        for w in 0..spans.len() {
+            if spans.len() - w >= phrase.len()
+                && spans[w..w + phrase.len()]
+                    .iter()
+                    .zip(phrase)
+                    .all(|(s, p)| s.2 == *p)
+            {
+                hits.push((spans[w].0, spans[w + phrase.len() - 1].1));
+            }
+        }
+    }
+    if hits.is_empty() {
+        return None;
+    }
+    hits.sort_unstable();
+    // A fragment of `max_chars` characters from a little before the first hit.
+    let first = hits[0].0;
+    let from = message[..first]
+        .char_indices()
+        .rev()
+        .nth(20)
+        .map_or(0, |(i, _)| i);
+    let to = message[from..]
+        .char_indices()
+        .nth(max_chars)
+        .map_or(message.len(), |(i, _)| from + i);
+    let fragment = message[from..to].to_string();
+    let ranges = hits
+        .into_iter()
+        .filter(|(s, e)| *s >= from && *e <= to)
+        .map(|(s, e)| [s - from, e - from])
+        .collect();
+    Some((fragment, ranges))
+}
