@@ -5,11 +5,17 @@
 //! cargo build --release -p logging-aggregator -p logging-agent
 //! cargo bench -p logging-tests --bench agent_throughput
 //! BENCH_LINES=200000 cargo bench -p logging-tests --bench agent_throughput
+//! BENCH_DATA=cri cargo bench -p logging-tests --bench agent_throughput     # the store issue's data
 //! ```
 //!
 //! Prints, for the agent process alone: lines/s, MB/s, CPU seconds per GB shipped and lines
-//! per CPU-second, peak RSS, the compression ratio on the wire; then RSS with 1,000 files
-//! tailed at once, and the idle CPU with 100 files and no new lines.
+//! per CPU-second, peak RSS, the compression ratio on the wire; for the aggregator it ships
+//! to: CPU seconds per million lines until the entries are at rest, everything under
+//! `DATA_DIR` at rest against the raw CRI bytes, peak RSS, and the store issue's queries;
+//! then the agent's RSS with 1,000 files tailed at once, and its idle CPU with 100 files
+//! and no new lines. `BENCH_DATA=cri` ships the store issue's data (`shared/bench/gen_cri.py`'s
+//! distribution, one pod) instead of ten pods of mixed lines; `BENCH_SKIP_AGENT_EXTRAS=1`
+//! stops after the first part.
 
 use std::io::Write;
 use std::path::Path;
@@ -17,6 +23,15 @@ use std::time::{Duration, Instant};
 
 use logging_tests::{ADMIN_TOKEN, AgentProcess, AggregatorProcess, http_client, proc};
 use serde_json::Value;
+
+#[path = "common/cri.rs"]
+mod cri;
+
+/// What the store's queries ask, and which entry is rare (for `BENCH_DATA=cri`).
+struct Questions {
+    rare: String,
+    hour: (String, String),
+}
 
 /// Writes `lines` CRI lines (~183 bytes each, JSON bodies as Go/Java/Node services log them)
 /// spread over `files` pod logs. Returns the bytes written.
@@ -82,7 +97,23 @@ async fn main() {
 
     // 1. Throughput and cost per line, with the default settings.
     let root = tempfile::tempdir().unwrap();
-    let bytes = write_pod_logs(root.path(), 10, lines);
+    let cri_data = std::env::var("BENCH_DATA").is_ok_and(|d| d == "cri");
+    let (bytes, questions) = if cri_data {
+        let dir = root
+            .path()
+            .join("var/log/pods/shop_web-7d4b9c5f6-x2k9p_0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6/web");
+        std::fs::create_dir_all(&dir).unwrap();
+        let written = cri::write(&dir.join("0.log"), lines, 42);
+        (
+            written.bytes,
+            Some(Questions {
+                rare: written.rare_request_id,
+                hour: written.hour,
+            }),
+        )
+    } else {
+        (write_pod_logs(root.path(), 10, lines), None)
+    };
     println!(
         "wrote {:.1} MB ({:.0} bytes a line)",
         bytes as f64 / 1e6,
@@ -99,6 +130,7 @@ async fn main() {
     for (run, (label, settings)) in runs.iter().enumerate() {
         let mut env = vec![("AGENT_PATHS", paths.as_str()), ("LOG_LEVEL", "warn")];
         env.extend_from_slice(settings);
+        let server_cpu_before = proc::cpu_seconds(aggregator.child.id());
         let started = Instant::now();
         let agent =
             AgentProcess::start(&aggregator, &root.path().join(format!("agent{run}")), &env);
@@ -148,6 +180,19 @@ async fn main() {
             uncompressed / wire.max(1.0),
             bytes as f64 / wire.max(1.0)
         );
+        drop(agent);
+        server_figures(
+            &aggregator,
+            &aggregator_dir,
+            server_cpu_before,
+            lines,
+            bytes,
+            questions.as_ref(),
+        )
+        .await;
+    }
+    if std::env::var("BENCH_SKIP_AGENT_EXTRAS").is_ok() {
+        return;
     }
     println!(
         "(the aggregator, on the same 2 cores, bounds the wall-clock lines/s; lines per agent CPU-second is the agent's own cost)"
@@ -205,4 +250,134 @@ async fn main() {
         proc::status_kib(pid, "VmRSS:") as f64 / 1024.0
     );
     drop(agent);
+}
+
+/// Bytes of the files under `dir`, the process's own log left out.
+fn disk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.metadata() {
+            Ok(m) if m.is_dir() => total += disk_bytes(&path),
+            Ok(m) if path.file_name().is_some_and(|n| n != "aggregator.log") => total += m.len(),
+            _ => {}
+        }
+    }
+    total
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |p: f64| {
+        let i = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    (at(0.50), at(0.99))
+}
+
+/// The aggregator's side: CPU until the entries are at rest, disk at rest, its queries.
+async fn server_figures(
+    aggregator: &AggregatorProcess,
+    data_dir: &Path,
+    cpu_before: f64,
+    lines: usize,
+    raw_bytes: u64,
+    questions: Option<&Questions>,
+) {
+    let pid = aggregator.child.id();
+    let client = http_client();
+    // At rest: everything indexed and flushed, the WAL holding nothing delivered.
+    let started = Instant::now();
+    loop {
+        let stats: Value = client
+            .get(format!("{}/api/logs/stats", aggregator.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        let in_memory: u64 = stats["partitions"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|p| p["unflushed_entries"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0);
+        if stats["wal"]["bytes_on_disk"] == 0 && in_memory == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            println!("  (not at rest after 3 minutes: {})", stats["wal"]);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let cpu = proc::cpu_seconds(pid) - cpu_before;
+    let disk = disk_bytes(data_dir);
+    println!(
+        "  aggregator CPU until at rest: {cpu:.1} s = {:.2} CPU-s per million lines ({:.0} lines per CPU-second); peak RSS {:.0} MiB",
+        cpu / (lines as f64 / 1e6),
+        lines as f64 / cpu,
+        proc::status_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+    println!(
+        "  at rest, everything under DATA_DIR: {:.1} MB = {:.1}% of the {:.1} MB of log files",
+        disk as f64 / 1e6,
+        100.0 * disk as f64 / raw_bytes as f64,
+        raw_bytes as f64 / 1e6
+    );
+    let Some(q) = questions else {
+        return;
+    };
+    let query = |path: String| {
+        let client = client.clone();
+        let url = format!("{}{path}", aggregator.base);
+        async move {
+            let mut samples = Vec::new();
+            let mut last = Value::Null;
+            for _ in 0..20 {
+                let started = Instant::now();
+                let response = client
+                    .get(&url)
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(
+                    response.status().is_success(),
+                    "{url}: {}",
+                    response.status()
+                );
+                last = response.json().await.unwrap();
+                samples.push(started.elapsed());
+            }
+            (percentiles(samples), last)
+        }
+    };
+    let ((p50, p99), page) = query("/api/logs?level=error&limit=100".into()).await;
+    println!(
+        "  level=error, newest 100:              p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({} entries)",
+        page["items"].as_array().map_or(0, |a| a.len())
+    );
+    let ((p50, p99), found) = query(format!("/api/search?q={}", q.rare)).await;
+    println!(
+        "  a request id that occurs once ({}): p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   (total {})",
+        q.rare, found["total"]
+    );
+    let ((p50, p99), analytics) = query(format!(
+        "/api/analytics?start={}&end={}&interval=1m",
+        q.hour.0, q.hour.1
+    ))
+    .await;
+    println!(
+        "  count per minute by level over 1 h:  p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({} buckets, {} entries)",
+        analytics["timeline"].as_array().map_or(0, |a| a.len()),
+        analytics["total"]
+    );
 }

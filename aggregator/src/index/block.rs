@@ -181,9 +181,11 @@ impl Block {
 #[derive(Default)]
 pub struct BlockBuilder {
     pub block: Block,
-    templates: HashMap<Box<[u8]>, u32>,
-    services: HashMap<Box<[u8]>, u32>,
+    templates: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
+    services: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
     columns: HashMap<String, u32>,
+    /// The column of each of the cutter's path numbers, in this block.
+    column_of_path: Vec<Option<u32>>,
     /// The column of each variable of each template.
     slots: Vec<Vec<u32>>,
     cutter: Cutter,
@@ -262,18 +264,27 @@ impl BlockBuilder {
                 block.templates.push(self.template.as_slice().into());
                 self.templates.insert(self.template.as_slice().into(), n);
                 // Each variable's column, by its path (the same for every row of a template).
-                let slots = self
-                    .vars
-                    .iter()
-                    .map(|v| {
-                        column_for(
-                            &mut self.columns,
-                            &mut block.paths,
-                            &mut block.columns,
-                            &v.path,
-                        )
-                    })
-                    .collect();
+                let mut slots = Vec::with_capacity(self.vars.len());
+                for v in &self.vars {
+                    let id = v.path as usize;
+                    if self.column_of_path.len() <= id {
+                        self.column_of_path.resize(id + 1, None);
+                    }
+                    let column = match self.column_of_path[id] {
+                        Some(c) => c,
+                        None => {
+                            let c = column_for(
+                                &mut self.columns,
+                                &mut block.paths,
+                                &mut block.columns,
+                                self.cutter.path(v.path),
+                            );
+                            self.column_of_path[id] = Some(c);
+                            c
+                        }
+                    };
+                    slots.push(column);
+                }
                 self.slots.push(slots);
                 n
             }
@@ -290,6 +301,7 @@ impl BlockBuilder {
         self.templates.clear();
         self.services.clear();
         self.columns.clear();
+        self.column_of_path.clear();
         self.slots.clear();
         std::mem::take(&mut self.block)
     }

@@ -406,9 +406,19 @@ impl Indexer {
 /// The entry's timestamp, read from the head of its stored line (or, for a line not in the
 /// canonical form, from its JSON).
 fn timestamp_of(line: &[u8]) -> Option<Timestamp> {
-    if let Some((head, _)) = template::split_line(line) {
-        return Some(head.ts);
+    // The canonical head: `{"id":"<36>","timestamp":"…"`; the block checks the rest.
+    if let Some(rest) = line
+        .get(43..)
+        .filter(|_| line.starts_with(b"{\"id\":\""))
+        .and_then(|r| r.strip_prefix(b"\",\"timestamp\":\""))
+        && let Some(end) = memchr::memchr(b'"', rest)
+        && let Some(ts) = std::str::from_utf8(&rest[..end])
+            .ok()
+            .and_then(|t| Timestamp::parse_rfc3339(t).ok())
+    {
+        return Some(ts);
     }
+    let _ = template::split_line;
     #[derive(serde::Deserialize)]
     struct Ts {
         timestamp: Timestamp,

@@ -217,6 +217,9 @@ pub struct PartitionStats {
     pub segments: usize,
     /// On disk, plus what the entries not yet flushed to a part take in memory.
     pub stored_bytes: u64,
+    /// Entries searchable but not yet flushed to a part (kept in memory, replayed from the
+    /// WAL after a crash).
+    pub unflushed_entries: u64,
 }
 
 /// Totals over the whole store.
@@ -820,6 +823,7 @@ impl LogIndex {
                 entries,
                 segments,
                 stored_bytes: bytes,
+                unflushed_entries: partition.memtable_rows() as u64,
             });
         }
         totals.by_service.retain(|_, n| *n > 0);

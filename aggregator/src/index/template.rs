@@ -110,19 +110,26 @@ fn json_string_len(text: &[u8]) -> Option<usize> {
 /// A JSON path, as keys joined with dots (`context.kubernetes.pod`).
 pub type Path = String;
 
-/// Cuts texts into templates and variables. Reused from line to line.
+/// Cuts texts into templates and variables. Reused from line to line: it numbers the paths
+/// it meets, so a variable carries a number rather than a copy of its path.
 #[derive(Default)]
 pub struct Cutter {
     path: String,
-    /// Length of `path` before each open container, and whether it is an object.
-    stack: Vec<(usize, bool)>,
+    /// The current path's number.
+    current: u32,
+    /// Length of `path` and its number before each open container, and whether it is an
+    /// object.
+    stack: Vec<(usize, u32, bool)>,
+    ids: std::collections::HashMap<String, u32, foldhash::fast::RandomState>,
+    names: Vec<String>,
 }
 
-/// One variable of a cut text: its bytes in the text, and its path.
+/// One variable of a cut text: its bytes in the text, and its path's number
+/// ([`Cutter::path`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Variable {
     pub range: Range<usize>,
-    pub path: Path,
+    pub path: u32,
 }
 
 /// Where the scanner is, between tokens.
@@ -137,6 +144,21 @@ enum Expect {
 }
 
 impl Cutter {
+    /// The path of number `id`.
+    pub fn path(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", String::as_str)
+    }
+
+    fn intern(&mut self) -> u32 {
+        if let Some(&id) = self.ids.get(self.path.as_str()) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(self.path.clone());
+        self.ids.insert(self.path.clone(), id);
+        id
+    }
+
     /// Cuts `text` (JSON members, or a whole line): appends its template to `template` and
     /// its variables, in order, to `vars`. `top_level_members` says the text is the members
     /// of an object without its opening brace (the rest of a line: `"a":1,"b":2}`).
@@ -152,6 +174,7 @@ impl Cutter {
     ) {
         self.path.clear();
         self.stack.clear();
+        self.current = self.intern();
         if text.iter().any(|&b| b <= VERBATIM) {
             template.push(VERBATIM);
             template.extend_from_slice(text);
@@ -159,7 +182,7 @@ impl Cutter {
         }
         let mut expect = Expect::Value;
         if top_level_members {
-            self.stack.push((0, true));
+            self.stack.push((0, self.current, true));
             expect = Expect::Key;
         }
         let mut i = 0;
@@ -175,14 +198,17 @@ impl Cutter {
                     let end = string_end(text, i);
                     if expect == Expect::Key {
                         // A key: never cut; it names the path of the value that follows.
-                        let base = self.stack.last().map_or(0, |(len, _)| *len);
+                        let base = self.stack.last().map_or(0, |(len, _, _)| *len);
                         self.path.truncate(base);
                         if !self.path.is_empty() {
                             self.path.push('.');
                         }
-                        self.path.push_str(&String::from_utf8_lossy(
-                            &text[i + 1..end.saturating_sub(1).max(i + 1)],
-                        ));
+                        let key = &text[i + 1..end.saturating_sub(1).max(i + 1)];
+                        match std::str::from_utf8(key) {
+                            Ok(key) => self.path.push_str(key),
+                            Err(_) => self.path.push_str(&String::from_utf8_lossy(key)),
+                        }
+                        self.current = self.intern();
                         expect = Expect::Colon;
                     } else {
                         // A string value: its words with digits (or long) are variables.
@@ -201,7 +227,7 @@ impl Cutter {
                                     copied = run_end;
                                     vars.push(Variable {
                                         range: j..run_end,
-                                        path: self.path.clone(),
+                                        path: self.current,
                                     });
                                 }
                                 j = run_end;
@@ -226,13 +252,13 @@ impl Cutter {
                     copied = j;
                     vars.push(Variable {
                         range: i..j,
-                        path: self.path.clone(),
+                        path: self.current,
                     });
                     expect = Expect::Next;
                     i = j;
                 }
                 b'{' | b'[' => {
-                    self.stack.push((self.path.len(), b == b'{'));
+                    self.stack.push((self.path.len(), self.current, b == b'{'));
                     expect = if b == b'{' {
                         Expect::Key
                     } else {
@@ -241,8 +267,9 @@ impl Cutter {
                     i += 1;
                 }
                 b'}' | b']' => {
-                    if let Some((len, _)) = self.stack.pop() {
+                    if let Some((len, id, _)) = self.stack.pop() {
                         self.path.truncate(len);
+                        self.current = id;
                     }
                     expect = Expect::Next;
                     i += 1;
@@ -253,7 +280,7 @@ impl Cutter {
                 }
                 b',' => {
                     expect = match self.stack.last() {
-                        Some((_, true)) => Expect::Key,
+                        Some((_, _, true)) => Expect::Key,
                         _ => Expect::Value,
                     };
                     i += 1;
@@ -562,10 +589,16 @@ mod tests {
     fn cut(text: &str, members: bool) -> (String, Vec<(String, String)>) {
         let mut template = Vec::new();
         let mut vars = Vec::new();
-        Cutter::default().cut(text.as_bytes(), members, &mut template, &mut vars);
+        let mut cutter = Cutter::default();
+        cutter.cut(text.as_bytes(), members, &mut template, &mut vars);
         let named = vars
             .iter()
-            .map(|v| (v.path.clone(), text[v.range.clone()].to_string()))
+            .map(|v| {
+                (
+                    cutter.path(v.path).to_string(),
+                    text[v.range.clone()].to_string(),
+                )
+            })
             .collect();
         (
             String::from_utf8(template).unwrap().replace('\u{1}', "·"),
