@@ -75,6 +75,78 @@ impl LogEntry {
         }
     }
 
+    /// Appends the stored line of the entry (compact JSON, empty fields left out, exactly as
+    /// `serde_json` writes the struct) and, with `agent`, `"agent":<name>` first in its
+    /// context: the aggregator's own writer, cheaper than serde's and without building a new
+    /// context for the agent's name.
+    pub fn write_stored(&self, agent: Option<&str>, out: &mut Vec<u8>) {
+        fn string(out: &mut Vec<u8>, text: &str) {
+            // Writing a &str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, text);
+        }
+        fn optional(out: &mut Vec<u8>, key: &str, value: &Option<String>) {
+            if let Some(value) = value {
+                out.push(b',');
+                out.extend_from_slice(key.as_bytes());
+                string(out, value);
+            }
+        }
+        out.extend_from_slice(b"{\"id\":\"");
+        let mut buf = Uuid::encode_buffer();
+        out.extend_from_slice(self.id.hyphenated().encode_lower(&mut buf).as_bytes());
+        out.extend_from_slice(b"\",\"timestamp\":\"");
+        let mut ts = String::with_capacity(32);
+        self.timestamp.write_rfc3339(&mut ts);
+        out.extend_from_slice(ts.as_bytes());
+        out.extend_from_slice(b"\",\"level\":\"");
+        out.extend_from_slice(self.level.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"service\":");
+        string(out, &self.service);
+        out.extend_from_slice(b",\"message\":");
+        string(out, &self.message);
+        let empty = self.context.is_empty();
+        match agent {
+            Some(agent) => {
+                out.extend_from_slice(b",\"context\":{\"agent\":");
+                string(out, agent);
+                if !empty {
+                    let text = self.context.as_json().trim();
+                    out.push(b',');
+                    out.extend_from_slice(text[1..].trim_start().as_bytes());
+                } else {
+                    out.push(b'}');
+                }
+            }
+            None if !empty => {
+                out.extend_from_slice(b",\"context\":");
+                out.extend_from_slice(self.context.as_json().as_bytes());
+            }
+            None => {}
+        }
+        optional(out, "\"trace_id\":", &self.trace_id);
+        optional(out, "\"span_id\":", &self.span_id);
+        optional(out, "\"user_id\":", &self.user_id);
+        optional(out, "\"request_id\":", &self.request_id);
+        optional(out, "\"correlation_id\":", &self.correlation_id);
+        if !self.tags.is_empty() {
+            out.extend_from_slice(b",\"tags\":[");
+            for (i, tag) in self.tags.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                string(out, tag);
+            }
+            out.push(b']');
+        }
+        optional(out, "\"environment\":", &self.environment);
+        optional(out, "\"service_version\":", &self.service_version);
+        out.extend_from_slice(b",\"created_at\":\"");
+        ts.clear();
+        self.created_at.write_rfc3339(&mut ts);
+        out.extend_from_slice(ts.as_bytes());
+        out.extend_from_slice(b"\"}");
+    }
+
     /// The entry with every field of the model, empty ones as `null`, `{}` or `[]`.
     pub fn to_api_json(&self) -> Vec<u8> {
         #[derive(Serialize)]
@@ -173,27 +245,34 @@ impl Context {
 fn compact_json(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out: Option<Vec<u8>> = None;
-    let (mut in_string, mut escaped) = (false, false);
-    for (i, &b) in bytes.iter().enumerate() {
-        let space = if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // A string is kept whole: jump from quote to quote, over escapes.
+                let mut j = i + 1;
+                i = loop {
+                    let rest = bytes.get(j..).unwrap_or_default();
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        Some(k) if bytes[j + k] == b'\\' => j += k + 2,
+                        Some(k) => break j + k + 1,
+                        None => break bytes.len(),
+                    }
+                };
             }
-            false
-        } else {
-            in_string = b == b'"';
-            matches!(b, b' ' | b'\n' | b'\r' | b'\t')
-        };
-        match (&mut out, space) {
-            (Some(out), false) => out.push(b),
-            (None, true) => out = Some(bytes[..i].to_vec()),
-            _ => {}
+            b' ' | b'\n' | b'\r' | b'\t' => {
+                let compact = out.get_or_insert_with(|| Vec::with_capacity(bytes.len()));
+                compact.extend_from_slice(&bytes[copied..i]);
+                i += 1;
+                copied = i;
+            }
+            _ => i += 1,
         }
     }
-    out.and_then(|compact| String::from_utf8(compact).ok())
+    let mut compact = out?;
+    compact.extend_from_slice(&bytes[copied.min(bytes.len())..]);
+    String::from_utf8(compact).ok()
 }
 
 fn empty_object() -> Box<RawValue> {
@@ -470,6 +549,70 @@ mod tests {
         assert_eq!(full["tags"], serde_json::json!([]));
         let back: LogEntry = serde_json::from_str(&compact).unwrap();
         assert_eq!(back, entry);
+    }
+
+    fn arbitrary_entry() -> impl proptest::strategy::Strategy<Value = LogEntry> {
+        use proptest::prelude::*;
+        let text = "(?s).{0,12}";
+        let optional = proptest::option::of(text);
+        (
+            (any::<i64>(), 0usize..LogLevel::ALL.len(), text, text),
+            proptest::collection::btree_map(text, (any::<i32>(), text), 0..4),
+            (optional.clone(), optional.clone(), optional.clone()),
+            (optional.clone(), optional.clone(), optional),
+            proptest::collection::vec(text, 0..3),
+            any::<u128>(),
+        )
+            .prop_map(
+                |((nanos, level, service, message), context, ids, more, tags, id)| {
+                    let mut entry = LogEntry::new(
+                        Timestamp::from_nanos(nanos),
+                        LogLevel::ALL[level],
+                        service,
+                        message,
+                    );
+                    entry.id = Uuid::from_u128(id);
+                    let context: Map<String, Value> = context
+                        .into_iter()
+                        .map(|(k, (n, s))| (k, serde_json::json!({ "n": n, "s": s })))
+                        .collect();
+                    // Pretty-printed on purpose: the stored line must be compact all the same.
+                    entry.context =
+                        serde_json::from_str(&serde_json::to_string_pretty(&context).unwrap())
+                            .unwrap();
+                    (entry.trace_id, entry.span_id, entry.user_id) = ids;
+                    (entry.request_id, entry.environment, entry.service_version) = more;
+                    entry.correlation_id = entry.trace_id.clone();
+                    entry.tags = tags;
+                    entry
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_stored_writer_writes_what_serde_writes(entry in arbitrary_entry(), agent in "(?s).{0,8}") {
+            let mut ours = Vec::new();
+            entry.write_stored(None, &mut ours);
+            proptest::prop_assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&entry).unwrap()
+            );
+            // With the agent: the same entry, its context led by the agent's name.
+            let mut stamped = Vec::new();
+            entry.write_stored(Some(&agent), &mut stamped);
+            let line = String::from_utf8(stamped).unwrap();
+            proptest::prop_assert!(!line.contains('\n'));
+            let back: LogEntry = serde_json::from_str(&line).unwrap();
+            let mut context = entry.context.to_map();
+            let mut expected = Map::new();
+            expected.insert("agent".to_string(), Value::String(agent.clone()));
+            expected.append(&mut context);
+            proptest::prop_assert_eq!(back.context.to_map(), expected);
+            let mut rest = back.clone();
+            rest.context = entry.context.clone();
+            proptest::prop_assert_eq!(serde_json::to_string(&rest).unwrap(), serde_json::to_string(&entry).unwrap());
+        }
     }
 
     #[test]

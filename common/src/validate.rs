@@ -200,11 +200,10 @@ fn read_tags(raw: &RawValue) -> Result<Vec<String>, String> {
 /// `id` is kept if the client sent one (so retries are idempotent), else a UUIDv7 is made from
 /// the timestamp. `created_at` is set to `now`; a client's `created_at` is ignored.
 pub fn validate_log_entry(
-    raw: &RawValue,
+    text: &str,
     limits: EntryLimits,
     now: Timestamp,
 ) -> Result<LogEntry, EntryError> {
-    let text = raw.get();
     if text.len() > limits.max_entry_bytes {
         return Err(EntryError {
             errors: vec![FieldError::new(
@@ -219,7 +218,11 @@ pub fn validate_log_entry(
         });
     }
     let object: RawObject<'_> = serde_json::from_str(text).map_err(|e| {
-        EntryError::field("entry", format!("expected a JSON object ({})", clean(&e)))
+        let problem = match e.is_data() {
+            true => "expected a JSON object",
+            false => "not JSON",
+        };
+        EntryError::field("entry", format!("{problem} ({})", clean(&e)))
     })?;
 
     let mut errors = Vec::new();
@@ -463,7 +466,7 @@ mod tests {
 
     fn validate(json: &str) -> Result<LogEntry, EntryError> {
         let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
-        validate_log_entry(&raw, LIMITS, Timestamp::from_nanos(42))
+        validate_log_entry(raw.get(), LIMITS, Timestamp::from_nanos(42))
     }
 
     #[test]
@@ -563,6 +566,13 @@ mod tests {
             "entry",
             "an array is not an entry"
         );
+        let at = |text: &str| validate_log_entry(text, LIMITS, Timestamp::from_nanos(42));
+        let err = at("[1,2]").unwrap_err().to_string();
+        assert!(err.starts_with("entry: expected a JSON object ("), "{err}");
+        for broken in ["{not json", "{\"a\":", "", "{} {}"] {
+            let err = at(broken).unwrap_err().to_string();
+            assert!(err.starts_with("entry: not JSON ("), "{broken}: {err}");
+        }
         let err =
             validate(r#"{"timestamp":1,"level":"info","service":"  ","message":"m"}"#).unwrap_err();
         assert_eq!(err.to_string(), "service: must not be empty");
@@ -667,7 +677,7 @@ mod tests {
             fn any_json_is_an_entry_or_bounded_errors(value in json()) {
                 let text = serde_json::to_string(&value).unwrap();
                 let raw = serde_json::value::RawValue::from_string(text).unwrap();
-                match validate_log_entry(&raw, limits(), Timestamp::from_nanos(1_800_000_000_000_000_000)) {
+                match validate_log_entry(raw.get(), limits(), Timestamp::from_nanos(1_800_000_000_000_000_000)) {
                     Ok(entry) => prop_assert!(!entry.service.trim().is_empty()),
                     Err(error) => {
                         prop_assert!(!error.errors.is_empty());
@@ -694,7 +704,7 @@ mod tests {
                     "message": message,
                 }).to_string();
                 let raw = serde_json::value::RawValue::from_string(text).unwrap();
-                let entry = validate_log_entry(&raw, limits(), Timestamp::from_nanos(1_800_000_000_000_000_000)).unwrap();
+                let entry = validate_log_entry(raw.get(), limits(), Timestamp::from_nanos(1_800_000_000_000_000_000)).unwrap();
                 prop_assert_eq!(entry.service, service);
                 prop_assert_eq!(entry.message, message);
                 prop_assert_eq!(entry.level, level);

@@ -10,7 +10,6 @@ use std::io::Read;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use serde_json::value::RawValue;
 
 use super::{Body, SharedState, json};
 use crate::error::ApiError;
@@ -51,24 +50,29 @@ fn decompress(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Vec<u8>,
     }
 }
 
-/// A batch's lines: the JSON ones, where each was, and those that are not JSON.
+/// A batch's lines: the entries to validate, where each was, and those that are not text.
 struct Lines<'a> {
-    raws: Vec<&'a RawValue>,
+    raws: Vec<&'a str>,
     /// The line number of each of `raws`.
     positions: Vec<usize>,
     unreadable: Rejections,
 }
 
+/// The non-blank lines of NDJSON (found with `memchr`), each without its newline.
+fn entry_lines(ndjson: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    let ends = memchr::memchr_iter(b'\n', ndjson).chain(std::iter::once(ndjson.len()));
+    ends.filter_map(move |end| {
+        let line = ndjson.get(start..end)?;
+        start = end + 1;
+        (!line.iter().all(u8::is_ascii_whitespace)).then_some(line)
+    })
+}
+
 /// Splits NDJSON into its entries (blank lines skipped); `None` past `max` entries, which is
-/// found by counting newlines before any line is read.
+/// found by counting lines before any is read. Each entry is parsed once, when validated.
 fn read_lines(ndjson: &[u8], max: usize) -> Option<Lines<'_>> {
-    let is_entry = |line: &&[u8]| !line.iter().all(u8::is_ascii_whitespace);
-    if ndjson
-        .split(|&b| b == b'\n')
-        .filter(is_entry)
-        .nth(max)
-        .is_some()
-    {
+    if entry_lines(ndjson).nth(max).is_some() {
         return None;
     }
     let mut lines = Lines {
@@ -76,14 +80,14 @@ fn read_lines(ndjson: &[u8], max: usize) -> Option<Lines<'_>> {
         positions: Vec::new(),
         unreadable: Rejections::default(),
     };
-    for (index, line) in ndjson.split(|&b| b == b'\n').filter(is_entry).enumerate() {
-        match serde_json::from_slice::<&RawValue>(line) {
-            Ok(raw) => {
-                lines.raws.push(raw);
+    for (index, line) in entry_lines(ndjson).enumerate() {
+        match std::str::from_utf8(line) {
+            Ok(text) => {
+                lines.raws.push(text);
                 lines.positions.push(index);
             }
             Err(error) => {
-                let reason = format!("not JSON ({error})");
+                let reason = format!("not UTF-8 text ({error})");
                 lines.unreadable.push(Rejection {
                     index,
                     error: format!("entry: {reason}"),

@@ -163,7 +163,8 @@ pub async fn create(
     let wait = wants_wait_for(&mut params)?;
     params.finish("; POST /api/logs takes only `refresh`")?;
     let (raws, is_array) = entries_of(&body, state.config.max_batch_entries)?;
-    let outcome: IngestOutcome = state.ingest.ingest(&raws, None).await?;
+    let texts: Vec<&str> = raws.iter().map(|r| r.get()).collect();
+    let outcome: IngestOutcome = state.ingest.ingest(&texts, None).await?;
     if wait {
         // Bounded: the entries are durable whatever happens; a store that cannot catch up
         // (a full disk) must not hold the request forever.

@@ -569,16 +569,15 @@ fn split_zero(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// The Bloom filter of a block: every word of every variable, under its column's path, and
+/// The Bloom filter of a block: every word of every variable (whatever its path: one probe
+/// answers a search anywhere, and a search on a field checks the field's column after), and
 /// the ids the store cannot find by their timestamp.
 pub fn bloom_of(block: &Block) -> Bloom {
-    let mut hashes: std::collections::HashSet<u64, foldhash::fast::RandomState> =
-        std::collections::HashSet::default();
-    for (path, column) in block.paths.iter().zip(&block.columns) {
-        for i in 0..column.len() {
-            let value = column.get(i).unwrap_or_default();
+    let mut hashes = bloom::HashSet::default();
+    for column in &block.columns {
+        for value in column.data.split(|&b| b == 0) {
             for word in words_of(value) {
-                hashes.insert(bloom::word_hash(path, word));
+                hashes.insert(bloom::word_hash(word));
             }
         }
     }

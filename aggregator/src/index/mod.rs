@@ -248,6 +248,12 @@ pub struct IndexOptions {
 pub enum IndexError {
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error(
+        "{0} holds a store of the previous format (tantivy), which this version does not read; \
+         move the directory out of DATA_DIR/index to start (its entries stay in it, and in any \
+         engine the sinks fed)"
+    )]
+    OldFormat(String),
     #[error("embedded index I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -288,6 +294,9 @@ impl LogIndex {
             };
             if !entry.file_type()?.is_dir() {
                 continue;
+            }
+            if entry.path().join("meta.json").exists() {
+                return Err(IndexError::OldFormat(entry.path().display().to_string()));
             }
             let parts = open_parts(&entry.path())?;
             let partition = Partition {
@@ -1094,23 +1103,35 @@ fn count(
             entry.1 += errors;
         }
     }
-    // Patterns: one example message per template, its pattern counted for all its rows.
-    let seen: Vec<usize> = (0..templates.len())
-        .filter(|t| by_template[*t] > 0)
-        .collect();
-    let mut rows: Vec<usize> = seen.iter().map(|t| first_row[*t]).collect();
-    rows.sort_unstable();
-    let lines = view.lines(&rows)?;
-    let example: HashMap<usize, String> = rows
-        .iter()
-        .zip(lines)
-        .map(|(row, line)| (*row, message_of(&line)))
-        .collect();
-    for t in seen {
-        let message = example.get(&first_row[t]).cloned().unwrap_or_default();
-        let pattern = patterns::template(&message);
-        let entry = patterns.entry(pattern).or_insert((0, message));
-        entry.0 += by_template[t];
+    // Patterns: by template, from the template alone (each variable read as a digit, which
+    // the pattern masks anyway); a real example is read only for a pattern seen first here.
+    for (t, info) in templates.iter().enumerate() {
+        if by_template[t] == 0 {
+            continue;
+        }
+        let Some(message) = info
+            .values
+            .iter()
+            .find(|v| v.path == "message" && !v.number)
+        else {
+            continue;
+        };
+        let shape: String = message
+            .pieces
+            .iter()
+            .map(|p| match p {
+                template::Piece::Text(t) => t.as_str(),
+                template::Piece::Var(_) => "0",
+            })
+            .collect();
+        let pattern = patterns::template(&shape);
+        if let Some(entry) = patterns.get_mut(&pattern) {
+            entry.0 += by_template[t];
+            continue;
+        }
+        let at = view.positions_at(first_row[t])?;
+        let example = view.value_text(info, message, &at)?;
+        patterns.insert(pattern, (by_template[t], example));
     }
     Ok(())
 }

@@ -332,15 +332,32 @@ impl Part {
         if !frame.zstd {
             return Ok(bytes);
         }
-        zstd::bulk::decompress(&bytes, frame.raw_len as usize).map_err(|e| {
-            corrupt(
-                &self.path,
-                format!(
-                    "the frame at byte {} does not decompress: {e}",
-                    frame.offset
-                ),
-            )
-        })
+        thread_local! {
+            // One decompression context a thread, reused: making one costs more than a small
+            // frame's decompression.
+            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        DECOMPRESSOR
+            .with(|cell| {
+                let mut cell = cell.borrow_mut();
+                if cell.is_none() {
+                    *cell = zstd::bulk::Decompressor::new().ok();
+                }
+                match cell.as_mut() {
+                    Some(d) => d.decompress(&bytes, frame.raw_len as usize),
+                    None => zstd::bulk::decompress(&bytes, frame.raw_len as usize),
+                }
+            })
+            .map_err(|e| {
+                corrupt(
+                    &self.path,
+                    format!(
+                        "the frame at byte {} does not decompress: {e}",
+                        frame.offset
+                    ),
+                )
+            })
     }
 
     fn bad(&self, what: &str) -> BlockError {

@@ -293,8 +293,23 @@ impl<'a> View<'a> {
         })
     }
 
-    /// The text of a value of row `row` (its variables taken from `at`, the row's positions).
-    fn value_text(
+    /// Where row `row`'s variables start in each column.
+    pub fn positions_at(&self, row: usize) -> Result<Vec<u32>, BlockError> {
+        let templates = self.templates()?;
+        let template = self.template()?;
+        let mut at = vec![0u32; self.summary.paths.len()];
+        for t in template.iter().take(row) {
+            if let Some(info) = templates.get(*t as usize) {
+                for (c, n) in &info.counts {
+                    at[*c as usize] += n;
+                }
+            }
+        }
+        Ok(at)
+    }
+
+    /// The text of a value of a row (its variables taken from `at`, the row's positions).
+    pub fn value_text(
         &self,
         info: &TemplateInfo,
         value: &Value,
@@ -497,6 +512,8 @@ enum AtomPlan {
         services: Vec<bool>,
         /// …or when the term is this entry's id.
         id: Option<Uuid>,
+        /// For templates left to the row: the variables that match, where one decides.
+        hits: Option<Hits>,
     },
 }
 
@@ -625,24 +642,118 @@ fn variable_words(m: &Match) -> Vec<String> {
     }
 }
 
-/// Whether the block's Bloom filter allows every variable word of the term under one of the
-/// paths the term looks at.
-fn bloom_allows(m: &Match, bloom: Option<&Bloom>, paths: &[String]) -> bool {
+/// Whether the block's Bloom filter allows every variable word of the term.
+fn bloom_allows(m: &Match, bloom: Option<&Bloom>) -> bool {
     let Some(bloom) = bloom else {
         return true;
     };
-    let words = variable_words(m);
-    if words.is_empty() {
-        return true;
+    variable_words(m)
+        .iter()
+        .all(|w| bloom.contains(bloom::word_hash(w)))
+}
+
+/// Which variables of a block match a term that a single variable decides: one word with
+/// digits (or a long one), which can only be a whole variable or one of a number's words; or
+/// a keyword field's value, when the template holds it as one variable.
+struct Hits {
+    /// By column: a bit per value.
+    columns: Vec<Option<Vec<u64>>>,
+    /// By template: the (column, place in the row) of each variable the term looks at;
+    /// `None` where the template needs the whole value's text instead.
+    slots: Vec<Option<Vec<(u32, u32)>>>,
+}
+
+impl Hits {
+    fn hit(&self, column: u32, position: u32) -> bool {
+        self.columns
+            .get(column as usize)
+            .and_then(|bits| bits.as_ref())
+            .and_then(|bits| bits.get(position as usize / 64))
+            .is_some_and(|word| word & (1 << (position % 64)) != 0)
     }
-    let probe: Vec<&str> = paths
+}
+
+/// What a term's single-variable test is, if it has one.
+enum VarTest<'m> {
+    Word(&'m str),
+    Equals(&'m str),
+}
+
+fn var_test(m: &Match) -> Option<VarTest<'_>> {
+    match &m.pattern {
+        Pattern::Words(words) if !m.field.is_keyword() => match words.as_slice() {
+            [word] if !is_template_word(word) => Some(VarTest::Word(word)),
+            _ => None,
+        },
+        Pattern::Words(_) => Some(VarTest::Equals(&m.raw)),
+        _ => None,
+    }
+}
+
+fn var_hits(
+    m: &Match,
+    test: &VarTest<'_>,
+    view: &View<'_>,
+    verdicts: &[Verdict],
+) -> Result<Hits, BlockError> {
+    let paths = &view.summary().paths;
+    let mut columns: Vec<Option<Vec<u64>>> = vec![None; paths.len()];
+    for (c, path) in paths.iter().enumerate() {
+        if !(admitted(&m.field, path) || path == super::block::OTHER_PATHS) {
+            continue;
+        }
+        let column = view.column(c)?;
+        let mut bits = vec![0u64; column.len().div_ceil(64)];
+        for i in 0..column.len() {
+            let value = column.get(i).unwrap_or_default();
+            let hit = match test {
+                VarTest::Word(word) => super::block::words_of(value)
+                    .any(|w| w.len() == word.len() && w.to_lowercase() == *word),
+                VarTest::Equals(raw) => value == raw.as_bytes(),
+            };
+            if hit {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        columns[c] = Some(bits);
+    }
+    let templates = view.templates()?;
+    let slots = templates
         .iter()
-        .filter(|p| admitted(&m.field, p) || p.as_str() == super::block::OTHER_PATHS)
-        .map(String::as_str)
+        .zip(verdicts)
+        .map(|(info, verdict)| {
+            if *verdict != Verdict::Row {
+                return None;
+            }
+            let mut slots = Vec::new();
+            for value in info.values.iter().filter(|v| admitted(&m.field, &v.path)) {
+                let vars: Vec<usize> = value
+                    .pieces
+                    .iter()
+                    .filter_map(|p| match p {
+                        Piece::Var(k) => Some(*k),
+                        Piece::Text(_) => None,
+                    })
+                    .collect();
+                if let VarTest::Equals(_) = test
+                    && (vars.len() != 1 || value.pieces.len() != 1)
+                {
+                    if vars.is_empty() {
+                        continue;
+                    }
+                    // Literal text around the variable: the whole value must be read.
+                    return None;
+                }
+                for k in vars {
+                    let column = *info.slots.get(k)?;
+                    let before = info.slots[..k].iter().filter(|c| **c == column).count();
+                    slots.push((column, before as u32));
+                }
+            }
+            Some(slots)
+        })
         .collect();
-    words
-        .iter()
-        .all(|w| probe.iter().any(|p| bloom.contains(bloom::word_hash(p, w))))
+    Ok(Hits { columns, slots })
 }
 
 /// A term that names an entry id: the whole id, however it was cut into words.
@@ -663,14 +774,20 @@ fn plan_atom(m: &Match, view: &View<'_>) -> Result<AtomPlan, BlockError> {
         ),
         Field::Id => AtomPlan::Id(as_id(m)),
         field => {
-            let allowed = bloom_allows(m, view.bloom()?, &view.summary().paths);
-            let templates = if allowed {
+            // Ruled out by the Bloom filter: no template is looked at (none is read at all).
+            let templates: Vec<Verdict> = if bloom_allows(m, view.bloom()?) {
                 view.templates()?
                     .iter()
                     .map(|info| template_verdict(m, info))
                     .collect()
             } else {
-                vec![Verdict::No; view.templates()?.len()]
+                Vec::new()
+            };
+            let hits = match var_test(m) {
+                Some(test) if templates.contains(&Verdict::Row) => {
+                    Some(var_hits(m, &test, view, &templates)?)
+                }
+                _ => None,
             };
             let anywhere = *field == Field::Anywhere;
             AtomPlan::Values {
@@ -683,6 +800,7 @@ fn plan_atom(m: &Match, view: &View<'_>) -> Result<AtomPlan, BlockError> {
                     Vec::new()
                 },
                 id: if anywhere { as_id(m) } else { None },
+                hits,
             }
         }
     })
@@ -803,6 +921,7 @@ pub fn scan(
                             templates: verdicts,
                             services,
                             id,
+                            hits,
                         } => {
                             if service.is_some_and(|s| services.get(s[row] as usize) == Some(&true))
                                 || ids.zip(*id).is_some_and(|(ids, id)| ids[row] == id)
@@ -810,8 +929,20 @@ pub fn scan(
                                 return Ok(true);
                             }
                             let Some(info) = info else { return Ok(false) };
-                            match verdicts.get(template.map_or(0, |t| t[row] as usize)) {
+                            let t = template.map_or(0, |t| t[row] as usize);
+                            match verdicts.get(t) {
                                 Some(Verdict::Yes) => true,
+                                Some(Verdict::Row)
+                                    if let Some((hits, slots)) = hits
+                                        .as_ref()
+                                        .and_then(|h| Some((h, h.slots.get(t)?.as_ref()?))) =>
+                                {
+                                    slots.iter().any(|(column, before)| {
+                                        let position =
+                                            at.get(*column as usize).copied().unwrap_or(0) + before;
+                                        hits.hit(*column, position)
+                                    })
+                                }
                                 Some(Verdict::Row) => {
                                     let m = &query.atoms[i];
                                     let keyword = m.field.is_keyword();
@@ -864,6 +995,7 @@ fn constant(expr: &Expr, plans: &[AtomPlan]) -> Option<bool> {
                 templates,
                 services,
                 id: None,
+                ..
             } if services.iter().all(|s| !s) => {
                 if templates.iter().all(|v| *v == Verdict::No) {
                     Some(false)

@@ -306,12 +306,12 @@ impl Cutter {
 /// end of the text.
 fn string_end(text: &[u8], start: usize) -> usize {
     let mut i = start + 1;
-    while i < text.len() {
-        match text[i] {
-            b'\\' => i += escape_len(text, i).max(1),
-            b'"' => return i + 1,
-            _ => i += 1,
+    while let Some(k) = memchr::memchr2(b'"', b'\\', text.get(i..).unwrap_or_default()) {
+        let at = i + k;
+        if text[at] == b'"' {
+            return at + 1;
         }
+        i = at + escape_len(text, at).max(1);
     }
     text.len()
 }

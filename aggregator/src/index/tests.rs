@@ -473,3 +473,20 @@ async fn small_parts_are_merged_without_losing_or_doubling_entries() {
     let unique: std::collections::HashSet<&String> = messages.iter().collect();
     assert_eq!(unique.len(), 25);
 }
+
+/// A partition of the first version's format is refused by name, not silently skipped.
+#[test]
+fn a_partition_of_the_previous_format_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("index/2026-11-27");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("meta.json"), "{}").unwrap();
+    let error = match LogIndex::open(&dir.path().join("index"), options()) {
+        Err(error) => error.to_string(),
+        Ok(_) => panic!("opened"),
+    };
+    assert!(
+        error.contains("2026-11-27") && error.contains("previous format"),
+        "{error}"
+    );
+}

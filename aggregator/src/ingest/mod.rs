@@ -14,7 +14,6 @@ use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log
 use logging_common::{Context, LogEntry, LogLevel, Timestamp};
 use parking_lot::Mutex;
 use serde::Serialize;
-use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::index::LogIndex;
@@ -93,33 +92,19 @@ pub enum IngestError {
 /// `context` with `"agent"` set by the aggregator alone: the sending agent's certificate
 /// name (`/v1/ingest`), or nothing (`/api/logs`). A client-sent `agent` is not believed: it is
 /// kept as `claimed_agent`, so nothing the client sent is lost and nobody can pose as another
-/// node. The common case (no `agent` key) splices the name into the JSON text.
-fn stamp_agent(context: &Context, agent: Option<&str>) -> Context {
-    let text = context.as_json();
-    if text.contains("\"agent\"") {
-        let mut map = context.to_map();
-        if let Some(claimed) = map.remove("agent") {
-            map.insert("claimed_agent".into(), claimed);
-        }
-        if let Some(agent) = agent {
-            map.insert("agent".into(), serde_json::Value::String(agent.into()));
-        }
-        return Context::from_map(&map);
+/// node. Returns `None` when the context has no `agent` key: then the name (if any) is
+/// written into the stored line by [`crate::wal::Batch::build`], with no new context built.
+fn restamp_agent(context: &Context, agent: Option<&str>) -> Option<Context> {
+    if !context.as_json().contains("\"agent\"") {
+        return None;
     }
-    let Some(agent) = agent else {
-        return context.clone();
-    };
-    let name = serde_json::to_string(agent).unwrap_or_else(|_| "\"\"".into());
-    let spliced = if context.is_empty() {
-        format!("{{\"agent\":{name}}}")
-    } else {
-        let inner = text.trim_start().strip_prefix('{').unwrap_or("}");
-        format!("{{\"agent\":{name},{inner}")
-    };
-    RawValue::from_string(spliced)
-        .ok()
-        .and_then(|raw| Context::from_object_json(raw).ok())
-        .unwrap_or_else(|| context.clone())
+    let mut map = context.to_map();
+    let claimed = map.remove("agent")?;
+    map.insert("claimed_agent".into(), claimed);
+    if let Some(agent) = agent {
+        map.insert("agent".into(), serde_json::Value::String(agent.into()));
+    }
+    Some(Context::from_map(&map))
 }
 
 /// Entries accepted per second over the last minute.
@@ -248,12 +233,14 @@ impl Ingest {
     }
 
     /// Validates one entry and applies the aggregator's enrichment and time bounds.
+    /// Returns the entry, and whether the agent's name is still to be written into its
+    /// context (see [`restamp_agent`]).
     pub fn prepare(
         &self,
-        raw: &RawValue,
+        raw: &str,
         now: Timestamp,
         agent: Option<&str>,
-    ) -> Result<LogEntry, EntryError> {
+    ) -> Result<(LogEntry, bool), EntryError> {
         let mut entry = validate_log_entry(
             raw,
             EntryLimits {
@@ -280,8 +267,14 @@ impl Ingest {
         if entry.environment.is_none() {
             entry.environment = self.options.environment.clone();
         }
-        entry.context = stamp_agent(&entry.context, agent);
-        Ok(entry)
+        let splice = match restamp_agent(&entry.context, agent) {
+            Some(context) => {
+                entry.context = context;
+                false
+            }
+            None => agent.is_some(),
+        };
+        Ok((entry, splice))
     }
 
     /// Validates and stores a batch; returns once every accepted entry is durable.
@@ -289,7 +282,7 @@ impl Ingest {
     /// `agent` is the sending agent's certificate name, recorded as `context.agent`.
     pub async fn ingest(
         &self,
-        raws: &[&RawValue],
+        raws: &[&str],
         agent: Option<&str>,
     ) -> Result<IngestOutcome, IngestError> {
         self.check_backpressure().await?;
@@ -297,12 +290,14 @@ impl Ingest {
         let mut ids = vec![None; raws.len()];
         let mut rejected = Rejections::default();
         let mut entries = Vec::with_capacity(raws.len());
+        let mut splice = Vec::with_capacity(raws.len());
         let mut positions = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
             match self.prepare(raw, now, agent) {
-                Ok(entry) => {
+                Ok((entry, needs_agent)) => {
                     positions.push(i);
                     entries.push(entry);
+                    splice.push(needs_agent);
                 }
                 Err(error) => rejected.push(Rejection {
                     index: i,
@@ -325,7 +320,7 @@ impl Ingest {
                 visible_after: None,
             });
         }
-        let batch = Batch::new(&entries);
+        let batch = Batch::build(&entries, |i| agent.filter(|_| splice[i]));
         let volume = VolumeCounts::of(&entries);
         drop(entries);
         let entry_ids = batch.ids.clone();
@@ -415,25 +410,16 @@ mod tests {
 
     #[test]
     fn the_certificate_names_the_agent_and_a_claimed_name_is_kept_aside() {
-        assert_eq!(
-            stamp_agent(&context("{}"), Some("node-1")).as_json(),
-            r#"{"agent":"node-1"}"#
-        );
-        let spliced = stamp_agent(&context(r#"{ "a": 1 }"#), Some("node-\"1"));
-        assert_eq!(spliced.to_map()["agent"], "node-\"1");
-        assert_eq!(spliced.to_map()["a"], 1);
-        let spoofed = stamp_agent(&context(r#"{"agent":"other-node"}"#), Some("node-1"));
+        // No `agent` key: nothing to move; the name is written with the line.
+        assert!(restamp_agent(&context(r#"{"a":1}"#), Some("node-1")).is_none());
+        let nested = context(r#"{"x":{"agent":"deep"}}"#);
+        assert!(restamp_agent(&nested, Some("node-1")).is_none());
+        let spoofed = restamp_agent(&context(r#"{"agent":"other-node"}"#), Some("node-1")).unwrap();
         assert_eq!(spoofed.to_map()["agent"], "node-1");
         assert_eq!(spoofed.to_map()["claimed_agent"], "other-node");
-        let api = stamp_agent(&context(r#"{"agent":"node-9","b":2}"#), None);
+        let api = restamp_agent(&context(r#"{"agent":"node-9","b":2}"#), None).unwrap();
         assert!(api.to_map().get("agent").is_none());
         assert_eq!(api.to_map()["claimed_agent"], "node-9");
-        assert_eq!(
-            stamp_agent(&context(r#"{"b":2}"#), None).as_json(),
-            r#"{"b":2}"#
-        );
-        let nested = stamp_agent(&context(r#"{"x":{"agent":"deep"}}"#), Some("node-1"));
-        assert_eq!(nested.to_map()["agent"], "node-1");
-        assert_eq!(nested.to_map()["x"]["agent"], "deep");
+        assert_eq!(api.to_map()["b"], 2);
     }
 }

@@ -122,11 +122,15 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(entries: &[LogEntry]) -> Batch {
+        Batch::build(entries, |_| None)
+    }
+
+    /// The batch, with `agent(i)` (if any) written first into entry `i`'s context.
+    pub fn build<'a>(entries: &[LogEntry], agent: impl Fn(usize) -> Option<&'a str>) -> Batch {
         let mut json = Vec::with_capacity(entries.len() * 512);
         let mut ends = Vec::with_capacity(entries.len());
-        for entry in entries {
-            // Serialising our own struct into memory cannot fail.
-            let _ = serde_json::to_writer(&mut json, entry);
+        for (i, entry) in entries.iter().enumerate() {
+            entry.write_stored(agent(i), &mut json);
             json.push(b'\n');
             ends.push(json.len());
         }

@@ -38,7 +38,6 @@ const BASE_SECONDS: i64 = 1_795_748_400;
 /// What was written.
 pub struct Written {
     pub bytes: u64,
-    pub lines: usize,
     /// The request id of the middle line: it occurs once.
     pub rare_request_id: String,
     /// The hour the lines span, as RFC 3339 start and end.
@@ -71,9 +70,9 @@ pub fn write(path: &Path, lines: usize, seed: u64) -> Written {
         }
         text.clear();
         use std::fmt::Write as _;
-        let _ = write!(
+        let _ = writeln!(
             text,
-            "{stamp} {stream} F {{\"level\":\"{}\",\"msg\":\"{}\",\"path\":\"{}{}\",\"status\":{},\"duration_ms\":{:.3},\"user\":\"u-{}\",\"req_id\":\"{}\"}}\n",
+            "{stamp} {stream} F {{\"level\":\"{}\",\"msg\":\"{}\",\"path\":\"{}{}\",\"status\":{},\"duration_ms\":{:.3},\"user\":\"u-{}\",\"req_id\":\"{}\"}}",
             LEVELS[rng.below(LEVELS.len() as u64) as usize],
             MESSAGES[rng.below(MESSAGES.len() as u64) as usize],
             PATHS[rng.below(PATHS.len() as u64) as usize],
@@ -90,7 +89,6 @@ pub fn write(path: &Path, lines: usize, seed: u64) -> Written {
     let at = |s: i64| logging_common::Timestamp::from_nanos(s * 1_000_000_000).to_rfc3339();
     Written {
         bytes,
-        lines,
         rare_request_id: rare,
         hour: (at(BASE_SECONDS), at(BASE_SECONDS + 3600)),
     }
