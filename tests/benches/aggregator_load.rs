@@ -40,6 +40,7 @@ fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Bytes of the files under `dir`, the aggregator's own log left out.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -47,12 +48,41 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
                 .flatten()
                 .map(|e| match e.metadata() {
                     Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(_) if e.file_name() == "aggregator.log" => 0,
                     Ok(m) => m.len(),
                     Err(_) => 0,
                 })
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The aggregator's CPU seconds each time the store has taken another million entries.
+#[derive(Default)]
+struct CpuPerMillion {
+    marks: Vec<f64>,
+}
+
+impl CpuPerMillion {
+    fn observe(&mut self, stats: &Value, cpu: f64) {
+        let entries = stats["entries"].as_u64().unwrap_or(0);
+        while entries >= (self.marks.len() as u64 + 1) * 1_000_000 {
+            self.marks.push(cpu);
+        }
+    }
+
+    /// CPU-s spent on each successive million.
+    fn steps(&self, start: f64) -> Vec<f64> {
+        let mut previous = start;
+        self.marks
+            .iter()
+            .map(|&mark| {
+                let step = mark - previous;
+                previous = mark;
+                step
+            })
+            .collect()
+    }
 }
 
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
@@ -153,9 +183,16 @@ async fn main() {
     let (senders, retries) = load::send_all(&client, &base, Arc::new(data.bodies));
     let mut peak_rss_kb = 0;
     let mut peak_anon_kb = 0;
+    let mut per_million = CpuPerMillion::default();
+    let mut polled = Instant::now();
     while senders.iter().any(|s| !s.is_finished()) {
         peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmRSS:"));
         peak_anon_kb = peak_anon_kb.max(proc::status_kib(pid, "RssAnon:"));
+        if polled.elapsed() >= Duration::from_secs(1) {
+            let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
+            per_million.observe(&stats, proc::cpu_seconds(pid));
+            polled = Instant::now();
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in senders {
@@ -169,6 +206,7 @@ async fn main() {
             .as_array()
             .and_then(|c| c.iter().find(|c| c["name"] == "index"))
             .and_then(|c| c["lag_entries"].as_u64());
+        per_million.observe(&stats, proc::cpu_seconds(pid));
         if index_lag == Some(0) && stats["entries"].as_u64() == Some(total as u64) {
             break;
         }
@@ -226,7 +264,7 @@ async fn main() {
     let commits = metric("logging_aggregator_wal_group_commit_seconds_count");
     let commit_sum = metric("logging_aggregator_wal_group_commit_seconds_sum");
     println!(
-        "index refreshes: {refresh_count:.0}, {:.0} ms each on average ({:.1} s in all); WAL group commits: {commits:.0}, {:.1} ms each, {:.0} entries each",
+        "store flushes: {refresh_count:.0} parts written, {:.0} ms each on average ({:.1} s in all); WAL group commits: {commits:.0}, {:.1} ms each, {:.0} entries each",
         1000.0 * refresh_sum / refresh_count.max(1.0),
         refresh_sum,
         1000.0 * commit_sum / commits.max(1.0),
@@ -244,31 +282,41 @@ async fn main() {
             .unwrap_or(0.0)
     };
     println!(
-        "indexer thread: {:.1} s waiting for the WAL, {:.1} s adding documents, {:.1} s in refreshes",
+        "indexer thread: {:.1} s waiting for the WAL, {:.1} s adding entries to blocks, {:.1} s writing parts",
         phase("wait"),
         phase("apply"),
-        phase("refresh")
+        phase("flush")
     );
-    let cpu_used = proc::cpu_seconds(pid) - cpu_before;
+    let cpu_searchable = proc::cpu_seconds(pid) - cpu_before;
     let own_cpu = proc::cpu_seconds(std::process::id()) - own_cpu_before;
     let (busy, all) = machine_ticks();
     let machine_busy = (busy - machine_before.0) as f64 / (all - machine_before.1).max(1) as f64;
     peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmHWM:"));
-    // Stored bytes once background merges have settled (they leave old files behind until
-    // they finish): the smallest size seen over a quiet period.
-    let mut index_bytes = u64::MAX;
-    let mut quiet = 0;
-    while quiet < 10 {
+    // At rest: everything flushed to parts, merges done, the WAL holding nothing consumed.
+    let rest_started = Instant::now();
+    loop {
         let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
-        let bytes = stats["stored_bytes"].as_u64().unwrap_or(0);
-        if bytes < index_bytes {
-            index_bytes = bytes;
-            quiet = 0;
-        } else {
-            quiet += 1;
+        let in_memory: u64 = stats["partitions"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|p| p["unflushed_entries"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0);
+        if stats["wal"]["bytes_on_disk"] == 0 && in_memory == 0 {
+            break;
+        }
+        if rest_started.elapsed() > Duration::from_secs(180) {
+            println!("(not at rest after 3 minutes: {})", stats["wal"]);
+            break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let cpu_used = proc::cpu_seconds(pid) - cpu_before;
+    let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
+    let index_bytes = stats["stored_bytes"].as_u64().unwrap_or(0);
+    let at_rest = dir_bytes(dir.path());
     let wal_bytes = dir_bytes(&dir.path().join("wal"));
     let db_bytes =
         dir_bytes(dir.path()).saturating_sub(dir_bytes(&dir.path().join("index")) + wal_bytes);
@@ -285,10 +333,19 @@ async fn main() {
         searchable_in.as_secs_f64()
     );
     println!(
-        "aggregator CPU:                 {:>10.1} s  ({:.2} CPU-s per million entries)",
+        "aggregator CPU:                 {:>10.1} s  ({:.2} CPU-s per million entries until at rest; {:.2} until searchable)",
         cpu_used,
-        cpu_used / (total as f64 / 1e6)
+        cpu_used / (total as f64 / 1e6),
+        cpu_searchable / (total as f64 / 1e6)
     );
+    let steps = per_million.steps(cpu_before);
+    if steps.len() > 1 {
+        let steps: Vec<String> = steps.iter().map(|s| format!("{s:.1}")).collect();
+        println!(
+            "  CPU-s for each million the store took, in order: {}",
+            steps.join(" ")
+        );
+    }
     println!(
         "aggregator peak RSS:            {:>10.0} MiB, of which {:.0} MiB private memory (RssAnon) and the rest mapped index files the kernel can drop",
         peak_rss_kb as f64 / 1024.0,
@@ -300,13 +357,15 @@ async fn main() {
         machine_busy * 100.0
     );
     println!(
-        "stored (index):                 {:>10.1} MB = {:.1}% of {:.1} MB raw NDJSON",
-        index_bytes as f64 / 1e6,
-        100.0 * index_bytes as f64 / data.raw_ndjson_bytes as f64,
-        data.raw_ndjson_bytes as f64 / 1e6
+        "at rest, everything under DATA_DIR: {:>6.1} MB = {:.1}% of {:.1} MB raw NDJSON ({:.1}s after the last entry was searchable)",
+        at_rest as f64 / 1e6,
+        100.0 * at_rest as f64 / data.raw_ndjson_bytes as f64,
+        data.raw_ndjson_bytes as f64 / 1e6,
+        rest_started.elapsed().as_secs_f64()
     );
     println!(
-        "  + WAL after catch-up:         {:>10.1} MB, relational store {:.1} MB",
+        "  of which the store {:.1} MB, the WAL {:.1} MB, the relational store {:.1} MB",
+        index_bytes as f64 / 1e6,
         wal_bytes as f64 / 1e6,
         db_bytes as f64 / 1e6
     );
@@ -381,6 +440,52 @@ async fn main() {
     }
     let (p50, p99) = percentiles(samples);
     println!("GET /api/search common terms:    p50 {p50:>7.1} ms   p99 {p99:>7.1} ms");
+    let mut samples = Vec::new();
+    let mut found = 0;
+    for _ in 0..20 {
+        let (took, body) = get(&client, &format!("{base}/api/search?q=declined&limit=100")).await;
+        found = body["items"].as_array().map_or(0, |a| a.len());
+        samples.push(took);
+    }
+    let (p50, p99) = percentiles(samples);
+    println!(
+        "GET /api/search common term, newest 100: p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({found} entries)"
+    );
+    // field:value on a context field: pods of entries spread over the day, each a value a
+    // handful of entries share.
+    let mut pods = Vec::new();
+    for i in 0..20u64 {
+        let at = start_ms + i * (data.span_ms / 20);
+        let (_, body) = get(
+            &client,
+            &format!(
+                "{base}/api/logs?start={}&end={}&limit=1",
+                rfc3339(at),
+                rfc3339(at + 60_000)
+            ),
+        )
+        .await;
+        if let Some(pod) = body["items"][0]["context"]["pod"].as_str() {
+            pods.push(pod.to_string());
+        }
+    }
+    let mut samples = Vec::new();
+    let mut hits = 0;
+    for pod in &pods {
+        let (took, body) = get(&client, &format!("{base}/api/search?q=context.pod:{pod}")).await;
+        let total = body["total"].as_u64().unwrap_or(0);
+        assert!(
+            total >= 1,
+            "context.pod:{pod} finds the entry it was read from"
+        );
+        hits += total;
+        samples.push(took);
+    }
+    let (p50, p99) = percentiles(samples);
+    println!(
+        "GET /api/search context.pod:<a pod>: p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({:.1} entries a pod on average)",
+        hits as f64 / pods.len().max(1) as f64
+    );
     println!(
         "aggregator peak RSS (whole run): {:>9.0} MiB",
         proc::status_kib(pid, "VmHWM:") as f64 / 1024.0

@@ -39,6 +39,8 @@ pub const SMALL_PART_ROWS: u64 = 4 * BLOCK_ROWS as u64;
 pub const MERGE_PARTS: usize = 4;
 const RETENTION_CHECK: Duration = Duration::from_secs(60);
 const READ_BYTES: usize = 1024 * 1024;
+/// Failures a stopping indexer retries before it gives up (see `Indexer::recover`).
+const STOPPING_ATTEMPTS: u32 = 3;
 
 /// How the indexer runs.
 #[derive(Clone, Debug)]
@@ -83,6 +85,7 @@ pub struct Indexer {
     healthy: Arc<AtomicBool>,
     /// Lines of the record being applied, by day.
     pending: BTreeMap<i64, Vec<(bytes::Bytes, u64)>>,
+    failures_while_stopping: u32,
 }
 
 impl Indexer {
@@ -101,6 +104,7 @@ impl Indexer {
             persisted,
             healthy,
             pending: BTreeMap::new(),
+            failures_while_stopping: 0,
         }
     }
 
@@ -136,19 +140,25 @@ impl Indexer {
             let caught_up = match step {
                 Ok(caught_up) => caught_up,
                 Err(error) => {
-                    self.recover(&error);
+                    if self.recover(&error, stopping) {
+                        return;
+                    }
                     continue;
                 }
             };
             let flushing = Instant::now();
             if let Err(error) = self.flush_due(stopping) {
-                self.recover(&error);
+                if self.recover(&error, stopping) {
+                    return;
+                }
                 continue;
             }
             metrics::histogram!("logging_aggregator_indexer_phase_seconds", "phase" => "flush")
                 .record(flushing.elapsed().as_secs_f64());
             if let Err(error) = self.persist_cursor() {
-                self.recover(&error);
+                if self.recover(&error, stopping) {
+                    return;
+                }
                 continue;
             }
             self.healthy.store(true, Ordering::Release);
@@ -312,9 +322,22 @@ impl Indexer {
         Ok(())
     }
 
-    /// After a failure, throw away what is only in memory and replay it from the WAL.
-    fn recover(&mut self, error: &IndexerError) {
+    /// After a failure, throw away what is only in memory and replay it from the WAL. Says
+    /// whether to give up instead: when stopping, after [`STOPPING_ATTEMPTS`] failures, so a
+    /// store that keeps failing (a full or removed disk) cannot hold the process up; what was
+    /// not flushed is still in the WAL and is indexed on the next start.
+    fn recover(&mut self, error: &IndexerError, stopping: bool) -> bool {
         tracing::error!(%error, position = self.persisted, "indexing failed; replaying from the last flush");
+        if stopping {
+            self.failures_while_stopping += 1;
+            if self.failures_while_stopping >= STOPPING_ATTEMPTS {
+                tracing::error!(
+                    position = self.persisted,
+                    "indexer stopped without indexing everything; the rest is replayed from the WAL on the next start"
+                );
+                return true;
+            }
+        }
         metrics::counter!("logging_aggregator_index_errors_total").increment(1);
         self.healthy.store(false, Ordering::Release);
         for writer in self.writers.values() {
@@ -326,6 +349,7 @@ impl Indexer {
         self.pending.clear();
         self.wal.seek(self.persisted);
         std::thread::sleep(Duration::from_secs(1));
+        false
     }
 
     /// Merges a partition's small parts, one partition a call, when there are enough.

@@ -302,6 +302,44 @@ async fn a_store_that_cannot_keep_up_holds_writes_back_and_says_so() {
     app.stop().await;
 }
 
+/// A graceful stop does not wait forever for a store that keeps failing: the indexer gives
+/// up after a few attempts, and what it could not index is replayed from the WAL on the next
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_is_not_held_up_by_a_failing_store_and_nothing_is_lost() {
+    let mut app = TestApp::start_with(Db::Sqlite, |c| c.index_refresh_interval_ms = 100).await;
+    let day = logging_common::Timestamp::now().day() - 2;
+    let name = logging_aggregator::index::day_name(day);
+    let blocker = app.dir.path().join("index").join(&name);
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let mut e = entry("blocked", "info", "kept in the WAL", 0);
+    e["timestamp"] = serde_json::json!(format!("{name}T12:00:01Z"));
+    let ids = app.ingest(vec![e]).await;
+    // A liveness bound, not a timing: before the fix this stop never returned.
+    let unblock = blocker.clone();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        app.restart(move |_| std::fs::remove_file(&unblock).unwrap()),
+    )
+    .await
+    .expect("the stop returns while the store fails");
+    let mut found = StatusCode::NOT_FOUND;
+    for _ in 0..100 {
+        found = app
+            .request(Method::GET, &format!("/api/logs/{}", ids[0]), Some(ADMIN))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if found == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found, StatusCode::OK);
+    app.stop().await;
+}
+
 /// `WAL_MAX_BYTES` bounds what the WAL keeps for a sink that is away: past it the sink skips
 /// its oldest entries, counted in its report and in `/metrics`, while the embedded index,
 /// which is never skipped, keeps every entry.
