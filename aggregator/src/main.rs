@@ -8,6 +8,9 @@ use logging_aggregator::app;
 use logging_aggregator::config::Config;
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The central logging service: durable ingest, embedded log store, audit trail, operator API.
 ///
 /// Every setting comes from the environment (or the YAML file); see the README's

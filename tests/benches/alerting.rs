@@ -379,7 +379,7 @@ async fn main() {
     let store = |run: &Run| run.threads.get("sqlx-sqlite-wor").copied().unwrap_or(0.0);
     let own = alerts_thread + (store(&with) - store(&without)).max(0.0);
     println!(
-        "alerting adds {:+.1}% to the aggregator's CPU time ({:.1} s → {:.1} s; tantivy's merges alone move it by seconds between runs)",
+        "alerting adds {:+.1}% to the aggregator's CPU time ({:.1} s → {:.1} s; the store's flushes and merges move it by seconds between runs)",
         100.0 * (with.cpu - without.cpu) / without.cpu,
         without.cpu,
         with.cpu,

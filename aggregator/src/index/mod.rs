@@ -37,7 +37,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use block::{Block, BlockBuilder, BlockError, Summary};
 use part::Part;
 use query::{LogFilter, Order, Page, QueryError, SortPosition};
-use scan::{Compiled, View};
+use scan::{Compiled, TemplateSet, View};
 
 const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
@@ -594,7 +594,7 @@ impl LogIndex {
                 // held only while it is read.
                 let summary = open.block.summary();
                 let view = View::memory(&open.block, open.slots(), Cow::Owned(summary));
-                total += collect(&view, &query, &hidden, bound, &mut best, page.with_total)?;
+                total += collect(&view, &query, &hidden, bound, &mut best)?;
                 drop(view);
                 let mut sources: Vec<(Source, &Summary)> = snapshot
                     .sealed
@@ -626,7 +626,7 @@ impl LogIndex {
                         }
                         Source::Part(p, b) => View::disk(&snapshot.parts[p], b),
                     };
-                    total += collect(&view, &query, &hidden, bound, &mut best, page.with_total)?;
+                    total += collect(&view, &query, &hidden, bound, &mut best)?;
                 }
                 Ok(())
             })?;
@@ -678,63 +678,45 @@ impl LogIndex {
         filter.end = Some(request.end);
         let query = Compiled::new(&filter);
         let buckets = request.buckets();
-        let mut out = AnalyticsFruit {
-            by_level: vec![[0; 9]; buckets],
-            ..Default::default()
-        };
         let field_path = request.value_field.as_ref().map(|f| format!("context.{f}"));
-        let mut patterns: HashMap<String, (u64, String)> = HashMap::new();
+        let by_level = vec![[0; 9]; buckets];
+        let mut counter = Counter {
+            query: &query,
+            hidden: HashSet::new(),
+            request,
+            field_path: field_path.as_deref(),
+            out: AnalyticsFruit {
+                by_level,
+                ..Default::default()
+            },
+            patterns: HashMap::new(),
+        };
         for partition in self.partitions_between(
             filter.start.map(|t| t.as_nanos()),
             filter.end.map(|t| t.as_nanos()),
         ) {
-            let hidden = self.hidden_in(partition.day);
+            counter.hidden = self.hidden_in(partition.day);
             partition.with_snapshot(|snapshot, open| -> Result<(), QueryError> {
                 let summary = open.block.summary();
-                let view = View::memory(&open.block, open.slots(), Cow::Owned(summary));
-                count(
-                    &view,
-                    &query,
-                    &hidden,
-                    request,
-                    field_path.as_deref(),
-                    &mut out,
-                    &mut patterns,
-                )?;
-                drop(view);
+                counter.memory(&View::memory(
+                    &open.block,
+                    open.slots(),
+                    Cow::Owned(summary),
+                ))?;
                 for m in &snapshot.sealed {
-                    let view = View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary));
-                    count(
-                        &view,
-                        &query,
-                        &hidden,
-                        request,
-                        field_path.as_deref(),
-                        &mut out,
-                        &mut patterns,
-                    )?;
+                    counter.memory(&View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary)))?;
                 }
                 for part in &snapshot.parts {
-                    for b in 0..part.blocks.len() {
-                        let view = View::disk(part, b);
-                        count(
-                            &view,
-                            &query,
-                            &hidden,
-                            request,
-                            field_path.as_deref(),
-                            &mut out,
-                            &mut patterns,
-                        )?;
-                    }
+                    counter.part(part)?;
                 }
                 Ok(())
             })?;
         }
+        let Counter { out, patterns, .. } = counter;
         // The top N without sorting every pattern: select, then sort the N.
         let mut top: Vec<(String, u64, String)> = patterns
             .into_iter()
-            .map(|(p, (n, example))| (p, n, example))
+            .map(|(p, (n, example))| (p.into(), n, example))
             .collect();
         let by_count = |a: &(String, u64, String), b: &(String, u64, String)| {
             b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
@@ -965,30 +947,35 @@ fn collect(
     hidden: &HashSet<Uuid>,
     bound: Option<(Order, SortPosition)>,
     best: &mut Best,
-    count_all: bool,
 ) -> Result<u64, QueryError> {
     let mut total = 0u64;
     let mut kept: Vec<(SortPosition, usize)> = Vec::new();
     let mut local = Best::new(best.limit, best.order);
-    let seq_needed = view.rows() > 0;
-    let ts = if seq_needed { Some(view.ts()?) } else { None };
-    let seq = if seq_needed { Some(view.seq()?) } else { None };
+    let mut failed = None;
+    // Rows are in arrival order, not sort order: every row of the block is looked at. The
+    // sort columns are read only once a row matches (a block the summary rules out costs
+    // nothing).
     scan::scan(view, query, hidden, bound, false, |row, _| {
         total += 1;
-        if let (Some(ts), Some(seq)) = (ts, seq) {
-            let position = SortPosition {
+        let position = match (view.ts(), view.seq()) {
+            (Ok(ts), Ok(seq)) => SortPosition {
                 ts: ts[row],
                 seq: seq[row],
-            };
-            if best.wants(position) && local.wants(position) {
-                local.push(position, Vec::new());
-                kept.push((position, row));
+            },
+            (Err(error), _) | (_, Err(error)) => {
+                failed = Some(error);
+                return false;
             }
+        };
+        if best.wants(position) && local.wants(position) {
+            local.push(position, Vec::new());
+            kept.push((position, row));
         }
-        // Rows are in arrival order, not sort order: every row of the block is looked at.
-        let _ = count_all;
         true
     })?;
+    if let Some(error) = failed {
+        return Err(error.into());
+    }
     if kept.is_empty() {
         return Ok(total);
     }
@@ -1006,134 +993,240 @@ fn collect(
     Ok(total)
 }
 
-/// Adds one block's matching rows to the analytics.
-fn count(
-    view: &View<'_>,
-    query: &Compiled,
-    hidden: &HashSet<Uuid>,
-    request: &AnalyticsRequest,
-    field_path: Option<&str>,
-    out: &mut AnalyticsFruit,
-    patterns: &mut HashMap<String, (u64, String)>,
-) -> Result<(), QueryError> {
-    if view.rows() == 0 {
-        return Ok(());
+/// Rows counted per template of one template set (a part's dictionary, or a block's own
+/// templates), and the (block, row) where each was first seen.
+#[derive(Default)]
+struct Tally {
+    counts: Vec<u64>,
+    first: Vec<(usize, usize)>,
+}
+
+impl Tally {
+    fn new(templates: usize) -> Tally {
+        Tally {
+            counts: vec![0; templates],
+            first: vec![(usize::MAX, usize::MAX); templates],
+        }
     }
-    let start = request.start.as_nanos();
-    let interval = request.interval_nanos;
-    let buckets = out.by_level.len();
-    let services = view.summary().services.len();
-    // Counts by (bucket, service number) and by template, then named once per block.
-    let mut by_service: HashMap<(usize, u32), u64> = HashMap::new();
-    let mut totals = vec![(0u64, 0u64); services];
-    let templates = view.templates()?;
-    let mut by_template = vec![0u64; templates.len()];
-    let mut first_row = vec![usize::MAX; templates.len()];
-    // The numeric field: per template, the column and place of its one variable, if any.
-    let field: Vec<Option<(u32, usize)>> = templates
-        .iter()
-        .map(|info| {
-            let path = field_path?;
-            let value = info.values.iter().find(|v| v.number && v.path == path)?;
-            let [template::Piece::Var(k)] = value.pieces.as_slice() else {
-                return None;
+}
+
+/// The analytics of one view's blocks, then of its parts' templates.
+struct Counter<'r> {
+    query: &'r Compiled,
+    hidden: HashSet<Uuid>,
+    request: &'r AnalyticsRequest,
+    field_path: Option<&'r str>,
+    out: AnalyticsFruit,
+    patterns: HashMap<Box<str>, (u64, String)>,
+}
+
+impl Counter<'_> {
+    /// Counts the blocks of a part, then names its templates' patterns once.
+    fn part(&mut self, part: &Arc<Part>) -> Result<(), QueryError> {
+        let mut tally = Tally::default();
+        let mut set = None;
+        for b in 0..part.blocks.len() {
+            let view = View::disk(part, b);
+            if view.rows() == 0 || self.query.excludes_block(view.summary()) {
+                continue;
+            }
+            let templates = view.template_set_arc()?;
+            if tally.counts.len() != templates.infos.len() {
+                tally = Tally::new(templates.infos.len());
+            }
+            self.block(&view, b, &mut tally)?;
+            set = Some(templates);
+        }
+        if let Some(set) = set {
+            self.name_patterns(&set, &tally, |b| View::disk(part, b))?;
+        }
+        Ok(())
+    }
+
+    /// Counts a block in memory and names its patterns.
+    fn memory(&mut self, view: &View<'_>) -> Result<(), QueryError> {
+        if view.rows() == 0 || self.query.excludes_block(view.summary()) {
+            return Ok(());
+        }
+        let set = view.template_set_arc()?;
+        let mut tally = Tally::new(set.infos.len());
+        self.block(view, 0, &mut tally)?;
+        for (t, info) in set.infos.iter().enumerate() {
+            if tally.counts[t] == 0 {
+                continue;
+            }
+            let Some(Some(pattern)) = set.message_patterns().get(t) else {
+                continue;
             };
-            let column = *info.slots.get(*k)?;
-            let before = info.slots[..*k].iter().filter(|c| **c == column).count();
-            Some((column, before))
-        })
-        .collect();
-    let wants_values = field.iter().any(Option::is_some);
-    let ts = view.ts()?;
-    let levels = view.levels()?;
-    let service = view.service()?;
-    let template = view.template()?;
-    let error_rank = logging_common::LogLevel::Error.rank();
-    let mut failed = None;
-    scan::scan(view, query, hidden, None, wants_values, |row, at| {
-        let bucket = usize::try_from((ts[row] - start).div_euclid(interval)).unwrap_or(usize::MAX);
-        let level = levels[row] as usize;
-        if bucket < buckets && level < 9 {
-            out.by_level[bucket][level] += 1;
-            *by_service.entry((bucket, service[row])).or_default() += 1;
+            let Some(message) = info.message() else {
+                continue;
+            };
+            if let Some(entry) = self.patterns.get_mut(pattern) {
+                entry.0 += tally.counts[t];
+                continue;
+            }
+            let at = view.positions_at(tally.first[t].1)?;
+            let example = view.value_text(info, message, &at)?;
+            self.patterns
+                .insert(pattern.clone(), (tally.counts[t], example));
         }
-        let s = &mut totals[service[row] as usize];
-        s.0 += 1;
-        if levels[row] >= error_rank {
-            s.1 += 1;
+        Ok(())
+    }
+
+    /// Adds the patterns of a part's counted templates; an example is read only for a
+    /// pattern not seen before.
+    fn name_patterns<'p>(
+        &mut self,
+        set: &TemplateSet,
+        tally: &Tally,
+        view_of: impl Fn(usize) -> View<'p>,
+    ) -> Result<(), QueryError> {
+        let patterns = set.message_patterns();
+        for (t, &count) in tally.counts.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            let Some(Some(pattern)) = patterns.get(t) else {
+                continue;
+            };
+            if let Some(entry) = self.patterns.get_mut(pattern) {
+                entry.0 += count;
+                continue;
+            }
+            let (block, row) = tally.first[t];
+            let view = view_of(block);
+            let Some(info) = view.templates()?.get(t) else {
+                continue;
+            };
+            let Some(message) = info.message() else {
+                continue;
+            };
+            let at = view.positions_at(row)?;
+            let example = view.value_text(info, message, &at)?;
+            self.patterns.insert(pattern.clone(), (count, example));
         }
-        let t = template[row] as usize;
-        by_template[t] += 1;
-        if first_row[t] == usize::MAX {
-            first_row[t] = row;
-        }
-        if let Some(Some((column, before))) = field.get(t) {
-            match view.column(*column as usize) {
-                Ok(values) => {
-                    let position = at.get(*column as usize).copied().unwrap_or(0) as usize + before;
-                    if let Some(number) = values
-                        .get(position)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .filter(|v| v.is_finite())
-                    {
-                        out.values.push(number);
+        Ok(())
+    }
+
+    /// Adds one block's matching rows (block number `b` of its part) to the analytics and
+    /// to `tally`.
+    fn block(&mut self, view: &View<'_>, b: usize, tally: &mut Tally) -> Result<(), QueryError> {
+        let out = &mut self.out;
+        let start = self.request.start.as_nanos();
+        let interval = self.request.interval_nanos;
+        let buckets = out.by_level.len();
+        let services = view.summary().services.len();
+        // Counts by (bucket, service number), dense where that is small, then named once.
+        let dense = buckets.saturating_mul(services.max(1)) <= 1 << 16;
+        let mut by_service_dense = if dense {
+            vec![0u64; buckets * services]
+        } else {
+            Vec::new()
+        };
+        let mut by_service: HashMap<(usize, u32), u64> = HashMap::new();
+        let mut totals = vec![(0u64, 0u64); services];
+        let templates = view.templates()?;
+        // The numeric field: per template, the path and place of its one variable, if any.
+        let field: Vec<Option<(u32, usize)>> = match self.field_path {
+            None => Vec::new(),
+            Some(path) => templates
+                .iter()
+                .map(|info| {
+                    let value = info.values.iter().find(|v| v.number && v.path == path)?;
+                    let [template::Piece::Var(k)] = value.pieces.as_slice() else {
+                        return None;
+                    };
+                    let column = *info.slots.get(*k)?;
+                    let before = info.slots[..*k].iter().filter(|c| **c == column).count();
+                    Some((column, before))
+                })
+                .collect(),
+        };
+        let wants_values = field.iter().any(Option::is_some);
+        let ts = view.ts()?;
+        let levels = view.levels()?;
+        let service = view.service()?;
+        let template = view.template()?;
+        let error_rank = logging_common::LogLevel::Error.rank();
+        let mut failed = None;
+        let counts = &mut tally.counts;
+        let first = &mut tally.first;
+        scan::scan(
+            view,
+            self.query,
+            &self.hidden,
+            None,
+            wants_values,
+            |row, at| {
+                let bucket =
+                    usize::try_from((ts[row] - start).div_euclid(interval)).unwrap_or(usize::MAX);
+                let level = levels[row] as usize;
+                let s = service[row];
+                if bucket < buckets && level < 9 {
+                    out.by_level[bucket][level] += 1;
+                    if dense {
+                        by_service_dense[bucket * services + s as usize] += 1;
+                    } else {
+                        *by_service.entry((bucket, s)).or_default() += 1;
                     }
                 }
-                Err(error) => {
-                    failed = Some(error);
-                    return false;
+                let total = &mut totals[s as usize];
+                total.0 += 1;
+                if levels[row] >= error_rank {
+                    total.1 += 1;
                 }
+                let t = template[row] as usize;
+                if let Some(n) = counts.get_mut(t) {
+                    *n += 1;
+                    if first[t].0 == usize::MAX {
+                        first[t] = (b, row);
+                    }
+                }
+                if let Some(Some((column, before))) = field.get(t) {
+                    match view.column(*column as usize) {
+                        Ok(values) => {
+                            let position =
+                                at.get(*column as usize).copied().unwrap_or(0) as usize + before;
+                            if let Some(number) = values
+                                .get(position)
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .and_then(|v| v.parse::<f64>().ok())
+                                .filter(|v| v.is_finite())
+                            {
+                                out.values.push(number);
+                            }
+                        }
+                        Err(error) => {
+                            failed = Some(error);
+                            return false;
+                        }
+                    }
+                }
+                true
+            },
+        )?;
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
+        for (i, count) in by_service_dense.into_iter().enumerate() {
+            if count > 0 {
+                by_service.insert((i / services, (i % services) as u32), count);
             }
         }
-        true
-    })?;
-    if let Some(error) = failed {
-        return Err(error.into());
-    }
-    for ((bucket, n), count) in by_service {
-        *out.by_service
-            .entry((bucket, view.service_name(n as usize)))
-            .or_default() += count;
-    }
-    for (n, (total, errors)) in totals.into_iter().enumerate() {
-        if total > 0 {
-            let entry = out.service_totals.entry(view.service_name(n)).or_default();
-            entry.0 += total;
-            entry.1 += errors;
+        for ((bucket, n), count) in by_service {
+            *out.by_service
+                .entry((bucket, view.service_name(n as usize)))
+                .or_default() += count;
         }
-    }
-    // Patterns: by template, from the template alone (each variable read as a digit, which
-    // the pattern masks anyway); a real example is read only for a pattern seen first here.
-    for (t, info) in templates.iter().enumerate() {
-        if by_template[t] == 0 {
-            continue;
+        for (n, (total, errors)) in totals.into_iter().enumerate() {
+            if total > 0 {
+                let entry = out.service_totals.entry(view.service_name(n)).or_default();
+                entry.0 += total;
+                entry.1 += errors;
+            }
         }
-        let Some(message) = info
-            .values
-            .iter()
-            .find(|v| v.path == "message" && !v.number)
-        else {
-            continue;
-        };
-        let shape: String = message
-            .pieces
-            .iter()
-            .map(|p| match p {
-                template::Piece::Text(t) => t.as_str(),
-                template::Piece::Var(_) => "0",
-            })
-            .collect();
-        let pattern = patterns::template(&shape);
-        if let Some(entry) = patterns.get_mut(&pattern) {
-            entry.0 += by_template[t];
-            continue;
-        }
-        let at = view.positions_at(first_row[t])?;
-        let example = view.value_text(info, message, &at)?;
-        patterns.insert(pattern, (by_template[t], example));
+        Ok(())
     }
-    Ok(())
 }
 
 /// The time bounds a read touches, as nanoseconds: [lower, upper).

@@ -1,13 +1,21 @@
 //! A part: the blocks one flush of a day partition wrote, in one immutable file.
 //!
 //! ```text
-//! "LOGPART1"                      magic and format version
+//! "LOGPART1"                      magic
 //! column frames of block 0 …      zstd frames (or raw, with compression off), as the footer says
 //! column frames of block 1 …
-//! footer                          zstd of JSON: format version, day, WAL range, each block's
-//!                                 summary and the offset, length and CRC32 of each frame
+//! template dictionary             the templates of every block, each once (a block's template
+//!                                 column numbers rows into it)
+//! footer                          zstd of JSON: format version, day, WAL range, the
+//!                                 dictionary's frame, each block's summary and the offset,
+//!                                 length and CRC32 of each frame
 //! footer length (u32 LE), footer CRC32 (u32 LE), "LOGPART1"
 //! ```
+//!
+//! The dictionary is per part because the blocks of a part share nearly all their templates
+//! (a service's messages times the optional fields it sets give thousands of templates, the
+//! same in every block): a query reads and prepares them once per part, not once per block,
+//! and keeps them prepared for the next query (see [`Part::templates`]).
 //!
 //! A part is written to a temporary name, `fsync`ed, renamed to `<from>-<to>.part` (the WAL
 //! range `[from, to)` it covers) and the directory `fsync`ed: it exists whole or not at all.
@@ -16,10 +24,15 @@
 //! its inputs' union before it deletes them; a part found inside another's range on opening
 //! is what a crash left of a merge, and goes.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,20 +41,21 @@ use super::block::{
     decode_varints, encode_deltas, encode_ids, encode_strings, encode_varints,
 };
 use super::bloom::Bloom;
+use super::scan::TemplateSet;
 
 const MAGIC: &[u8; 8] = b"LOGPART1";
 /// The footer's format; a part of a later format is refused, naming its file.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 1 kept a template dictionary in every block.
+pub const FORMAT_VERSION: u32 = 2;
 /// The frames of a block, in order; the variable columns follow.
-const FIXED_FRAMES: usize = 8;
+const FIXED_FRAMES: usize = 7;
 const TS: usize = 0;
 const SEQ: usize = 1;
 const IDS: usize = 2;
 const LEVELS: usize = 3;
 const SERVICE: usize = 4;
 const TEMPLATE: usize = 5;
-const TEMPLATES: usize = 6;
-const BLOOM: usize = 7;
+const BLOOM: usize = 6;
 
 /// Where one frame is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +83,8 @@ struct Footer {
     day: i64,
     lsn_from: u64,
     lsn_to: u64,
+    /// The template dictionary.
+    templates: Frame,
     blocks: Vec<BlockEntry>,
 }
 
@@ -95,7 +111,36 @@ pub struct Part {
     pub lsn_to: u64,
     pub blocks: Vec<BlockEntry>,
     pub bytes: u64,
+    /// Unique among the parts this process opened.
+    pub id: u64,
+    templates_frame: Frame,
+    /// The dictionary, prepared, while the cache keeps it; and while a reader holds it.
+    templates: Mutex<Option<Arc<TemplateSet>>>,
+    in_use: Mutex<std::sync::Weak<TemplateSet>>,
 }
+
+/// The prepared dictionaries kept (part, when last used, bytes), and their bytes.
+struct TemplateCache {
+    parts: Vec<(u64, std::sync::Weak<Part>, std::time::Instant, usize)>,
+    bytes: usize,
+}
+
+/// What prepared template dictionaries may take in memory, over all parts. A part's takes
+/// some MB (thousands of templates); this keeps those of the parts recent queries touched.
+/// A dictionary is kept only while there is room, rather than evicting the least recently
+/// used: a query walks the parts in the same order every time, and a least-recently-used
+/// cache smaller than that walk would miss on every part.
+pub const TEMPLATE_CACHE_BYTES: usize = 128 << 20;
+
+/// A dictionary not used for this long leaves the cache.
+const TEMPLATE_CACHE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+static TEMPLATE_CACHE: Mutex<TemplateCache> = Mutex::new(TemplateCache {
+    parts: Vec::new(),
+    bytes: 0,
+});
+
+static NEXT_PART_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A part's file name for the WAL range it covers.
 pub fn file_name(from: u64, to: u64) -> String {
@@ -134,18 +179,40 @@ pub fn write(
 ) -> Result<PathBuf, BlockError> {
     let path = dir.join(file_name(from, to));
     let tmp = dir.join(format!("{}.tmp", file_name(from, to)));
+    // One dictionary for the part: each block's template numbers become the dictionary's.
+    let mut dictionary: HashMap<&[u8], u32, foldhash::fast::RandomState> = HashMap::default();
+    let mut texts: Vec<&[u8]> = Vec::new();
+    let numbers: Vec<Vec<u32>> = blocks
+        .iter()
+        .map(|b| {
+            b.templates
+                .iter()
+                .map(|t| {
+                    *dictionary.entry(&t[..]).or_insert_with(|| {
+                        texts.push(&t[..]);
+                        texts.len() as u32 - 1
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let jobs: Vec<(&Block, &[u32])> = blocks
+        .iter()
+        .copied()
+        .zip(numbers.iter().map(|n| &n[..]))
+        .collect();
     // Encoding is per block and independent: done on all cores.
     let threads = options.threads.max(1);
-    let encoded: Vec<Encoded> = if blocks.len() > 1 && threads > 1 {
-        let per = blocks.len().div_ceil(threads);
+    let encoded: Vec<Encoded> = if jobs.len() > 1 && threads > 1 {
+        let per = jobs.len().div_ceil(threads);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = blocks
+            let handles: Vec<_> = jobs
                 .chunks(per)
                 .map(|chunk| {
                     scope.spawn(move || {
                         chunk
                             .iter()
-                            .map(|b| encode_block(b, options))
+                            .map(|(b, numbers)| encode_block(b, numbers, options))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -156,7 +223,9 @@ pub fn write(
                 .collect()
         })
     } else {
-        blocks.iter().map(|b| encode_block(b, options)).collect()
+        jobs.iter()
+            .map(|(b, numbers)| encode_block(b, numbers, options))
+            .collect()
     };
     let mut file = File::create(&tmp).map_err(io(&tmp))?;
     let mut offset = MAGIC.len() as u64;
@@ -185,11 +254,22 @@ pub fn write(
             frames: refs,
         });
     }
+    let raw = encode_strings(texts.iter().copied());
+    let (frame, zstd) = compress(raw.clone(), options.level);
+    let templates = Frame {
+        offset,
+        len: frame.len() as u32,
+        raw_len: raw.len() as u32,
+        crc: crc32fast::hash(&frame),
+        zstd,
+    };
+    out.extend_from_slice(&frame);
     let footer = Footer {
         version: FORMAT_VERSION,
         day,
         lsn_from: from,
         lsn_to: to,
+        templates,
         blocks: entries,
     };
     let json = serde_json::to_vec(&footer).map_err(|e| corrupt(&tmp, e.to_string()))?;
@@ -209,15 +289,28 @@ pub fn write(
 /// A block encoded: its summary, its frames, whether each is zstd, their raw lengths.
 type Encoded = (Summary, Vec<Vec<u8>>, Vec<bool>, Vec<u32>);
 
-fn encode_block(block: &Block, options: WriteOptions) -> Encoded {
+/// `bytes` zstd-compressed at `level` when that makes them smaller, and whether it did.
+fn compress(bytes: Vec<u8>, level: i32) -> (Vec<u8>, bool) {
+    if level == 0 || bytes.len() < 64 {
+        return (bytes, false);
+    }
+    match zstd::bulk::compress(&bytes, level) {
+        Ok(c) if c.len() < bytes.len() => (c, true),
+        _ => (bytes, false),
+    }
+}
+
+/// A block's frames; `numbers` turns its template numbers into the part dictionary's.
+fn encode_block(block: &Block, numbers: &[u32], options: WriteOptions) -> Encoded {
     let mut raw: Vec<Vec<u8>> = Vec::with_capacity(FIXED_FRAMES + block.columns.len());
     raw.push(encode_deltas(block.ts.iter().copied()));
     raw.push(encode_deltas(block.seq.iter().map(|s| *s as i64)));
     raw.push(encode_ids(&block.ids, &block.ts));
     raw.push(block.levels.clone());
     raw.push(encode_varints(block.service.iter().copied()));
-    raw.push(encode_varints(block.template.iter().copied()));
-    raw.push(encode_strings(block.templates.iter().map(|t| &t[..])));
+    raw.push(encode_varints(
+        block.template.iter().map(|t| numbers[*t as usize]),
+    ));
     raw.push(if options.bloom {
         block::bloom_of(block).to_bytes()
     } else {
@@ -232,21 +325,11 @@ fn encode_block(block: &Block, options: WriteOptions) -> Encoded {
         .into_iter()
         .enumerate()
         .map(|(i, bytes)| {
-            // Ids and Bloom filters are random: compressing them costs time and gains nothing.
-            if options.level == 0 || i == BLOOM || bytes.len() < 64 {
-                zstd.push(false);
-                return bytes;
-            }
-            match zstd::bulk::compress(&bytes, options.level) {
-                Ok(c) if c.len() < bytes.len() => {
-                    zstd.push(true);
-                    c
-                }
-                _ => {
-                    zstd.push(false);
-                    bytes
-                }
-            }
+            // Bloom filters are random: compressing them costs time and gains nothing.
+            let level = if i == BLOOM { 0 } else { options.level };
+            let (bytes, compressed) = compress(bytes, level);
+            zstd.push(compressed);
+            bytes
         })
         .collect();
     (block.summary(), frames, zstd, raw_lens)
@@ -287,10 +370,15 @@ impl Part {
             return Err(corrupt(
                 path,
                 format!(
-                    "format {} (this aggregator reads format {FORMAT_VERSION}); reindex from the WAL or upgrade",
+                    "format {} (this aggregator reads format {FORMAT_VERSION}): move its day \
+                     directory out of DATA_DIR/index to start (its entries stay in it), or run \
+                     the version that wrote it",
                     footer.version
                 ),
             ));
+        }
+        if footer.templates.offset + u64::from(footer.templates.len) > footer_at {
+            return Err(corrupt(path, "its template dictionary is out of the file"));
         }
         for block in &footer.blocks {
             if block.frames.len() != FIXED_FRAMES + block.summary.paths.len()
@@ -310,7 +398,32 @@ impl Part {
             lsn_to: footer.lsn_to,
             blocks: footer.blocks,
             bytes,
+            id: NEXT_PART_ID.fetch_add(1, Ordering::Relaxed),
+            templates_frame: footer.templates,
+            templates: Mutex::new(None),
+            in_use: Mutex::new(std::sync::Weak::new()),
         })
+    }
+
+    /// The part's template dictionary, prepared for queries (each template's values and the
+    /// path of each of its variables). Kept for the next query while the cache has room.
+    pub fn templates(self: &Arc<Self>) -> Result<Arc<TemplateSet>, BlockError> {
+        if let Some(set) = self.templates.lock().clone() {
+            touch(self, None);
+            return Ok(set);
+        }
+        // Not cached, but perhaps still held by the query that made it (the blocks of a part
+        // are read one after the other).
+        if let Some(set) = self.in_use.lock().upgrade() {
+            return Ok(set);
+        }
+        let texts = decode_strings(&self.frame(&self.templates_frame)?);
+        let set = Arc::new(TemplateSet::new(texts));
+        if touch(self, Some(set.bytes())) {
+            *self.templates.lock() = Some(set.clone());
+        }
+        *self.in_use.lock() = Arc::downgrade(&set);
+        Ok(set)
     }
 
     pub fn rows(&self) -> u64 {
@@ -413,12 +526,6 @@ impl Part {
         .ok_or_else(|| self.bad("template"))
     }
 
-    pub fn templates(&self, block: usize) -> Result<Vec<Box<[u8]>>, BlockError> {
-        Ok(decode_strings(
-            &self.frame(&self.blocks[block].frames[TEMPLATES])?,
-        ))
-    }
-
     pub fn bloom(&self, block: usize) -> Result<Option<Bloom>, BlockError> {
         let bytes = self.frame(&self.blocks[block].frames[BLOOM])?;
         if bytes.is_empty() {
@@ -436,4 +543,47 @@ impl Part {
             .ok_or_else(|| self.bad("variable"))?;
         Ok(VarColumn::from_bytes(self.frame(frame)?))
     }
+}
+
+/// Marks `part`'s dictionary as just used, or offers it to the cache (`added`, its bytes):
+/// whether the part may keep it. Dictionaries of parts gone or idle leave.
+fn touch(part: &Arc<Part>, added: Option<usize>) -> bool {
+    let now = std::time::Instant::now();
+    let mut evicted = Vec::new();
+    let kept;
+    {
+        let mut cache = TEMPLATE_CACHE.lock();
+        let mut freed = 0;
+        cache.parts.retain(|(_, weak, used, bytes)| {
+            let keep = weak.strong_count() > 0 && now.duration_since(*used) < TEMPLATE_CACHE_IDLE;
+            if !keep {
+                freed += bytes;
+                evicted.push(weak.clone());
+            }
+            keep
+        });
+        cache.bytes -= freed;
+        let found = cache.parts.iter().position(|(id, ..)| *id == part.id);
+        kept = match (found, added) {
+            (Some(i), _) => {
+                cache.parts[i].2 = now;
+                true
+            }
+            (None, Some(bytes)) if cache.bytes + bytes <= TEMPLATE_CACHE_BYTES => {
+                cache
+                    .parts
+                    .push((part.id, Arc::downgrade(part), now, bytes));
+                cache.bytes += bytes;
+                true
+            }
+            _ => false,
+        };
+    }
+    // Outside the cache's lock: a part's own lock is never taken while holding it.
+    for weak in evicted {
+        if let Some(part) = weak.upgrade() {
+            *part.templates.lock() = None;
+        }
+    }
+    kept
 }

@@ -11,8 +11,8 @@
 //! costs the few blocks whose filter says "maybe".
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::OnceLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 
 use logging_common::LogLevel;
 use uuid::Uuid;
@@ -31,14 +31,16 @@ const NOT_CONTENT: [&str; 5] = ["created_at", "timestamp", "id", "level", "servi
 pub struct View<'a> {
     summary: Cow<'a, Summary>,
     memory: Option<(&'a Block, &'a [Vec<u32>])>,
-    disk: Option<(&'a Part, usize)>,
+    disk: Option<(&'a Arc<Part>, usize)>,
     ts: OnceLock<Cow<'a, [i64]>>,
     seq: OnceLock<Cow<'a, [u64]>>,
     ids: OnceLock<Cow<'a, [Uuid]>>,
     levels: OnceLock<Cow<'a, [u8]>>,
     service: OnceLock<Cow<'a, [u32]>>,
     template: OnceLock<Cow<'a, [u32]>>,
-    templates: OnceLock<Vec<TemplateInfo>>,
+    /// The templates, and for each of their paths the block's column (where it is not the
+    /// path's own number).
+    templates: OnceLock<(Arc<TemplateSet>, Option<Vec<u32>>)>,
     columns: Vec<OnceLock<Cow<'a, VarColumn>>>,
     bloom: OnceLock<Option<Bloom>>,
 }
@@ -47,10 +49,127 @@ pub struct View<'a> {
 pub struct TemplateInfo {
     pub text: Box<[u8]>,
     pub values: Vec<Value>,
-    /// The column of each variable.
+    /// The path (a number in its set's `paths`) of each variable.
     pub slots: Vec<u32>,
-    /// Variables per column: how far a row of this template moves each column.
+    /// Variables per path: how far a row of this template moves each path's column.
     pub counts: Vec<(u32, u32)>,
+}
+
+/// Templates prepared for queries, with the paths their variables are filed under.
+pub struct TemplateSet {
+    pub infos: Vec<TemplateInfo>,
+    pub paths: Vec<String>,
+    /// Each template's message pattern, worked out the first time analytics asks.
+    patterns: OnceLock<Vec<Option<Box<str>>>>,
+}
+
+impl TemplateSet {
+    /// A part's dictionary: paths numbered as the templates name them.
+    pub fn new(texts: Vec<Box<[u8]>>) -> TemplateSet {
+        let mut paths: Vec<String> = Vec::new();
+        let mut numbers: HashMap<String, u32> = HashMap::new();
+        let mut all_slots = Vec::with_capacity(texts.len());
+        let mut all_values = Vec::with_capacity(texts.len());
+        for text in &texts {
+            let values = template::values(text);
+            let mut slots = Vec::new();
+            for value in &values {
+                let vars = value
+                    .pieces
+                    .iter()
+                    .filter(|p| matches!(p, Piece::Var(_)))
+                    .count();
+                if vars == 0 {
+                    continue;
+                }
+                let n = match numbers.get(&value.path) {
+                    Some(&n) => n,
+                    None => {
+                        let n = paths.len() as u32;
+                        paths.push(value.path.clone());
+                        numbers.insert(value.path.clone(), n);
+                        n
+                    }
+                };
+                slots.extend(std::iter::repeat_n(n, vars));
+            }
+            all_slots.push(slots);
+            all_values.push(values);
+        }
+        let columns = paths.len();
+        let infos = texts
+            .into_iter()
+            .zip(all_slots)
+            .zip(all_values)
+            .map(|((text, slots), values)| TemplateInfo::with_values(text, values, slots, columns))
+            .collect();
+        TemplateSet {
+            infos,
+            paths,
+            patterns: OnceLock::new(),
+        }
+    }
+
+    /// Each template's message pattern (see [`super::patterns`]), from the template alone:
+    /// each variable read as a digit, which the pattern masks anyway. `None` for a template
+    /// without a text message.
+    pub fn message_patterns(&self) -> &[Option<Box<str>>] {
+        self.patterns.get_or_init(|| {
+            self.infos
+                .iter()
+                .map(|info| {
+                    let message = info.message()?;
+                    let shape: String = message
+                        .pieces
+                        .iter()
+                        .map(|p| match p {
+                            Piece::Text(t) => t.as_str(),
+                            Piece::Var(_) => "0",
+                        })
+                        .collect();
+                    Some(super::patterns::template(&shape).into_boxed_str())
+                })
+                .collect()
+        })
+    }
+
+    /// A block's own templates, their variables in the block's columns.
+    fn of_block(texts: Vec<Box<[u8]>>, slots: Vec<Vec<u32>>, paths: &[String]) -> TemplateSet {
+        let columns = paths.len();
+        TemplateSet {
+            infos: texts
+                .into_iter()
+                .zip(slots)
+                .map(|(t, s)| TemplateInfo::new(t, s, columns))
+                .collect(),
+            paths: paths.to_vec(),
+            patterns: OnceLock::new(),
+        }
+    }
+
+    /// About what it takes in memory.
+    pub fn bytes(&self) -> usize {
+        self.infos
+            .iter()
+            .map(|info| {
+                let values: usize = info
+                    .values
+                    .iter()
+                    .map(|v| {
+                        64 + v.path.len()
+                            + v.pieces
+                                .iter()
+                                .map(|p| match p {
+                                    Piece::Text(t) => 32 + t.len(),
+                                    Piece::Var(_) => 32,
+                                })
+                                .sum::<usize>()
+                    })
+                    .sum();
+                96 + info.text.len() + values + 4 * info.slots.len() + 8 * info.counts.len()
+            })
+            .sum()
+    }
 }
 
 impl<'a> View<'a> {
@@ -58,7 +177,7 @@ impl<'a> View<'a> {
         View::new(summary, Some((block, slots)), None)
     }
 
-    pub fn disk(part: &'a Part, block: usize) -> View<'a> {
+    pub fn disk(part: &'a Arc<Part>, block: usize) -> View<'a> {
         View::new(
             Cow::Borrowed(&part.blocks[block].summary),
             None,
@@ -69,7 +188,7 @@ impl<'a> View<'a> {
     fn new(
         summary: Cow<'a, Summary>,
         memory: Option<(&'a Block, &'a [Vec<u32>])>,
-        disk: Option<(&'a Part, usize)>,
+        disk: Option<(&'a Arc<Part>, usize)>,
     ) -> View<'a> {
         let columns = (0..summary.paths.len()).map(|_| OnceLock::new()).collect();
         View {
@@ -149,32 +268,88 @@ impl<'a> View<'a> {
     }
 
     pub fn templates(&self) -> Result<&[TemplateInfo], BlockError> {
+        Ok(&self.template_set()?.0.infos)
+    }
+
+    /// The view's templates as a set.
+    pub fn template_set_arc(&self) -> Result<Arc<TemplateSet>, BlockError> {
+        Ok(self.template_set()?.0.clone())
+    }
+
+    /// How many paths the templates' variables are filed under (the length of a row's
+    /// positions).
+    pub fn path_count(&self) -> Result<usize, BlockError> {
+        Ok(self.template_set()?.0.paths.len())
+    }
+
+    /// The paths the templates' variables are filed under, by number.
+    pub fn paths(&self) -> Result<&[String], BlockError> {
+        Ok(&self.template_set()?.0.paths)
+    }
+
+    fn template_set(&self) -> Result<&(Arc<TemplateSet>, Option<Vec<u32>>), BlockError> {
         if let Some(v) = self.templates.get() {
             return Ok(v);
         }
-        let columns = self.summary.paths.len();
-        let infos: Vec<TemplateInfo> = match (self.memory, self.disk) {
-            (Some((b, slots)), _) => b
-                .templates
-                .iter()
-                .zip(slots)
-                .map(|(t, s)| TemplateInfo::new(t.clone(), s.clone(), columns))
-                .collect(),
-            (_, Some((p, i))) => {
-                let texts = p.templates(i)?;
-                let slots = super::block::template_slots(&texts, &self.summary.paths);
-                texts
-                    .into_iter()
-                    .zip(slots)
-                    .map(|(t, s)| TemplateInfo::new(t, s, columns))
-                    .collect()
+        let paths = &self.summary.paths;
+        let set = match (self.memory, self.disk) {
+            (Some((b, slots)), _) => (
+                Arc::new(TemplateSet::of_block(
+                    b.templates.clone(),
+                    slots.to_vec(),
+                    paths,
+                )),
+                None,
+            ),
+            (_, Some((p, _))) => {
+                let set = p.templates()?;
+                if paths.iter().any(|p| p == super::block::OTHER_PATHS) {
+                    // A block with more paths than columns shares one column among several
+                    // paths: its rows' positions are counted by the block's own columns.
+                    let texts: Vec<Box<[u8]>> = set.infos.iter().map(|i| i.text.clone()).collect();
+                    let slots = super::block::template_slots(&texts, paths);
+                    (Arc::new(TemplateSet::of_block(texts, slots, paths)), None)
+                } else {
+                    let by_name: HashMap<&str, u32> = paths
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (p.as_str(), i as u32))
+                        .collect();
+                    let map = set
+                        .paths
+                        .iter()
+                        .map(|p| by_name.get(p.as_str()).copied().unwrap_or(u32::MAX))
+                        .collect();
+                    (set, Some(map))
+                }
             }
-            _ => Vec::new(),
+            _ => (
+                Arc::new(TemplateSet::of_block(Vec::new(), Vec::new(), &[])),
+                None,
+            ),
         };
-        Ok(self.templates.get_or_init(|| infos))
+        Ok(self.templates.get_or_init(|| set))
     }
 
-    pub fn column(&self, column: usize) -> Result<&VarColumn, BlockError> {
+    /// The part whose dictionary the view's templates are, numbered as there (what a query
+    /// may cache per part).
+    pub fn shared_templates(&self) -> Option<u64> {
+        let (_, map) = self.templates.get()?;
+        map.as_ref()?;
+        self.disk.map(|(part, _)| part.id)
+    }
+
+    /// The variables of path number `path` (of the templates' paths), in row order.
+    pub fn column(&self, path: usize) -> Result<&VarColumn, BlockError> {
+        let column = match &self.template_set()?.1 {
+            Some(map) => map.get(path).copied().unwrap_or(u32::MAX) as usize,
+            None => path,
+        };
+        self.block_column(column)
+    }
+
+    /// The variables of the block's column `column` (of `summary().paths`), in row order.
+    fn block_column(&self, column: usize) -> Result<&VarColumn, BlockError> {
         let Some(cell_) = self.columns.get(column) else {
             static EMPTY: VarColumn = VarColumn {
                 data: Vec::new(),
@@ -217,7 +392,7 @@ impl<'a> View<'a> {
         let ids = self.ids()?;
         let levels = self.levels()?;
         let service = self.service()?;
-        let mut at = vec![0u32; self.summary.paths.len()];
+        let mut at = vec![0u32; self.path_count()?];
         let mut out = Vec::with_capacity(rows.len());
         let mut wanted = rows.iter().peekable();
         for row in 0..self.rows() {
@@ -297,7 +472,7 @@ impl<'a> View<'a> {
     pub fn positions_at(&self, row: usize) -> Result<Vec<u32>, BlockError> {
         let templates = self.templates()?;
         let template = self.template()?;
-        let mut at = vec![0u32; self.summary.paths.len()];
+        let mut at = vec![0u32; self.path_count()?];
         for t in template.iter().take(row) {
             if let Some(info) = templates.get(*t as usize) {
                 for (c, n) in &info.counts {
@@ -351,6 +526,22 @@ fn cell<'s, 'a, T: ?Sized + ToOwned>(
 impl TemplateInfo {
     fn new(text: Box<[u8]>, slots: Vec<u32>, columns: usize) -> TemplateInfo {
         let values = template::values(&text);
+        TemplateInfo::with_values(text, values, slots, columns)
+    }
+
+    /// The entry's message, where it is text.
+    pub fn message(&self) -> Option<&Value> {
+        self.values
+            .iter()
+            .find(|v| v.path == "message" && !v.number)
+    }
+
+    fn with_values(
+        text: Box<[u8]>,
+        values: Vec<Value>,
+        slots: Vec<u32>,
+        columns: usize,
+    ) -> TemplateInfo {
         let counts = slot_counts(std::slice::from_ref(&slots), columns)
             .pop()
             .unwrap_or_default();
@@ -376,7 +567,23 @@ pub struct Compiled {
     atoms: Vec<Match>,
     /// Whether any term looks at templates (the template column is needed).
     values: bool,
+    /// Each term's plan for the templates of a part, made once per part and query (the
+    /// blocks of a part share one dictionary).
+    plans: parking_lot::Mutex<HashMap<(u64, usize), Arc<TemplatePlan>>>,
+    held: parking_lot::Mutex<Option<Arc<TemplateSet>>>,
 }
+
+/// How a term is decided for each template of a set.
+struct TemplatePlan {
+    verdicts: Vec<Verdict>,
+    /// For a term a single variable decides, by template: the (path, place in the row) of
+    /// each variable the term looks at; `None` where the template needs the whole value's
+    /// text instead.
+    slots: Option<Vec<Option<HitSlots>>>,
+}
+
+/// The (path, place in the row) of each variable a term looks at in one template.
+type HitSlots = Vec<(u32, u32)>;
 
 /// The tree of a query, its terms numbered.
 #[derive(Clone, Debug)]
@@ -453,6 +660,8 @@ impl Compiled {
             expr,
             atoms,
             values,
+            plans: parking_lot::Mutex::new(HashMap::new()),
+            held: parking_lot::Mutex::new(None),
         }
     }
 
@@ -466,6 +675,11 @@ impl Compiled {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whether a block's summary rules it out of an unpaged read.
+    pub fn excludes_block(&self, summary: &Summary) -> bool {
+        self.excludes(summary, None)
     }
 
     /// Whether the block's summary rules it out.
@@ -507,7 +721,8 @@ enum AtomPlan {
     Service(Vec<bool>),
     Id(Option<Uuid>),
     Values {
-        templates: Vec<Verdict>,
+        /// `None` when the Bloom filter rules the term out of the block.
+        templates: Option<Arc<TemplatePlan>>,
         /// Anywhere: also a match when the service (by number) matches…
         services: Vec<bool>,
         /// …or when the term is this entry's id.
@@ -642,6 +857,42 @@ fn variable_words(m: &Match) -> Vec<String> {
     }
 }
 
+/// Whether every variable word of the term is a word of some variable of the block under a
+/// path the term looks at: what rules out a block the Bloom filter let through by chance,
+/// before any template is read.
+fn variables_allow(m: &Match, view: &View<'_>) -> Result<bool, BlockError> {
+    let wanted = variable_words(m);
+    if wanted.is_empty() {
+        return Ok(true);
+    }
+    let mut seen = vec![false; wanted.len()];
+    for (c, path) in view.summary().paths.iter().enumerate() {
+        if !(admitted(&m.field, path) || path == super::block::OTHER_PATHS) {
+            continue;
+        }
+        let column = view.block_column(c)?;
+        for i in 0..column.len() {
+            for word in super::block::words_of(column.get(i).unwrap_or_default()) {
+                for (w, seen) in wanted.iter().zip(seen.iter_mut()) {
+                    if !*seen
+                        && if word.is_ascii() {
+                            w.len() == word.len() && word.eq_ignore_ascii_case(w)
+                        } else {
+                            word.to_lowercase() == *w
+                        }
+                    {
+                        *seen = true;
+                    }
+                }
+            }
+        }
+        if seen.iter().all(|s| *s) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Whether the block's Bloom filter allows every variable word of the term.
 fn bloom_allows(m: &Match, bloom: Option<&Bloom>) -> bool {
     let Some(bloom) = bloom else {
@@ -656,11 +907,8 @@ fn bloom_allows(m: &Match, bloom: Option<&Bloom>) -> bool {
 /// digits (or a long one), which can only be a whole variable or one of a number's words; or
 /// a keyword field's value, when the template holds it as one variable.
 struct Hits {
-    /// By column: a bit per value.
+    /// By path: a bit per value.
     columns: Vec<Option<Vec<u64>>>,
-    /// By template: the (column, place in the row) of each variable the term looks at;
-    /// `None` where the template needs the whole value's text instead.
-    slots: Vec<Option<Vec<(u32, u32)>>>,
 }
 
 impl Hits {
@@ -690,13 +938,8 @@ fn var_test(m: &Match) -> Option<VarTest<'_>> {
     }
 }
 
-fn var_hits(
-    m: &Match,
-    test: &VarTest<'_>,
-    view: &View<'_>,
-    verdicts: &[Verdict],
-) -> Result<Hits, BlockError> {
-    let paths = &view.summary().paths;
+fn var_hits(m: &Match, test: &VarTest<'_>, view: &View<'_>) -> Result<Hits, BlockError> {
+    let paths = view.paths()?;
     let mut columns: Vec<Option<Vec<u64>>> = vec![None; paths.len()];
     for (c, path) in paths.iter().enumerate() {
         if !(admitted(&m.field, path) || path == super::block::OTHER_PATHS) {
@@ -717,8 +960,17 @@ fn var_hits(
         }
         columns[c] = Some(bits);
     }
-    let templates = view.templates()?;
-    let slots = templates
+    Ok(Hits { columns })
+}
+
+/// Which variables of each template a single-variable test looks at.
+fn hit_slots(
+    m: &Match,
+    test: &VarTest<'_>,
+    templates: &[TemplateInfo],
+    verdicts: &[Verdict],
+) -> Vec<Option<HitSlots>> {
+    templates
         .iter()
         .zip(verdicts)
         .map(|(info, verdict)| {
@@ -752,8 +1004,42 @@ fn var_hits(
             }
             Some(slots)
         })
+        .collect()
+}
+
+/// Term `atom`'s plan for the view's templates: from the query's cache when the view's
+/// templates are its part's dictionary.
+fn template_plan(
+    query: &Compiled,
+    atom: usize,
+    view: &View<'_>,
+) -> Result<Arc<TemplatePlan>, BlockError> {
+    let templates = view.templates()?;
+    let key = view.shared_templates().map(|part| (part, atom));
+    if let Some(key) = key
+        && let Some(plan) = query.plans.lock().get(&key)
+    {
+        return Ok(plan.clone());
+    }
+    let m = &query.atoms[atom];
+    let verdicts: Vec<Verdict> = templates
+        .iter()
+        .map(|info| template_verdict(m, info))
         .collect();
-    Ok(Hits { columns, slots })
+    let slots = match var_test(m) {
+        Some(test) if verdicts.contains(&Verdict::Row) => {
+            Some(hit_slots(m, &test, templates, &verdicts))
+        }
+        _ => None,
+    };
+    let plan = Arc::new(TemplatePlan { verdicts, slots });
+    // The part's next blocks will want the same templates: the last part's are held for the
+    // query (one part's at a time, so a query over many parts stays small).
+    *query.held.lock() = Some(view.template_set_arc()?);
+    if let Some(key) = key {
+        query.plans.lock().insert(key, plan.clone());
+    }
+    Ok(plan)
 }
 
 /// A term that names an entry id: the whole id, however it was cut into words.
@@ -761,7 +1047,8 @@ fn as_id(m: &Match) -> Option<Uuid> {
     Uuid::try_parse(m.raw.trim()).ok()
 }
 
-fn plan_atom(m: &Match, view: &View<'_>) -> Result<AtomPlan, BlockError> {
+fn plan_atom(query: &Compiled, atom: usize, view: &View<'_>) -> Result<AtomPlan, BlockError> {
+    let m = &query.atoms[atom];
     Ok(match &m.field {
         Field::Level => AtomPlan::Level(match m.raw.parse::<LogLevel>() {
             Ok(level) => 1 << level.rank(),
@@ -775,18 +1062,13 @@ fn plan_atom(m: &Match, view: &View<'_>) -> Result<AtomPlan, BlockError> {
         Field::Id => AtomPlan::Id(as_id(m)),
         field => {
             // Ruled out by the Bloom filter: no template is looked at (none is read at all).
-            let templates: Vec<Verdict> = if bloom_allows(m, view.bloom()?) {
-                view.templates()?
-                    .iter()
-                    .map(|info| template_verdict(m, info))
-                    .collect()
+            let templates = if bloom_allows(m, view.bloom()?) && variables_allow(m, view)? {
+                Some(template_plan(query, atom, view)?)
             } else {
-                Vec::new()
+                None
             };
-            let hits = match var_test(m) {
-                Some(test) if templates.contains(&Verdict::Row) => {
-                    Some(var_hits(m, &test, view, &templates)?)
-                }
+            let hits = match (var_test(m), &templates) {
+                (Some(test), Some(plan)) if plan.slots.is_some() => Some(var_hits(m, &test, view)?),
                 _ => None,
             };
             let anywhere = *field == Field::Anywhere;
@@ -820,10 +1102,8 @@ pub fn scan(
     if query.excludes(view.summary(), bound) {
         return Ok(());
     }
-    let plans: Vec<AtomPlan> = query
-        .atoms
-        .iter()
-        .map(|m| plan_atom(m, view))
+    let plans: Vec<AtomPlan> = (0..query.atoms.len())
+        .map(|atom| plan_atom(query, atom, view))
         .collect::<Result<_, _>>()?;
     // A term ruled out for the whole block settles an AND of terms at once.
     if let Some(expr) = &query.expr
@@ -873,10 +1153,20 @@ pub fn scan(
     };
     let needs_positions = positions
         || plans.iter().any(|p| match p {
-            AtomPlan::Values { templates, .. } => templates.contains(&Verdict::Row),
+            AtomPlan::Values {
+                templates: Some(plan),
+                ..
+            } => plan.verdicts.contains(&Verdict::Row),
             _ => false,
         });
-    let mut at = vec![0u32; view.summary().paths.len()];
+    let mut at = vec![
+        0u32;
+        if template.is_some() {
+            view.path_count()?
+        } else {
+            0
+        }
+    ];
     for row in 0..view.rows() {
         let info = match (template, templates) {
             (Some(t), Some(infos)) => infos.get(t[row] as usize),
@@ -929,13 +1219,16 @@ pub fn scan(
                                 return Ok(true);
                             }
                             let Some(info) = info else { return Ok(false) };
+                            let Some(plan) = verdicts else {
+                                return Ok(false);
+                            };
                             let t = template.map_or(0, |t| t[row] as usize);
-                            match verdicts.get(t) {
+                            match plan.verdicts.get(t) {
                                 Some(Verdict::Yes) => true,
                                 Some(Verdict::Row)
-                                    if let Some((hits, slots)) = hits
-                                        .as_ref()
-                                        .and_then(|h| Some((h, h.slots.get(t)?.as_ref()?))) =>
+                                    if let Some((hits, slots)) = hits.as_ref().and_then(|h| {
+                                        Some((h, plan.slots.as_ref()?.get(t)?.as_ref()?))
+                                    }) =>
                                 {
                                     slots.iter().any(|(column, before)| {
                                         let position =
@@ -997,7 +1290,10 @@ fn constant(expr: &Expr, plans: &[AtomPlan]) -> Option<bool> {
                 id: None,
                 ..
             } if services.iter().all(|s| !s) => {
-                if templates.iter().all(|v| *v == Verdict::No) {
+                if templates
+                    .as_ref()
+                    .is_none_or(|plan| plan.verdicts.iter().all(|v| *v == Verdict::No))
+                {
                     Some(false)
                 } else {
                     None
