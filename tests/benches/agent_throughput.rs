@@ -23,9 +23,12 @@ use std::time::{Duration, Instant};
 
 use logging_tests::{ADMIN_TOKEN, AgentProcess, AggregatorProcess, http_client, proc};
 use serde_json::Value;
+use store::{dir_bytes, percentiles};
 
 #[path = "common/cri.rs"]
 mod cri;
+#[path = "common/store.rs"]
+mod store;
 
 /// What the store's queries ask, and which entry is rare (for `BENCH_DATA=cri`).
 struct Questions {
@@ -252,32 +255,6 @@ async fn main() {
     drop(agent);
 }
 
-/// Bytes of the files under `dir`, the process's own log left out.
-fn disk_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match entry.metadata() {
-            Ok(m) if m.is_dir() => total += disk_bytes(&path),
-            Ok(m) if path.file_name().is_some_and(|n| n != "aggregator.log") => total += m.len(),
-            _ => {}
-        }
-    }
-    total
-}
-
-fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
-    samples.sort();
-    let at = |p: f64| {
-        let i = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1000.0
-    };
-    (at(0.50), at(0.99))
-}
-
 /// The aggregator's side: CPU until the entries are at rest, disk at rest, its queries.
 async fn server_figures(
     aggregator: &AggregatorProcess,
@@ -289,37 +266,9 @@ async fn server_figures(
 ) {
     let pid = aggregator.child.id();
     let client = http_client();
-    // At rest: everything indexed and flushed, the WAL holding nothing delivered.
-    let started = Instant::now();
-    loop {
-        let stats: Value = client
-            .get(format!("{}/api/logs/stats", aggregator.base))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
-        let in_memory: u64 = stats["partitions"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter_map(|p| p["unflushed_entries"].as_u64())
-                    .sum()
-            })
-            .unwrap_or(0);
-        if stats["wal"]["bytes_on_disk"] == 0 && in_memory == 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(180) {
-            println!("  (not at rest after 3 minutes: {})", stats["wal"]);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    store::wait_at_rest(&client, &aggregator.base).await;
     let cpu = proc::cpu_seconds(pid) - cpu_before;
-    let disk = disk_bytes(data_dir);
+    let disk = dir_bytes(data_dir);
     println!(
         "  aggregator CPU until at rest: {cpu:.1} s = {:.2} CPU-s per million lines ({:.0} lines per CPU-second); peak RSS {:.0} MiB",
         cpu / (lines as f64 / 1e6),

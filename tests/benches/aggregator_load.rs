@@ -19,10 +19,13 @@ use std::time::{Duration, Instant};
 
 #[path = "common/discard.rs"]
 mod discard;
+#[path = "common/store.rs"]
+mod store;
 
 use logging_tests::load::{self, BATCH, Rng, SERVICES, generate, in_flight};
 use logging_tests::{ADMIN_TOKEN, AggregatorProcess, proc};
 use serde_json::Value;
+use store::{dir_bytes, percentiles};
 
 /// (busy, total) CPU ticks of the whole machine, from /proc/stat.
 fn machine_ticks() -> (u64, u64) {
@@ -38,23 +41,6 @@ fn machine_ticks() -> (u64, u64) {
     let total: u64 = values.iter().sum();
     let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
     (total - idle, total)
-}
-
-/// Bytes of the files under `dir`, the aggregator's own log left out.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(_) if e.file_name() == "aggregator.log" => 0,
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The aggregator's CPU seconds each time the store has taken another million entries.
@@ -83,15 +69,6 @@ impl CpuPerMillion {
             })
             .collect()
     }
-}
-
-fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
-    samples.sort();
-    let at = |p: f64| {
-        let i = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1000.0
-    };
-    (at(0.50), at(0.99))
 }
 
 async fn get(client: &reqwest::Client, url: &str) -> (Duration, Value) {
@@ -294,25 +271,7 @@ async fn main() {
     peak_rss_kb = peak_rss_kb.max(proc::status_kib(pid, "VmHWM:"));
     // At rest: everything flushed to parts, merges done, the WAL holding nothing consumed.
     let rest_started = Instant::now();
-    loop {
-        let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
-        let in_memory: u64 = stats["partitions"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter_map(|p| p["unflushed_entries"].as_u64())
-                    .sum()
-            })
-            .unwrap_or(0);
-        if stats["wal"]["bytes_on_disk"] == 0 && in_memory == 0 {
-            break;
-        }
-        if rest_started.elapsed() > Duration::from_secs(180) {
-            println!("(not at rest after 3 minutes: {})", stats["wal"]);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    store::wait_at_rest(&client, &base).await;
     let cpu_used = proc::cpu_seconds(pid) - cpu_before;
     let (_, stats) = get(&client, &format!("{base}/api/logs/stats")).await;
     let index_bytes = stats["stored_bytes"].as_u64().unwrap_or(0);

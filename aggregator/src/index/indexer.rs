@@ -515,18 +515,12 @@ fn consecutive_run(parts: &[Arc<Part>], small: &[Arc<Part>]) -> Vec<Arc<Part>> {
     best
 }
 
-/// Merges `run` (consecutive parts of `partition`) into one part; returns its rows.
-fn merge(
-    partition: &Partition,
-    run: &[Arc<Part>],
-    options: WriteOptions,
-) -> Result<u64, IndexError> {
-    let from = run.iter().map(|p| p.lsn_from).min().unwrap_or(0);
-    let to = run.iter().map(|p| p.lsn_to).max().unwrap_or(0);
+/// The rows of `parts`, in order, as full blocks for a new part, and how many there are.
+pub(super) fn rebuild(parts: &[Arc<Part>]) -> Result<(Vec<super::block::Block>, u64), IndexError> {
     let mut builder = BlockBuilder::default();
     let mut blocks = Vec::new();
     let mut rows = 0u64;
-    for part in run {
+    for part in parts {
         for b in 0..part.blocks.len() {
             let view = super::scan::View::disk(part, b);
             let all: Vec<usize> = (0..view.rows()).collect();
@@ -544,6 +538,18 @@ fn merge(
     if builder.rows() > 0 {
         blocks.push(builder.take());
     }
+    Ok((blocks, rows))
+}
+
+/// Merges `run` (consecutive parts of `partition`) into one part; returns its rows.
+fn merge(
+    partition: &Partition,
+    run: &[Arc<Part>],
+    options: WriteOptions,
+) -> Result<u64, IndexError> {
+    let from = run.iter().map(|p| p.lsn_from).min().unwrap_or(0);
+    let to = run.iter().map(|p| p.lsn_to).max().unwrap_or(0);
+    let (blocks, rows) = rebuild(run)?;
     let refs: Vec<&super::block::Block> = blocks.iter().collect();
     let path = part::write(&partition.dir, partition.day, from, to, &refs, options)?;
     let merged = Arc::new(Part::open(&path)?);

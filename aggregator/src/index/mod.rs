@@ -1010,6 +1010,18 @@ impl Tally {
     }
 }
 
+/// The message of row `row` (of template `t`) of a block, where it is text.
+fn example(view: &View<'_>, t: usize, row: usize) -> Result<Option<String>, QueryError> {
+    let Some(info) = view.templates()?.get(t) else {
+        return Ok(None);
+    };
+    let Some(message) = info.message() else {
+        return Ok(None);
+    };
+    let at = view.positions_at(row)?;
+    Ok(Some(view.value_text(info, message, &at)?))
+}
+
 /// The analytics of one view's blocks, then of its parts' templates.
 struct Counter<'r> {
     query: &'r Compiled,
@@ -1038,7 +1050,9 @@ impl Counter<'_> {
             set = Some(templates);
         }
         if let Some(set) = set {
-            self.name_patterns(&set, &tally, |b| View::disk(part, b))?;
+            self.name_patterns(&set, &tally, |t, b, row| {
+                example(&View::disk(part, b), t, row)
+            })?;
         }
         Ok(())
     }
@@ -1051,35 +1065,16 @@ impl Counter<'_> {
         let set = view.template_set_arc()?;
         let mut tally = Tally::new(set.infos.len());
         self.block(view, 0, &mut tally)?;
-        for (t, info) in set.infos.iter().enumerate() {
-            if tally.counts[t] == 0 {
-                continue;
-            }
-            let Some(Some(pattern)) = set.message_patterns().get(t) else {
-                continue;
-            };
-            let Some(message) = info.message() else {
-                continue;
-            };
-            if let Some(entry) = self.patterns.get_mut(pattern) {
-                entry.0 += tally.counts[t];
-                continue;
-            }
-            let at = view.positions_at(tally.first[t].1)?;
-            let example = view.value_text(info, message, &at)?;
-            self.patterns
-                .insert(pattern.clone(), (tally.counts[t], example));
-        }
-        Ok(())
+        self.name_patterns(&set, &tally, |t, _, row| example(view, t, row))
     }
 
-    /// Adds the patterns of a part's counted templates; an example is read only for a
-    /// pattern not seen before.
-    fn name_patterns<'p>(
+    /// Adds the patterns of the counted templates of `set`; an example (of template `t`
+    /// at block `b`, row `row`) is read only for a pattern not seen before.
+    fn name_patterns(
         &mut self,
         set: &TemplateSet,
         tally: &Tally,
-        view_of: impl Fn(usize) -> View<'p>,
+        example: impl Fn(usize, usize, usize) -> Result<Option<String>, QueryError>,
     ) -> Result<(), QueryError> {
         let patterns = set.message_patterns();
         for (t, &count) in tally.counts.iter().enumerate() {
@@ -1094,16 +1089,9 @@ impl Counter<'_> {
                 continue;
             }
             let (block, row) = tally.first[t];
-            let view = view_of(block);
-            let Some(info) = view.templates()?.get(t) else {
-                continue;
-            };
-            let Some(message) = info.message() else {
-                continue;
-            };
-            let at = view.positions_at(row)?;
-            let example = view.value_text(info, message, &at)?;
-            self.patterns.insert(pattern.clone(), (count, example));
+            if let Some(example) = example(t, block, row)? {
+                self.patterns.insert(pattern.clone(), (count, example));
+            }
         }
         Ok(())
     }

@@ -154,6 +154,33 @@ async fn a_replay_from_an_older_cursor_indexes_nothing_twice() {
     assert_eq!(messages[10], "entry number 99");
 }
 
+/// A store under `dir` that took `rounds` batches of `per_round` entries, each indexed (and
+/// so flushed to a part of its own) before the next.
+async fn flushed_in_rounds(
+    dir: &std::path::Path,
+    base: Timestamp,
+    rounds: u64,
+    per_round: u64,
+) -> (Arc<LogIndex>, Arc<Wal>) {
+    let index = Arc::new(LogIndex::open(&dir.join("index"), options()).unwrap());
+    let (wal, _) = Wal::open(&dir.join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let wal = Arc::new(wal);
+    for round in 0..rounds {
+        let batch: Vec<LogEntry> = (0..per_round)
+            .map(|n| {
+                let n = round * per_round + n;
+                entry(n, base.saturating_add_nanos(n as i64))
+            })
+            .collect();
+        wal.append(Batch::new(&batch)).await.unwrap();
+        let (i, w) = (index.clone(), wal.clone());
+        tokio::task::spawn_blocking(move || index_everything(&i, &w))
+            .await
+            .unwrap();
+    }
+    (index, wal)
+}
+
 fn search_q(index: &LogIndex, q: &str) -> (u64, Vec<String>) {
     let filter = LogFilter {
         parsed: Some(super::query_language::parse(q).unwrap()),
@@ -316,25 +343,8 @@ async fn search_finds_any_field_in_memory_and_on_disk_alike() {
 async fn damaged_half_written_and_half_merged_parts_are_handled() {
     let dir = tempfile::tempdir().unwrap();
     let base = Timestamp::parse("2026-11-20T12:00:00Z").unwrap();
-    let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
-    let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
-    let wal = Arc::new(wal);
     // Three flushes: three parts.
-    for round in 0..3u64 {
-        let batch: Vec<LogEntry> = (0..10)
-            .map(|n| {
-                entry(
-                    round * 10 + n,
-                    base.saturating_add_nanos((round * 10 + n) as i64),
-                )
-            })
-            .collect();
-        wal.append(Batch::new(&batch)).await.unwrap();
-        let (i, w) = (index.clone(), wal.clone());
-        tokio::task::spawn_blocking(move || index_everything(&i, &w))
-            .await
-            .unwrap();
-    }
+    let (index, _wal) = flushed_in_rounds(dir.path(), base, 3, 10).await;
     let partition = index.partition(base.day()).unwrap();
     let parts = partition.parts();
     assert_eq!(parts.len(), 3);
@@ -344,21 +354,7 @@ async fn damaged_half_written_and_half_merged_parts_are_handled() {
     // A merge that wrote its result and died before removing its inputs: the merged part
     // covers the first two.
     let merged = {
-        let blocks: Vec<super::block::Block> = parts[..2]
-            .iter()
-            .flat_map(|p| {
-                (0..p.blocks.len()).map(move |b| {
-                    let view = super::scan::View::disk(p, b);
-                    let rows: Vec<usize> = (0..view.rows()).collect();
-                    let seq = view.seq().unwrap().to_vec();
-                    let mut builder = super::block::BlockBuilder::default();
-                    for (row, line) in rows.iter().zip(view.lines(&rows).unwrap()) {
-                        builder.push(&line, seq[*row]).unwrap();
-                    }
-                    builder.take()
-                })
-            })
-            .collect();
+        let (blocks, _) = super::indexer::rebuild(&parts[..2]).unwrap();
         let refs: Vec<&super::block::Block> = blocks.iter().collect();
         super::part::write(
             &day_dir,
@@ -424,24 +420,8 @@ async fn damaged_half_written_and_half_merged_parts_are_handled() {
 async fn small_parts_are_merged_without_losing_or_doubling_entries() {
     let dir = tempfile::tempdir().unwrap();
     let base = Timestamp::parse("2026-11-20T12:00:00Z").unwrap();
-    let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
-    let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
-    let wal = Arc::new(wal);
-    for round in 0..super::indexer::MERGE_PARTS as u64 + 1 {
-        let batch: Vec<LogEntry> = (0..5)
-            .map(|n| {
-                entry(
-                    round * 5 + n,
-                    base.saturating_add_nanos((round * 5 + n) as i64),
-                )
-            })
-            .collect();
-        wal.append(Batch::new(&batch)).await.unwrap();
-        let (i, w) = (index.clone(), wal.clone());
-        tokio::task::spawn_blocking(move || index_everything(&i, &w))
-            .await
-            .unwrap();
-    }
+    let (index, wal) =
+        flushed_in_rounds(dir.path(), base, super::indexer::MERGE_PARTS as u64 + 1, 5).await;
     let partition = index.partition(base.day()).unwrap();
     assert_eq!(partition.parts().len(), super::indexer::MERGE_PARTS + 1);
     let (i, w) = (index.clone(), wal.clone());
