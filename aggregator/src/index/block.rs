@@ -106,6 +106,8 @@ pub struct Block {
     /// The path of each variable column.
     pub paths: Vec<String>,
     pub columns: Vec<VarColumn>,
+    /// Per column: whether every variable in it is a whole JSON number.
+    pub numeric: Vec<bool>,
     /// Bytes of the stored lines.
     pub raw_bytes: u64,
     /// Rows per service number.
@@ -283,6 +285,13 @@ impl BlockBuilder {
                             c
                         }
                     };
+                    if block.numeric.len() < block.columns.len() {
+                        block.numeric.resize(block.columns.len(), true);
+                    }
+                    // A number counts as the field's value when it is the path's only
+                    // variable in the row (not an array of them).
+                    let repeated = slots.contains(&column);
+                    block.numeric[column as usize] &= v.number && !repeated;
                     slots.push(column);
                 }
                 self.slots.push(slots);
@@ -493,6 +502,146 @@ pub fn decode_varints(bytes: &[u8], rows: usize) -> Option<Vec<u32>> {
         out.push(u32::try_from(get_varint(bytes, &mut at)?).ok()?);
     }
     (at == bytes.len()).then_some(out)
+}
+
+/// How many rows of a block each template and each (service, level) has: what answers a
+/// count over a whole block without reading its columns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockCounts {
+    /// (template number, rows), by template number.
+    pub templates: Vec<(u32, u32)>,
+    /// (service number, level rank, rows).
+    pub service_levels: Vec<(u32, u8, u32)>,
+    /// For the paths whose every value in the block is a JSON number, and that have few
+    /// distinct values: each value and its rows (what analytics' field statistics need).
+    pub numbers: Vec<(String, Vec<(f64, u32)>)>,
+}
+
+impl BlockCounts {
+    /// The counts of rows with these template numbers, services and levels.
+    pub fn of(templates: impl Iterator<Item = u32>, service: &[u32], levels: &[u8]) -> BlockCounts {
+        let mut by_template: HashMap<u32, u32> = HashMap::new();
+        for t in templates {
+            *by_template.entry(t).or_default() += 1;
+        }
+        let mut by_service_level: HashMap<(u32, u8), u32> = HashMap::new();
+        for (s, l) in service.iter().zip(levels) {
+            *by_service_level.entry((*s, *l)).or_default() += 1;
+        }
+        let mut templates: Vec<(u32, u32)> = by_template.into_iter().collect();
+        templates.sort_unstable();
+        let mut service_levels: Vec<(u32, u8, u32)> = by_service_level
+            .into_iter()
+            .map(|((s, l), n)| (s, l, n))
+            .collect();
+        service_levels.sort_unstable();
+        BlockCounts {
+            templates,
+            service_levels,
+            numbers: Vec::new(),
+        }
+    }
+
+    /// Adds the value counts of the block's numeric columns that have at most a quarter as
+    /// many distinct values as rows (where counts are smaller than the values).
+    pub fn count_numbers(&mut self, block: &Block) {
+        let most = block.rows() / 4;
+        for (c, column) in block.columns.iter().enumerate() {
+            if !block.numeric.get(c).copied().unwrap_or(false) || block.paths[c] == OTHER_PATHS {
+                continue;
+            }
+            let mut by_text: HashMap<&[u8], u32> = HashMap::new();
+            for i in 0..column.len() {
+                *by_text
+                    .entry(column.get(i).unwrap_or_default())
+                    .or_default() += 1;
+                if by_text.len() > most {
+                    break;
+                }
+            }
+            if by_text.len() > most {
+                continue;
+            }
+            let values: Option<Vec<(f64, u32)>> = by_text
+                .into_iter()
+                .map(|(text, n)| {
+                    let v = std::str::from_utf8(text).ok()?.parse::<f64>().ok()?;
+                    v.is_finite().then_some((v, n))
+                })
+                .collect();
+            if let Some(mut values) = values {
+                values.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+                self.numbers.push((block.paths[c].clone(), values));
+            }
+        }
+    }
+
+    /// Varints: the number of templates, then (template, rows) pairs; the number of
+    /// (service, level) pairs, then (service, level, rows) triples.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 * self.templates.len() + 16);
+        put_varint(self.templates.len() as u64, &mut out);
+        for (t, n) in &self.templates {
+            put_varint(u64::from(*t), &mut out);
+            put_varint(u64::from(*n), &mut out);
+        }
+        put_varint(self.service_levels.len() as u64, &mut out);
+        for (s, l, n) in &self.service_levels {
+            put_varint(u64::from(*s), &mut out);
+            put_varint(u64::from(*l), &mut out);
+            put_varint(u64::from(*n), &mut out);
+        }
+        put_varint(self.numbers.len() as u64, &mut out);
+        for (path, values) in &self.numbers {
+            put_varint(path.len() as u64, &mut out);
+            out.extend_from_slice(path.as_bytes());
+            put_varint(values.len() as u64, &mut out);
+            for (v, n) in values {
+                out.extend_from_slice(&v.to_le_bytes());
+                put_varint(u64::from(*n), &mut out);
+            }
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<BlockCounts> {
+        let mut at = 0;
+        let next = |at: &mut usize| u32::try_from(get_varint(bytes, at)?).ok();
+        let n = next(&mut at)? as usize;
+        let mut templates = Vec::with_capacity(n.min(bytes.len()));
+        for _ in 0..n {
+            templates.push((next(&mut at)?, next(&mut at)?));
+        }
+        let n = next(&mut at)? as usize;
+        let mut service_levels = Vec::with_capacity(n.min(bytes.len()));
+        for _ in 0..n {
+            service_levels.push((
+                next(&mut at)?,
+                u8::try_from(next(&mut at)?).ok()?,
+                next(&mut at)?,
+            ));
+        }
+        let n = next(&mut at)? as usize;
+        let mut numbers = Vec::with_capacity(n.min(bytes.len()));
+        for _ in 0..n {
+            let len = next(&mut at)? as usize;
+            let path = std::str::from_utf8(bytes.get(at..at.checked_add(len)?)?).ok()?;
+            at += len;
+            let count = next(&mut at)? as usize;
+            let mut values = Vec::with_capacity(count.min(bytes.len()));
+            for _ in 0..count {
+                let v = f64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
+                at += 8;
+                values.push((v, next(&mut at)?));
+            }
+            numbers.push((path.to_string(), values));
+        }
+        (at == bytes.len()).then_some(BlockCounts {
+            templates,
+            service_levels,
+            numbers,
+        })
+    }
 }
 
 /// Ids: a flag byte per row (1: a UUIDv7 of the row's own millisecond, stored as its 10

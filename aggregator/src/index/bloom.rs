@@ -73,7 +73,21 @@ impl Bloom {
     }
 
     fn block_of(&self, hash: u64) -> usize {
-        (((hash >> 32) * self.blocks.len() as u64) >> 32) as usize
+        Bloom::block_index(hash, self.blocks.len())
+    }
+
+    /// Which of a filter's `blocks` 256-bit blocks a hash falls in.
+    pub fn block_index(hash: u64, blocks: usize) -> usize {
+        (((hash >> 32) * blocks as u64) >> 32) as usize
+    }
+
+    /// Whether one block of a filter, as [`Bloom::to_bytes`] wrote it (32 bytes), may hold
+    /// the hash: a probe that reads only the block it needs.
+    pub fn block_contains(bytes: &[u8; 32], hash: u64) -> bool {
+        bytes
+            .chunks_exact(4)
+            .zip(Bloom::mask(hash))
+            .all(|(b, bit)| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & bit != 0)
     }
 
     fn mask(hash: u64) -> [u32; 8] {
@@ -153,8 +167,17 @@ mod tests {
             .filter(|i| bloom.contains(word_hash(&format!("x{i}"))))
             .count();
         assert!(false_positives < 5_000, "{false_positives} in 100,000");
-        let back = Bloom::from_bytes(&bloom.to_bytes()).unwrap();
+        let bytes = bloom.to_bytes();
+        let back = Bloom::from_bytes(&bytes).unwrap();
         assert_eq!(back, bloom);
+        // Probing the bytes one block at a time says what the filter says.
+        let blocks = bytes.len() / 32;
+        for i in 0..20_000 {
+            let hash = word_hash(&format!("w{i}"));
+            let at = Bloom::block_index(hash, blocks) * 32;
+            let block: &[u8; 32] = bytes[at..at + 32].try_into().unwrap();
+            assert_eq!(Bloom::block_contains(block, hash), bloom.contains(hash));
+        }
         assert!(Bloom::from_bytes(&[1, 2, 3]).is_none());
     }
 }

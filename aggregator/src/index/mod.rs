@@ -198,6 +198,8 @@ pub struct AnalyticsFruit {
     /// service → (total, errors).
     pub service_totals: HashMap<String, (u64, u64)>,
     pub values: Vec<f64>,
+    /// More values, counted: f64 bits → how many.
+    pub counted: HashMap<u64, u64>,
 }
 
 /// A top message pattern.
@@ -501,12 +503,7 @@ impl LogIndex {
                             let (lo, hi) = (ms * 1_000_000, ms * 1_000_000 + 999_999);
                             s.ts_min <= hi && s.ts_max >= lo
                         });
-                        let by_bloom = || -> Result<bool, BlockError> {
-                            Ok(match view.bloom()? {
-                                Some(bloom) => bloom.contains(hash),
-                                None => true,
-                            })
-                        };
+                        let by_bloom = || view.bloom_allows(&[hash]);
                         if s.rows == 0 || !(by_time || by_bloom()?) {
                             continue;
                         }
@@ -616,8 +613,20 @@ impl LogIndex {
                     Order::Asc => sources.sort_by_key(|(_, s)| s.ts_min),
                 }
                 for (source, summary) in sources {
-                    if !page.with_total && best.beats_block(summary) {
-                        continue;
+                    if best.beats_block(summary) {
+                        if !page.with_total {
+                            continue;
+                        }
+                        // Only counted: from the block's counts where they answer.
+                        if let Source::Part(p, b) = source {
+                            let view = View::disk(&snapshot.parts[p], b);
+                            if let Some(n) =
+                                scan::count_without_rows(&view, &query, &hidden, bound)?
+                            {
+                                total += n;
+                                continue;
+                            }
+                        }
                     }
                     let view = match source {
                         Source::Sealed(i) => {
@@ -1018,6 +1027,15 @@ fn example(view: &View<'_>, t: usize, row: usize) -> Result<Option<String>, Quer
     let Some(message) = info.message() else {
         return Ok(None);
     };
+    // A block counted from its counts names no row: the template's first.
+    let row = if row == usize::MAX {
+        match view.template()?.iter().position(|x| *x as usize == t) {
+            Some(row) => row,
+            None => return Ok(None),
+        }
+    } else {
+        row
+    };
     let at = view.positions_at(row)?;
     Ok(Some(view.value_text(info, message, &at)?))
 }
@@ -1050,8 +1068,14 @@ impl Counter<'_> {
             set = Some(templates);
         }
         if let Some(set) = set {
+            // Examples of one block share its decoded columns.
+            let mut views: HashMap<usize, View<'_>> = HashMap::new();
             self.name_patterns(&set, &tally, |t, b, row| {
-                example(&View::disk(part, b), t, row)
+                example(
+                    views.entry(b).or_insert_with(|| View::disk(part, b)),
+                    t,
+                    row,
+                )
             })?;
         }
         Ok(())
@@ -1074,7 +1098,7 @@ impl Counter<'_> {
         &mut self,
         set: &TemplateSet,
         tally: &Tally,
-        example: impl Fn(usize, usize, usize) -> Result<Option<String>, QueryError>,
+        mut example: impl FnMut(usize, usize, usize) -> Result<Option<String>, QueryError>,
     ) -> Result<(), QueryError> {
         let patterns = set.message_patterns();
         for (t, &count) in tally.counts.iter().enumerate() {
@@ -1099,6 +1123,9 @@ impl Counter<'_> {
     /// Adds one block's matching rows (block number `b` of its part) to the analytics and
     /// to `tally`.
     fn block(&mut self, view: &View<'_>, b: usize, tally: &mut Tally) -> Result<(), QueryError> {
+        if self.block_from_counts(view, b, tally)? {
+            return Ok(());
+        }
         let out = &mut self.out;
         let start = self.request.start.as_nanos();
         let interval = self.request.interval_nanos;
@@ -1120,12 +1147,16 @@ impl Counter<'_> {
             Some(path) => templates
                 .iter()
                 .map(|info| {
-                    let value = info.values.iter().find(|v| v.number && v.path == path)?;
-                    let [template::Piece::Var(k)] = value.pieces.as_slice() else {
+                    let placed = info
+                        .values
+                        .iter()
+                        .find(|p| p.value.number && p.value.path == path)?;
+                    let [template::Piece::Var(k)] = placed.value.pieces.as_slice() else {
                         return None;
                     };
-                    let column = *info.slots.get(*k)?;
-                    let before = info.slots[..*k].iter().filter(|c| **c == column).count();
+                    let k = placed.first as usize + k;
+                    let column = *info.slots.get(k)?;
+                    let before = info.slots[..k].iter().filter(|c| **c == column).count();
                     Some((column, before))
                 })
                 .collect(),
@@ -1214,6 +1245,116 @@ impl Counter<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Counter<'_> {
+    /// Adds a block from its counts alone, where they say everything: no terms, no numeric
+    /// field, nothing hidden, the block wholly inside the range and inside one bucket, and the
+    /// level and service filters keeping all of its rows or none. Whether it did.
+    fn block_from_counts(
+        &mut self,
+        view: &View<'_>,
+        b: usize,
+        tally: &mut Tally,
+    ) -> Result<bool, QueryError> {
+        let summary = view.summary();
+        if self.query.has_terms()
+            || !self.hidden.is_empty()
+            || !scan::covers_block(self.query, summary, None)
+        {
+            return Ok(false);
+        }
+        let Some(counts) = view.counts()? else {
+            return Ok(false);
+        };
+        let (_, kept, all) = scan::count_filtered(view, self.query, counts);
+        if kept == 0 {
+            return Ok(true);
+        }
+        let start = self.request.start.as_nanos();
+        let interval = self.request.interval_nanos;
+        let bucket_of = |ts: i64| usize::try_from((ts - start).div_euclid(interval)).ok();
+        let (Some(first), Some(last)) = (bucket_of(summary.ts_min), bucket_of(summary.ts_max))
+        else {
+            return Ok(false);
+        };
+        if kept != all || last >= self.out.by_level.len() {
+            return Ok(false);
+        }
+        // The numeric field: counted in the block, or absent from it.
+        let numbers = match self.field_path {
+            None => None,
+            Some(path) => match counts.numbers.iter().find(|(p, _)| p == path) {
+                Some((_, values)) => Some(values),
+                None if summary
+                    .paths
+                    .iter()
+                    .any(|p| p == path || p == block::OTHER_PATHS) =>
+                {
+                    return Ok(false);
+                }
+                None => None,
+            },
+        };
+        for (v, n) in numbers.into_iter().flatten() {
+            *self.out.counted.entry(v.to_bits()).or_default() += u64::from(*n);
+        }
+        let error_rank = logging_common::LogLevel::Error.rank();
+        if first != last {
+            // Across buckets: each row's bucket from its timestamp, nothing else read.
+            let services = summary.services.len();
+            let buckets = last - first + 1;
+            let mut by_service = vec![0u64; buckets * services];
+            let (ts, levels, service) = (view.ts()?, view.levels()?, view.service()?);
+            for ((ts, level), s) in ts.iter().zip(levels).zip(service) {
+                let b = bucket_of(*ts).unwrap_or(first).clamp(first, last);
+                if let Some(n) = self.out.by_level[b].get_mut(*level as usize) {
+                    *n += 1;
+                }
+                by_service[(b - first) * services + *s as usize] += 1;
+            }
+            for (i, n) in by_service.into_iter().enumerate() {
+                if n > 0 {
+                    let name = view.service_name(i % services);
+                    *self
+                        .out
+                        .by_service
+                        .entry((first + i / services, name))
+                        .or_default() += n;
+                }
+            }
+        }
+        for &(s, level, n) in &counts.service_levels {
+            let n = u64::from(n);
+            let name = view.service_name(s as usize);
+            if first == last {
+                if let Some(by_level) = self.out.by_level[first].get_mut(level as usize) {
+                    *by_level += n;
+                }
+                *self
+                    .out
+                    .by_service
+                    .entry((first, name.clone()))
+                    .or_default() += n;
+            }
+            let total = self.out.service_totals.entry(name).or_default();
+            total.0 += n;
+            if level >= error_rank {
+                total.1 += n;
+            }
+        }
+        for &(t, n) in &counts.templates {
+            let t = t as usize;
+            if let Some(count) = tally.counts.get_mut(t) {
+                *count += u64::from(n);
+                if tally.first[t].0 == usize::MAX {
+                    // Some row of block `b`: found when the example is read.
+                    tally.first[t] = (b, usize::MAX);
+                }
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -37,8 +37,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::block::{
-    self, Block, BlockError, Summary, VarColumn, decode_deltas, decode_ids, decode_strings,
-    decode_varints, encode_deltas, encode_ids, encode_strings, encode_varints,
+    self, Block, BlockCounts, BlockError, Summary, VarColumn, decode_deltas, decode_ids,
+    decode_strings, decode_varints, encode_deltas, encode_ids, encode_strings, encode_varints,
 };
 use super::bloom::Bloom;
 use super::scan::TemplateSet;
@@ -75,6 +75,10 @@ pub struct BlockEntry {
     pub summary: Summary,
     /// The fixed frames, then one per variable column (in `summary.paths` order).
     pub frames: Vec<Frame>,
+    /// Rows per template and per (service, level) ([`BlockCounts`]). Absent from parts
+    /// written before it was added: their counts are made from the columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<Frame>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -117,6 +121,8 @@ pub struct Part {
     /// The dictionary, prepared, while the cache keeps it; and while a reader holds it.
     templates: Mutex<Option<Arc<TemplateSet>>>,
     in_use: Mutex<std::sync::Weak<TemplateSet>>,
+    /// Per block: whether its Bloom filter has been read whole and passed its checksum.
+    bloom_checked: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// The prepared dictionaries kept (part, when last used, bytes), and their bytes.
@@ -130,7 +136,7 @@ struct TemplateCache {
 /// A dictionary is kept only while there is room, rather than evicting the least recently
 /// used: a query walks the parts in the same order every time, and a least-recently-used
 /// cache smaller than that walk would miss on every part.
-pub const TEMPLATE_CACHE_BYTES: usize = 128 << 20;
+pub const TEMPLATE_CACHE_BYTES: usize = 192 << 20;
 
 /// A dictionary not used for this long leaves the cache.
 const TEMPLATE_CACHE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -249,9 +255,12 @@ pub fn write(
                 out.clear();
             }
         }
+        // The last frame is the counts.
+        let counts = refs.pop();
         entries.push(BlockEntry {
             summary,
             frames: refs,
+            counts,
         });
     }
     let raw = encode_strings(texts.iter().copied());
@@ -319,6 +328,13 @@ fn encode_block(block: &Block, numbers: &[u32], options: WriteOptions) -> Encode
     for column in &block.columns {
         raw.push(column.data.clone());
     }
+    let mut counts = BlockCounts::of(
+        block.template.iter().map(|t| numbers[*t as usize]),
+        &block.service,
+        &block.levels,
+    );
+    counts.count_numbers(block);
+    raw.push(counts.to_bytes());
     let raw_lens = raw.iter().map(|r| r.len() as u32).collect();
     let mut zstd = Vec::with_capacity(raw.len());
     let frames = raw
@@ -385,6 +401,7 @@ impl Part {
                 || block
                     .frames
                     .iter()
+                    .chain(&block.counts)
                     .any(|f| f.offset + u64::from(f.len) > footer_at)
             {
                 return Err(corrupt(path, "a block's frames are out of the file"));
@@ -396,12 +413,15 @@ impl Part {
             day: footer.day,
             lsn_from: footer.lsn_from,
             lsn_to: footer.lsn_to,
-            blocks: footer.blocks,
             bytes,
             id: NEXT_PART_ID.fetch_add(1, Ordering::Relaxed),
             templates_frame: footer.templates,
             templates: Mutex::new(None),
             in_use: Mutex::new(std::sync::Weak::new()),
+            bloom_checked: (0..footer.blocks.len())
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            blocks: footer.blocks,
         })
     }
 
@@ -534,6 +554,50 @@ impl Part {
         Bloom::from_bytes(&bytes)
             .map(Some)
             .ok_or_else(|| self.bad("Bloom filter"))
+    }
+
+    /// The block's counts, where the part has them.
+    pub fn counts(&self, block: usize) -> Result<Option<BlockCounts>, BlockError> {
+        let Some(frame) = &self.blocks[block].counts else {
+            return Ok(None);
+        };
+        BlockCounts::from_bytes(&self.frame(frame)?)
+            .filter(|c| {
+                let rows: u64 = c.templates.iter().map(|(_, n)| u64::from(*n)).sum();
+                let by_service: u64 = c.service_levels.iter().map(|(_, _, n)| u64::from(*n)).sum();
+                rows == u64::from(self.blocks[block].summary.rows) && by_service == rows
+            })
+            .map(Some)
+            .ok_or_else(|| self.bad("counts"))
+    }
+
+    /// Whether the block's Bloom filter may hold every one of `hashes` (true without a
+    /// filter). The first time this process asks, the filter is read whole and its checksum
+    /// checked; after that a probe reads only the 32 bytes it tests, so a search for a rare
+    /// word reads a few bytes of each block instead of its whole filter.
+    pub fn bloom_allows(&self, block: usize, hashes: &[u64]) -> Result<bool, BlockError> {
+        let frame = self.blocks[block].frames[BLOOM];
+        let checked = &self.bloom_checked[block];
+        if frame.len == 0 || frame.zstd || !checked.load(Ordering::Acquire) {
+            let allows = match self.bloom(block)? {
+                Some(bloom) => hashes.iter().all(|h| bloom.contains(*h)),
+                None => true,
+            };
+            checked.store(true, Ordering::Release);
+            return Ok(allows);
+        }
+        let blocks = frame.len as usize / 32;
+        for &hash in hashes {
+            let mut bytes = [0u8; 32];
+            let at = frame.offset + (Bloom::block_index(hash, blocks) * 32) as u64;
+            self.file
+                .read_exact_at(&mut bytes, at)
+                .map_err(io(&self.path))?;
+            if !Bloom::block_contains(&bytes, hash) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     pub fn column(&self, block: usize, column: usize) -> Result<VarColumn, BlockError> {

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use logging_common::LogLevel;
 use uuid::Uuid;
 
-use super::block::{Block, BlockError, Summary, VarColumn, slot_counts};
+use super::block::{Block, BlockCounts, BlockError, Summary, VarColumn, slot_counts};
 use super::bloom::{self, Bloom};
 use super::part::Part;
 use super::query::{LogFilter, Order, SortPosition};
@@ -43,24 +43,84 @@ pub struct View<'a> {
     templates: OnceLock<(Arc<TemplateSet>, Option<Vec<u32>>)>,
     columns: Vec<OnceLock<Cow<'a, VarColumn>>>,
     bloom: OnceLock<Option<Bloom>>,
+    counts: OnceLock<Option<BlockCounts>>,
 }
 
 /// What a query needs of one template.
 pub struct TemplateInfo {
     pub text: Box<[u8]>,
-    pub values: Vec<Value>,
+    pub values: Vec<Placed>,
     /// The path (a number in its set's `paths`) of each variable.
     pub slots: Vec<u32>,
     /// Variables per path: how far a row of this template moves each path's column.
     pub counts: Vec<(u32, u32)>,
 }
 
+/// A value of a template. Its shape (the path and the pieces, variables numbered from 0
+/// within the value) is kept once per set: the thousands of templates of a part are made of a
+/// few hundred values (a service's messages times the optional fields it sets), and a query
+/// decides each shape once.
+pub struct Placed {
+    /// The shape's number in its set.
+    pub shape: u32,
+    pub value: Arc<Value>,
+    /// The template's number of the value's first variable.
+    pub first: u32,
+}
+
 /// Templates prepared for queries, with the paths their variables are filed under.
 pub struct TemplateSet {
     pub infos: Vec<TemplateInfo>,
     pub paths: Vec<String>,
+    /// The distinct values of the templates, by shape number.
+    pub shapes: Vec<Arc<Value>>,
+    /// Each shape's words, lower-cased, `None` where a variable stands (what terms are
+    /// matched against), worked out once.
+    tokens: Vec<Box<[Option<Box<str>>]>>,
     /// Each template's message pattern, worked out the first time analytics asks.
     patterns: OnceLock<Vec<Option<Box<str>>>>,
+}
+
+/// Gathers a set's distinct values.
+#[derive(Default)]
+struct Shapes {
+    all: Vec<Arc<Value>>,
+    tokens: Vec<Box<[Option<Box<str>>]>>,
+    numbers: HashMap<Arc<Value>, u32>,
+}
+
+impl Shapes {
+    fn place(&mut self, mut value: Value) -> Placed {
+        let first = value
+            .pieces
+            .iter()
+            .find_map(|p| match p {
+                Piece::Var(k) => Some(*k),
+                Piece::Text(_) => None,
+            })
+            .unwrap_or(0);
+        for piece in &mut value.pieces {
+            if let Piece::Var(k) = piece {
+                *k -= first;
+            }
+        }
+        let shape = match self.numbers.get(&value) {
+            Some(&n) => n,
+            None => {
+                let n = self.all.len() as u32;
+                self.tokens.push(template_tokens(&value).into_boxed_slice());
+                let value = Arc::new(value);
+                self.all.push(value.clone());
+                self.numbers.insert(value, n);
+                n
+            }
+        };
+        Placed {
+            shape,
+            value: self.all[shape as usize].clone(),
+            first: first as u32,
+        }
+    }
 }
 
 impl TemplateSet {
@@ -70,6 +130,7 @@ impl TemplateSet {
         let mut numbers: HashMap<String, u32> = HashMap::new();
         let mut all_slots = Vec::with_capacity(texts.len());
         let mut all_values = Vec::with_capacity(texts.len());
+        let mut shapes = Shapes::default();
         for text in &texts {
             let values = template::values(text);
             let mut slots = Vec::new();
@@ -94,7 +155,7 @@ impl TemplateSet {
                 slots.extend(std::iter::repeat_n(n, vars));
             }
             all_slots.push(slots);
-            all_values.push(values);
+            all_values.push(values.into_iter().map(|v| shapes.place(v)).collect());
         }
         let columns = paths.len();
         let infos = texts
@@ -106,6 +167,8 @@ impl TemplateSet {
         TemplateSet {
             infos,
             paths,
+            shapes: shapes.all,
+            tokens: shapes.tokens,
             patterns: OnceLock::new(),
         }
     }
@@ -115,19 +178,24 @@ impl TemplateSet {
     /// without a text message.
     pub fn message_patterns(&self) -> &[Option<Box<str>>] {
         self.patterns.get_or_init(|| {
+            let mut by_shape: HashMap<u32, Box<str>> = HashMap::new();
             self.infos
                 .iter()
                 .map(|info| {
                     let message = info.message()?;
-                    let shape: String = message
-                        .pieces
-                        .iter()
-                        .map(|p| match p {
-                            Piece::Text(t) => t.as_str(),
-                            Piece::Var(_) => "0",
-                        })
-                        .collect();
-                    Some(super::patterns::template(&shape).into_boxed_str())
+                    let pattern = by_shape.entry(message.shape).or_insert_with(|| {
+                        let shape: String = message
+                            .value
+                            .pieces
+                            .iter()
+                            .map(|p| match p {
+                                Piece::Text(t) => t.as_str(),
+                                Piece::Var(_) => "0",
+                            })
+                            .collect();
+                        super::patterns::template(&shape).into_boxed_str()
+                    });
+                    Some(pattern.clone())
                 })
                 .collect()
         })
@@ -136,39 +204,54 @@ impl TemplateSet {
     /// A block's own templates, their variables in the block's columns.
     fn of_block(texts: Vec<Box<[u8]>>, slots: Vec<Vec<u32>>, paths: &[String]) -> TemplateSet {
         let columns = paths.len();
+        let mut shapes = Shapes::default();
+        let infos = texts
+            .into_iter()
+            .zip(slots)
+            .map(|(text, slots)| {
+                let values = template::values(&text)
+                    .into_iter()
+                    .map(|v| shapes.place(v))
+                    .collect();
+                TemplateInfo::with_values(text, values, slots, columns)
+            })
+            .collect();
         TemplateSet {
-            infos: texts
-                .into_iter()
-                .zip(slots)
-                .map(|(t, s)| TemplateInfo::new(t, s, columns))
-                .collect(),
+            infos,
             paths: paths.to_vec(),
+            shapes: shapes.all,
+            tokens: shapes.tokens,
             patterns: OnceLock::new(),
         }
     }
 
     /// About what it takes in memory.
     pub fn bytes(&self) -> usize {
-        self.infos
+        let shapes: usize = self
+            .shapes
+            .iter()
+            .map(|v| {
+                96 + v.path.len()
+                    + v.pieces
+                        .iter()
+                        .map(|p| match p {
+                            Piece::Text(t) => 32 + t.len(),
+                            Piece::Var(_) => 32,
+                        })
+                        .sum::<usize>()
+            })
+            .sum();
+        let infos: usize = self
+            .infos
             .iter()
             .map(|info| {
-                let values: usize = info
-                    .values
-                    .iter()
-                    .map(|v| {
-                        64 + v.path.len()
-                            + v.pieces
-                                .iter()
-                                .map(|p| match p {
-                                    Piece::Text(t) => 32 + t.len(),
-                                    Piece::Var(_) => 32,
-                                })
-                                .sum::<usize>()
-                    })
-                    .sum();
-                96 + info.text.len() + values + 4 * info.slots.len() + 8 * info.counts.len()
+                96 + info.text.len()
+                    + 16 * info.values.len()
+                    + 4 * info.slots.len()
+                    + 8 * info.counts.len()
             })
-            .sum()
+            .sum();
+        shapes + infos
     }
 }
 
@@ -204,6 +287,7 @@ impl<'a> View<'a> {
             templates: OnceLock::new(),
             columns,
             bloom: OnceLock::new(),
+            counts: OnceLock::new(),
         }
     }
 
@@ -375,6 +459,33 @@ impl<'a> View<'a> {
         Ok(self.bloom.get_or_init(|| bloom).as_ref())
     }
 
+    /// Rows per template and per (service, level), where the block is in a part that keeps
+    /// them.
+    pub fn counts(&self) -> Result<Option<&BlockCounts>, BlockError> {
+        if let Some(v) = self.counts.get() {
+            return Ok(v.as_ref());
+        }
+        let counts = match self.disk {
+            Some((p, i)) => p.counts(i)?,
+            None => None,
+        };
+        Ok(self.counts.get_or_init(|| counts).as_ref())
+    }
+
+    /// Whether the block's Bloom filter may hold every one of `hashes` (true without one).
+    pub fn bloom_allows(&self, hashes: &[u64]) -> Result<bool, BlockError> {
+        if hashes.is_empty() {
+            return Ok(true);
+        }
+        match (self.disk, self.bloom.get()) {
+            (Some((p, i)), None) => p.bloom_allows(i, hashes),
+            _ => Ok(match self.bloom()? {
+                Some(bloom) => hashes.iter().all(|h| bloom.contains(*h)),
+                None => true,
+            }),
+        }
+    }
+
     /// The service name of service number `n`, decoded.
     pub fn service_name(&self, n: usize) -> String {
         self.summary
@@ -487,14 +598,15 @@ impl<'a> View<'a> {
     pub fn value_text(
         &self,
         info: &TemplateInfo,
-        value: &Value,
+        value: &Placed,
         at: &[u32],
     ) -> Result<String, BlockError> {
         let mut text = String::new();
-        for piece in &value.pieces {
+        for piece in &value.value.pieces {
             match piece {
                 Piece::Text(t) => text.push_str(t),
                 Piece::Var(k) => {
+                    let k = &(value.first as usize + k);
                     let column = info.slots.get(*k).copied().unwrap_or(0) as usize;
                     // Earlier variables of the same row in the same column come first.
                     let before = info.slots[..*k]
@@ -524,21 +636,16 @@ fn cell<'s, 'a, T: ?Sized + ToOwned>(
 }
 
 impl TemplateInfo {
-    fn new(text: Box<[u8]>, slots: Vec<u32>, columns: usize) -> TemplateInfo {
-        let values = template::values(&text);
-        TemplateInfo::with_values(text, values, slots, columns)
-    }
-
     /// The entry's message, where it is text.
-    pub fn message(&self) -> Option<&Value> {
+    pub fn message(&self) -> Option<&Placed> {
         self.values
             .iter()
-            .find(|v| v.path == "message" && !v.number)
+            .find(|p| p.value.path == "message" && !p.value.number)
     }
 
     fn with_values(
         text: Box<[u8]>,
-        values: Vec<Value>,
+        values: Vec<Placed>,
         slots: Vec<u32>,
         columns: usize,
     ) -> TemplateInfo {
@@ -666,6 +773,11 @@ impl Compiled {
     }
 
     /// The positive word terms on the message (or anywhere), for highlighting.
+    /// Whether the query has terms (`q`, ids, tags), not only row filters.
+    pub fn has_terms(&self) -> bool {
+        self.expr.is_some()
+    }
+
     pub fn highlight_words(&self) -> Vec<Vec<String>> {
         self.atoms
             .iter()
@@ -781,11 +893,11 @@ fn value_matches(m: &Match, keyword: bool, text: &str) -> bool {
 }
 
 /// A value's words from its template alone: `None` where a variable stands.
-fn template_tokens(value: &Value) -> Vec<Option<String>> {
+fn template_tokens(value: &Value) -> Vec<Option<Box<str>>> {
     let mut out = Vec::new();
     for piece in &value.pieces {
         match piece {
-            Piece::Text(t) => out.extend(words(t).map(Some)),
+            Piece::Text(t) => out.extend(words(t).map(|w| Some(w.into_boxed_str()))),
             Piece::Var(_) => out.push(None),
         }
     }
@@ -803,39 +915,63 @@ fn plain_text(value: &Value) -> Option<String> {
     Some(text)
 }
 
-/// How a term is decided for the rows of one template.
-fn template_verdict(m: &Match, info: &TemplateInfo) -> Verdict {
+/// How a term is decided for the rows of a value of this shape (`tokens`: its words).
+fn value_verdict(m: &Match, value: &Value, tokens: &[Option<Box<str>>]) -> Verdict {
+    if !admitted(&m.field, &value.path) {
+        return Verdict::No;
+    }
     let keyword = m.field.is_keyword();
-    let mut row = false;
-    for value in info.values.iter().filter(|v| admitted(&m.field, &v.path)) {
-        if let Some(text) = plain_text(value) {
-            if value_matches(m, keyword, &text) {
-                return Verdict::Yes;
+    let plain = !value.pieces.iter().any(|p| matches!(p, Piece::Var(_)));
+    let has = |w: &Option<Box<str>>, p: &String| w.as_deref() == Some(p.as_str());
+    match &m.pattern {
+        Pattern::Words(phrase) if !keyword => {
+            if plain || phrase.iter().all(|w| is_template_word(w)) {
+                // Template words only (or no variable at all): a variable between them
+                // breaks the phrase.
+                let found = !phrase.is_empty()
+                    && tokens
+                        .windows(phrase.len())
+                        .any(|w| w.iter().zip(phrase).all(|(t, p)| has(t, p)));
+                if found { Verdict::Yes } else { Verdict::No }
+            } else if phrase
+                .iter()
+                .filter(|w| is_template_word(w))
+                .all(|w| tokens.iter().any(|t| has(t, w)))
+            {
+                Verdict::Row
+            } else {
+                Verdict::No
             }
-            continue;
         }
-        match &m.pattern {
-            Pattern::Words(phrase) if !keyword => {
-                let tokens = template_tokens(value);
-                if phrase.iter().all(|w| is_template_word(w)) {
-                    // Template words only: a variable between them breaks the phrase.
-                    let found = tokens.windows(phrase.len()).any(|w| {
-                        w.iter()
-                            .zip(phrase)
-                            .all(|(t, p)| t.as_deref() == Some(p.as_str()))
-                    });
-                    if found {
-                        return Verdict::Yes;
-                    }
-                } else if phrase
-                    .iter()
-                    .filter(|w| is_template_word(w))
-                    .all(|w| tokens.iter().any(|t| t.as_deref() == Some(w.as_str())))
-                {
-                    row = true;
-                }
+        _ => match plain_text(value) {
+            Some(text) if value_matches(m, keyword, &text) => Verdict::Yes,
+            Some(_) => Verdict::No,
+            None => Verdict::Row,
+        },
+    }
+}
+
+/// How a term is decided for the rows of one template: from its values' shapes, each decided
+/// once (`memo`, by shape number).
+fn template_verdict(
+    m: &Match,
+    info: &TemplateInfo,
+    set: &TemplateSet,
+    memo: &mut [Option<Verdict>],
+) -> Verdict {
+    let mut row = false;
+    for placed in &info.values {
+        let shape = placed.shape as usize;
+        let verdict = match (memo.get_mut(shape), set.tokens.get(shape)) {
+            (Some(slot), Some(tokens)) => {
+                *slot.get_or_insert_with(|| value_verdict(m, &placed.value, tokens))
             }
-            _ => row = true,
+            _ => value_verdict(m, &placed.value, &template_tokens(&placed.value)),
+        };
+        match verdict {
+            Verdict::Yes => return Verdict::Yes,
+            Verdict::Row => row = true,
+            Verdict::No => {}
         }
     }
     if row { Verdict::Row } else { Verdict::No }
@@ -893,14 +1029,12 @@ fn variables_allow(m: &Match, view: &View<'_>) -> Result<bool, BlockError> {
     Ok(false)
 }
 
-/// Whether the block's Bloom filter allows every variable word of the term.
-fn bloom_allows(m: &Match, bloom: Option<&Bloom>) -> bool {
-    let Some(bloom) = bloom else {
-        return true;
-    };
+/// The hashes of the variable words of a term: what a Bloom filter can rule out.
+fn variable_hashes(m: &Match) -> Vec<u64> {
     variable_words(m)
         .iter()
-        .all(|w| bloom.contains(bloom::word_hash(w)))
+        .map(|w| bloom::word_hash(w))
+        .collect()
 }
 
 /// Which variables of a block match a term that a single variable decides: one word with
@@ -978,12 +1112,17 @@ fn hit_slots(
                 return None;
             }
             let mut slots = Vec::new();
-            for value in info.values.iter().filter(|v| admitted(&m.field, &v.path)) {
+            for placed in info
+                .values
+                .iter()
+                .filter(|p| admitted(&m.field, &p.value.path))
+            {
+                let value = &placed.value;
                 let vars: Vec<usize> = value
                     .pieces
                     .iter()
                     .filter_map(|p| match p {
-                        Piece::Var(k) => Some(*k),
+                        Piece::Var(k) => Some(placed.first as usize + *k),
                         Piece::Text(_) => None,
                     })
                     .collect();
@@ -1022,9 +1161,11 @@ fn template_plan(
         return Ok(plan.clone());
     }
     let m = &query.atoms[atom];
+    let set = &view.template_set()?.0;
+    let mut memo = vec![None; set.shapes.len()];
     let verdicts: Vec<Verdict> = templates
         .iter()
-        .map(|info| template_verdict(m, info))
+        .map(|info| template_verdict(m, info, set, &mut memo))
         .collect();
     let slots = match var_test(m) {
         Some(test) if verdicts.contains(&Verdict::Row) => {
@@ -1062,7 +1203,8 @@ fn plan_atom(query: &Compiled, atom: usize, view: &View<'_>) -> Result<AtomPlan,
         Field::Id => AtomPlan::Id(as_id(m)),
         field => {
             // Ruled out by the Bloom filter: no template is looked at (none is read at all).
-            let templates = if bloom_allows(m, view.bloom()?) && variables_allow(m, view)? {
+            let templates = if view.bloom_allows(&variable_hashes(m))? && variables_allow(m, view)?
+            {
                 Some(template_plan(query, atom, view)?)
             } else {
                 None
@@ -1086,6 +1228,131 @@ fn plan_atom(query: &Compiled, atom: usize, view: &View<'_>) -> Result<AtomPlan,
             }
         }
     })
+}
+
+/// Whether the whole block is past the cursor, and inside the query's time range: what lets
+/// its rows be counted without looking at their timestamps.
+pub fn covers_block(
+    query: &Compiled,
+    summary: &Summary,
+    bound: Option<(Order, SortPosition)>,
+) -> bool {
+    let inside = query.start.is_none_or(|s| summary.ts_min >= s)
+        && query.end.is_none_or(|e| summary.ts_max < e);
+    let past = match bound {
+        None => true,
+        Some((Order::Desc, after)) => summary.ts_max < after.ts,
+        Some((Order::Asc, after)) => summary.ts_min > after.ts,
+    };
+    inside && past
+}
+
+/// The services of a block the query keeps, by number (`None`: every one).
+fn wanted_services(query: &Compiled, view: &View<'_>) -> Option<Vec<bool>> {
+    query.services.as_ref().map(|wanted| {
+        (0..view.summary().services.len())
+            .map(|n| wanted.contains(&view.service_name(n)))
+            .collect()
+    })
+}
+
+/// What the level and service filters make of a block's (service, level) counts: whether
+/// each pair is kept, the rows kept and all rows.
+pub fn count_filtered(
+    view: &View<'_>,
+    query: &Compiled,
+    counts: &BlockCounts,
+) -> (Vec<bool>, u64, u64) {
+    let wanted = wanted_services(query, view);
+    let keeps = |s: u32, l: u8| {
+        query.levels & (1 << l) != 0
+            && wanted
+                .as_ref()
+                .is_none_or(|w| w.get(s as usize).copied().unwrap_or(false))
+    };
+    let mut kept = 0;
+    let mut all = 0;
+    let verdicts = counts
+        .service_levels
+        .iter()
+        .map(|(s, l, n)| {
+            let keep = keeps(*s, *l);
+            all += u64::from(*n);
+            if keep {
+                kept += u64::from(*n);
+            }
+            keep
+        })
+        .collect();
+    (verdicts, kept, all)
+}
+
+/// How many rows of the block match, from its counts alone (no column is read), where that
+/// is exact: the block lies wholly inside the query's time range and past any cursor, none of
+/// its entries is hidden, and each term is decided for every template of the block by the
+/// template itself or by the Bloom filter. `None`: the rows must be scanned.
+pub fn count_without_rows(
+    view: &View<'_>,
+    query: &Compiled,
+    hidden: &HashSet<Uuid>,
+    bound: Option<(Order, SortPosition)>,
+) -> Result<Option<u64>, BlockError> {
+    if query.excludes(view.summary(), bound) {
+        return Ok(Some(0));
+    }
+    if !hidden.is_empty() || !covers_block(query, view.summary(), bound) {
+        return Ok(None);
+    }
+    let Some(counts) = view.counts()? else {
+        return Ok(None);
+    };
+    let (_, kept, all) = count_filtered(view, query, counts);
+    let Some(expr) = &query.expr else {
+        return Ok(Some(kept));
+    };
+    if kept == 0 {
+        return Ok(Some(0));
+    }
+    if kept != all {
+        // Terms and a filter that keeps part of the block: the rows decide.
+        return Ok(None);
+    }
+    let plans: Vec<AtomPlan> = (0..query.atoms.len())
+        .map(|atom| plan_atom(query, atom, view))
+        .collect::<Result<_, _>>()?;
+    let by_templates_alone = plans.iter().all(
+        |p| matches!(p, AtomPlan::Values { services, id: None, .. } if services.iter().all(|s| !s)),
+    );
+    if !by_templates_alone {
+        return Ok(None);
+    }
+    let mut total = 0;
+    for &(t, n) in &counts.templates {
+        let mut undecided = false;
+        let mut atom = |i: usize| -> Result<bool, BlockError> {
+            let AtomPlan::Values { templates, .. } = &plans[i] else {
+                return Ok(false);
+            };
+            Ok(
+                match templates.as_ref().and_then(|p| p.verdicts.get(t as usize)) {
+                    Some(Verdict::Yes) => true,
+                    Some(Verdict::Row) => {
+                        undecided = true;
+                        false
+                    }
+                    _ => false,
+                },
+            )
+        };
+        let hit = eval(expr, &mut atom)?;
+        if undecided {
+            return Ok(None);
+        }
+        if hit {
+            total += u64::from(n);
+        }
+    }
+    Ok(Some(total))
 }
 
 /// Scans one block: calls `found(row, positions)` for every row that matches, in row order,
@@ -1123,11 +1390,7 @@ pub fn scan(
         } else {
             None
         };
-    let wanted_services: Option<Vec<bool>> = query.services.as_ref().map(|wanted| {
-        (0..view.summary().services.len())
-            .map(|n| wanted.contains(&view.service_name(n)))
-            .collect()
-    });
+    let wanted_services = wanted_services(query, view);
     let needs_service = wanted_services.is_some()
         || plans.iter().any(|p| match p {
             AtomPlan::Service(_) => true,
@@ -1240,8 +1503,10 @@ pub fn scan(
                                     let m = &query.atoms[i];
                                     let keyword = m.field.is_keyword();
                                     let mut any = false;
-                                    for value in
-                                        info.values.iter().filter(|v| admitted(&m.field, &v.path))
+                                    for value in info
+                                        .values
+                                        .iter()
+                                        .filter(|p| admitted(&m.field, &p.value.path))
                                     {
                                         let text = view.value_text(info, value, &at)?;
                                         if value_matches(m, keyword, &text) {

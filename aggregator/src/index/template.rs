@@ -130,6 +130,8 @@ pub struct Cutter {
 pub struct Variable {
     pub range: Range<usize>,
     pub path: u32,
+    /// A JSON number (the whole value), not a word inside a string.
+    pub number: bool,
 }
 
 /// Where the scanner is, between tokens.
@@ -228,6 +230,7 @@ impl Cutter {
                                     vars.push(Variable {
                                         range: j..run_end,
                                         path: self.current,
+                                        number: false,
                                     });
                                 }
                                 j = run_end;
@@ -253,6 +256,7 @@ impl Cutter {
                     vars.push(Variable {
                         range: i..j,
                         path: self.current,
+                        number: true,
                     });
                     expect = Expect::Next;
                     i = j;
@@ -388,7 +392,7 @@ pub fn fill<'v>(
 }
 
 /// One JSON value in a template, as search sees it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Value {
     pub path: Path,
     /// A number (not a string).
@@ -397,7 +401,7 @@ pub struct Value {
 }
 
 /// A part of a value: text (JSON escapes decoded) or a variable (its number in the template).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Piece {
     Text(String),
     Var(usize),

@@ -601,3 +601,197 @@ fn a_part_keeps_each_template_once_and_every_block_reads_back_through_it() {
         assert_eq!(found, expected, "{q}");
     }
 }
+
+/// Blocks of a part keep their rows per template, per (service, level) and per value of a
+/// numeric field; counts of whole blocks and analytics come from them, and are exactly what
+/// reading the rows gives.
+#[tokio::test]
+async fn counts_kept_per_block_answer_exactly_what_the_rows_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = Timestamp::parse("2026-11-20T12:00:00Z").unwrap();
+    let services = ["web", "db", "queue"];
+    let entries: Vec<LogEntry> = (0..3000u64)
+        .map(|n| {
+            let mut e = entry(n, base.saturating_add_nanos(n as i64 * 1_000_000));
+            e.service = services[(n % 3) as usize].into();
+            e.level = [LogLevel::Info, LogLevel::Error, LogLevel::Warning][(n % 7 % 3) as usize];
+            e.message = match n % 4 {
+                0 => format!("payment {n} declined by issuer"),
+                1 => format!("order {n} shipped"),
+                2 => "cache warmed".into(),
+                _ => format!("payment {n} accepted"),
+            };
+            // A numeric field with few values, one with as many values as rows, and one that
+            // is sometimes a string.
+            e.context = serde_json::from_value(serde_json::json!({
+                "duration_ms": (n % 50) as f64 / 2.0,
+                "bytes": n * 7,
+                "mixed": if n % 5 == 0 { serde_json::json!(format!("v{n}")) } else { serde_json::json!(n % 3) },
+            }))
+            .unwrap();
+            e
+        })
+        .collect();
+    let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
+    let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let wal = Arc::new(wal);
+    // Three parts of a thousand entries.
+    for chunk in entries.chunks(1000) {
+        wal.append(Batch::new(chunk)).await.unwrap();
+        let (i, w) = (index.clone(), wal.clone());
+        tokio::task::spawn_blocking(move || index_everything(&i, &w))
+            .await
+            .unwrap();
+    }
+    let parts = index.partition(base.day()).unwrap().parts();
+    assert!(parts.len() >= 2);
+
+    // Whole blocks counted from their counts, against the rows.
+    let mut from_counts = 0;
+    for (q, level, service) in [
+        (None, None, None),
+        (Some("declined"), None, None),
+        (Some("payment -declined"), None, None),
+        (Some("cache OR shipped"), None, None),
+        (None, Some(LogLevel::Error), None),
+        (None, Some(LogLevel::Warning), Some("db")),
+        (Some("declined"), Some(LogLevel::Error), None),
+        (Some("4000"), None, None),
+        (Some("db"), None, None),
+    ] {
+        let filter = LogFilter {
+            parsed: q.map(|q| super::query_language::parse(q).unwrap()),
+            text: q.map(str::to_string),
+            level,
+            services: service.map(|s| vec![s.to_string()]).unwrap_or_default(),
+            ..LogFilter::default()
+        };
+        let query = super::scan::Compiled::new(&filter);
+        let hidden = std::collections::HashSet::new();
+        let mut expected = 0u64;
+        for part in &parts {
+            for b in 0..part.blocks.len() {
+                let view = super::scan::View::disk(part, b);
+                let mut rows = 0u64;
+                super::scan::scan(&view, &query, &hidden, None, false, |_, _| {
+                    rows += 1;
+                    true
+                })
+                .unwrap();
+                expected += rows;
+                let view = super::scan::View::disk(part, b);
+                if let Some(n) =
+                    super::scan::count_without_rows(&view, &query, &hidden, None).unwrap()
+                {
+                    assert_eq!(n, rows, "q={q:?} level={level:?} service={service:?}");
+                    from_counts += 1;
+                }
+            }
+        }
+        // And the store's answer: the first page read, every other block only counted.
+        let page = Page {
+            limit: 1,
+            order: Order::Desc,
+            after: None,
+            with_total: true,
+            highlight: false,
+        };
+        assert_eq!(
+            index.search(&filter, &page).unwrap().total,
+            Some(expected),
+            "q={q:?} level={level:?} service={service:?}"
+        );
+    }
+    assert!(
+        from_counts >= 6 * parts.len(),
+        "template terms and filters are answered from the counts ({from_counts} blocks)"
+    );
+
+    // Analytics from the counts (no terms) and from the rows (a term every entry matches)
+    // say the same, the numeric field's statistics included.
+    let analytics = |q: Option<&str>, field: &str, interval_nanos: i64| {
+        let request = AnalyticsRequest {
+            filter: LogFilter {
+                parsed: q.map(|q| super::query_language::parse(q).unwrap()),
+                text: q.map(str::to_string),
+                ..LogFilter::default()
+            },
+            start: base,
+            end: base.saturating_add_nanos(3_600_000_000_000),
+            interval_nanos,
+            value_field: Some(field.to_string()),
+            top_patterns: 10,
+        };
+        let (fruit, patterns) = index.analytics(&request).unwrap();
+        let mut services: Vec<_> = fruit.service_totals.into_iter().collect();
+        services.sort();
+        let mut by_service: Vec<_> = fruit.by_service.into_iter().collect();
+        by_service.sort();
+        let stats = crate::read::FieldStats::of_counted(field.into(), fruit.values, fruit.counted);
+        let patterns: Vec<(String, u64)> =
+            patterns.into_iter().map(|p| (p.pattern, p.count)).collect();
+        (fruit.by_level, by_service, services, stats, patterns)
+    };
+    // Buckets of an hour hold whole blocks; buckets of 0.7 s cut them.
+    for (field, interval) in [
+        ("duration_ms", 3_600_000_000_000),
+        ("bytes", 3_600_000_000_000),
+        ("mixed", 3_600_000_000_000),
+        ("duration_ms", 700_000_000),
+    ] {
+        let (levels, by_service, services, stats, patterns) = analytics(None, field, interval);
+        let (levels_rows, by_service_rows, services_rows, stats_rows, patterns_rows) =
+            analytics(Some("entry OR payment OR order OR cache"), field, interval);
+        assert_eq!(levels, levels_rows, "{field}");
+        assert_eq!(by_service, by_service_rows, "{field}");
+        assert_eq!(services, services_rows, "{field}");
+        assert_eq!(patterns, patterns_rows, "{field}");
+        assert_eq!(
+            (
+                stats.count,
+                stats.min,
+                stats.max,
+                stats.p50,
+                stats.p90,
+                stats.p99
+            ),
+            (
+                stats_rows.count,
+                stats_rows.min,
+                stats_rows.max,
+                stats_rows.p50,
+                stats_rows.p90,
+                stats_rows.p99
+            ),
+            "{field}"
+        );
+        assert!(stats.count > 0, "{field}: {stats:?}");
+        assert!(
+            (stats.avg.unwrap() - stats_rows.avg.unwrap()).abs() < 1e-9,
+            "{field}"
+        );
+    }
+    let (levels, _, _, stats, _) = analytics(None, "duration_ms", 700_000_000);
+    assert!(levels.iter().filter(|l| l.iter().sum::<u64>() > 0).count() >= 4);
+    assert_eq!(stats.count, 3000);
+    assert_eq!((stats.min, stats.max), (Some(0.0), Some(24.5)));
+    // The kept counts: the few-valued number is counted, the rest are not.
+    let counts = parts[0].counts(0).unwrap().unwrap();
+    let counted: Vec<&str> = counts.numbers.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(counted, vec!["context.duration_ms"]);
+}
+
+#[test]
+fn block_counts_read_back_and_a_damaged_frame_is_refused() {
+    let mut counts = super::block::BlockCounts::of([3, 1, 3].into_iter(), &[0, 1, 0], &[2, 5, 2]);
+    counts
+        .numbers
+        .push(("context.d".into(), vec![(0.5, 2), (12.0, 1)]));
+    assert_eq!(counts.templates, vec![(1, 1), (3, 2)]);
+    assert_eq!(counts.service_levels, vec![(0, 2, 2), (1, 5, 1)]);
+    let bytes = counts.to_bytes();
+    assert_eq!(super::block::BlockCounts::from_bytes(&bytes), Some(counts));
+    for cut in 0..bytes.len() {
+        assert_eq!(super::block::BlockCounts::from_bytes(&bytes[..cut]), None);
+    }
+}

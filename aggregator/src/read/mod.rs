@@ -183,6 +183,50 @@ impl FieldStats {
     }
 }
 
+impl FieldStats {
+    /// Exact statistics of `values` and of the values `counted` (f64 bits → how many).
+    pub fn of_counted(
+        field: String,
+        values: Vec<f64>,
+        mut counted: HashMap<u64, u64>,
+    ) -> FieldStats {
+        if counted.is_empty() {
+            return FieldStats::of(field, values);
+        }
+        for v in values {
+            *counted.entry(v.to_bits()).or_default() += 1;
+        }
+        let mut sorted: Vec<(f64, u64)> = counted
+            .into_iter()
+            .map(|(bits, n)| (f64::from_bits(bits), n))
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let count: u64 = sorted.iter().map(|(_, n)| n).sum();
+        let sum: f64 = sorted.iter().map(|(v, n)| v * *n as f64).sum();
+        // Nearest rank, as `percentile` does.
+        let at_rank = |p: f64| {
+            let rank = ((p / 100.0) * count as f64).ceil().clamp(1.0, count as f64) as u64;
+            let mut seen = 0;
+            sorted.iter().find_map(|(v, n)| {
+                seen += n;
+                (seen >= rank).then_some(*v)
+            })
+        };
+        let [p50, p90, p95, p99] = PERCENTILES.map(at_rank);
+        FieldStats {
+            field,
+            count,
+            min: sorted.first().map(|(v, _)| *v),
+            max: sorted.last().map(|(v, _)| *v),
+            avg: (count > 0).then(|| sum / count as f64),
+            p50,
+            p90,
+            p95,
+            p99,
+        }
+    }
+}
+
 /// What analytics computes, whichever engine counted.
 #[derive(Debug, Default)]
 pub struct Analytics {
@@ -427,9 +471,10 @@ fn embedded_analytics(
         by_level: fruit.by_level,
         by_service: fruit.by_service,
         service_totals: fruit.service_totals,
-        field_stats: FieldStats::of(
+        field_stats: FieldStats::of_counted(
             request.value_field.clone().unwrap_or_default(),
             fruit.values,
+            fruit.counted,
         ),
         top_patterns: Vec::new(),
         caveats: Vec::new(),
