@@ -77,6 +77,8 @@ pub struct TemplateSet {
     /// Each shape's words, lower-cased, `None` where a variable stands (what terms are
     /// matched against), worked out once.
     tokens: Vec<Box<[Option<Box<str>>]>>,
+    /// For each shape, the templates that hold it.
+    by_shape: Vec<Vec<u32>>,
     /// Each template's message pattern, worked out the first time analytics asks.
     patterns: OnceLock<Vec<Option<Box<str>>>>,
 }
@@ -123,6 +125,21 @@ impl Shapes {
     }
 }
 
+/// For each of `shapes` shapes, the templates (by number) that hold it.
+fn by_shape(infos: &[TemplateInfo], shapes: usize) -> Vec<Vec<u32>> {
+    let mut by_shape = vec![Vec::new(); shapes];
+    for (t, info) in infos.iter().enumerate() {
+        for placed in &info.values {
+            if let Some(list) = by_shape.get_mut(placed.shape as usize)
+                && list.last() != Some(&(t as u32))
+            {
+                list.push(t as u32);
+            }
+        }
+    }
+    by_shape
+}
+
 impl TemplateSet {
     /// A part's dictionary: paths numbered as the templates name them.
     pub fn new(texts: Vec<Box<[u8]>>) -> TemplateSet {
@@ -163,10 +180,11 @@ impl TemplateSet {
             .zip(all_slots)
             .zip(all_values)
             .map(|((text, slots), values)| TemplateInfo::with_values(text, values, slots, columns))
-            .collect();
+            .collect::<Vec<_>>();
         TemplateSet {
-            infos,
             paths,
+            by_shape: by_shape(&infos, shapes.all.len()),
+            infos,
             shapes: shapes.all,
             tokens: shapes.tokens,
             patterns: OnceLock::new(),
@@ -215,10 +233,11 @@ impl TemplateSet {
                     .collect();
                 TemplateInfo::with_values(text, values, slots, columns)
             })
-            .collect();
+            .collect::<Vec<_>>();
         TemplateSet {
-            infos,
             paths: paths.to_vec(),
+            by_shape: by_shape(&infos, shapes.all.len()),
+            infos,
             shapes: shapes.all,
             tokens: shapes.tokens,
             patterns: OnceLock::new(),
@@ -246,7 +265,7 @@ impl TemplateSet {
             .iter()
             .map(|info| {
                 96 + info.text.len()
-                    + 16 * info.values.len()
+                    + 20 * info.values.len()
                     + 4 * info.slots.len()
                     + 8 * info.counts.len()
             })
@@ -678,6 +697,9 @@ pub struct Compiled {
     /// blocks of a part share one dictionary).
     plans: parking_lot::Mutex<HashMap<(u64, usize), Arc<TemplatePlan>>>,
     held: parking_lot::Mutex<Option<Arc<TemplateSet>>>,
+    /// Per part, where every term is decided by templates alone: the whole expression's
+    /// answer for each template (`Some(true/false)`, `None` where a row decides).
+    answers: parking_lot::Mutex<HashMap<u64, Arc<Vec<Option<bool>>>>>,
 }
 
 /// How a term is decided for each template of a set.
@@ -769,15 +791,16 @@ impl Compiled {
             values,
             plans: parking_lot::Mutex::new(HashMap::new()),
             held: parking_lot::Mutex::new(None),
+            answers: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
-    /// The positive word terms on the message (or anywhere), for highlighting.
     /// Whether the query has terms (`q`, ids, tags), not only row filters.
     pub fn has_terms(&self) -> bool {
         self.expr.is_some()
     }
 
+    /// The positive word terms on the message (or anywhere), for highlighting.
     pub fn highlight_words(&self) -> Vec<Vec<String>> {
         self.atoms
             .iter()
@@ -951,32 +974,6 @@ fn value_verdict(m: &Match, value: &Value, tokens: &[Option<Box<str>>]) -> Verdi
     }
 }
 
-/// How a term is decided for the rows of one template: from its values' shapes, each decided
-/// once (`memo`, by shape number).
-fn template_verdict(
-    m: &Match,
-    info: &TemplateInfo,
-    set: &TemplateSet,
-    memo: &mut [Option<Verdict>],
-) -> Verdict {
-    let mut row = false;
-    for placed in &info.values {
-        let shape = placed.shape as usize;
-        let verdict = match (memo.get_mut(shape), set.tokens.get(shape)) {
-            (Some(slot), Some(tokens)) => {
-                *slot.get_or_insert_with(|| value_verdict(m, &placed.value, tokens))
-            }
-            _ => value_verdict(m, &placed.value, &template_tokens(&placed.value)),
-        };
-        match verdict {
-            Verdict::Yes => return Verdict::Yes,
-            Verdict::Row => row = true,
-            Verdict::No => {}
-        }
-    }
-    if row { Verdict::Row } else { Verdict::No }
-}
-
 /// The words of a term that only variables can hold: what a Bloom filter can rule out.
 fn variable_words(m: &Match) -> Vec<String> {
     match &m.pattern {
@@ -1007,6 +1004,15 @@ fn variables_allow(m: &Match, view: &View<'_>) -> Result<bool, BlockError> {
             continue;
         }
         let column = view.block_column(c)?;
+        if let Some(found) = ascii_words_in(&column.data, &wanted) {
+            for (seen, found) in seen.iter_mut().zip(found) {
+                *seen |= found;
+            }
+            if seen.iter().all(|s| *s) {
+                return Ok(true);
+            }
+            continue;
+        }
         for i in 0..column.len() {
             for word in super::block::words_of(column.get(i).unwrap_or_default()) {
                 for (w, seen) in wanted.iter().zip(seen.iter_mut()) {
@@ -1027,6 +1033,33 @@ fn variables_allow(m: &Match, view: &View<'_>) -> Result<bool, BlockError> {
         }
     }
     Ok(false)
+}
+
+/// Whether each of `words` (lower-cased) is a whole word of the text, found with a substring
+/// search instead of cutting every value into words; `None` where that is not exact (text or
+/// words that are not ASCII).
+fn ascii_words_in(text: &[u8], words: &[String]) -> Option<Vec<bool>> {
+    if !text.is_ascii() || !words.iter().all(|w| w.is_ascii()) {
+        return None;
+    }
+    let text: Cow<'_, [u8]> = if text.iter().any(u8::is_ascii_uppercase) {
+        Cow::Owned(text.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(text)
+    };
+    let word_byte = |at: Option<&u8>| at.is_some_and(u8::is_ascii_alphanumeric);
+    Some(
+        words
+            .iter()
+            .map(|w| {
+                !w.is_empty()
+                    && memchr::memmem::find_iter(&text, w.as_bytes()).any(|at| {
+                        !word_byte(at.checked_sub(1).and_then(|p| text.get(p)))
+                            && !word_byte(text.get(at + w.len()))
+                    })
+            })
+            .collect(),
+    )
 }
 
 /// The hashes of the variable words of a term: what a Bloom filter can rule out.
@@ -1161,12 +1194,25 @@ fn template_plan(
         return Ok(plan.clone());
     }
     let m = &query.atoms[atom];
+    // Each shape decided once; a template is a match where one of its shapes is, and left
+    // to the row where one of them depends on its variables.
     let set = &view.template_set()?.0;
-    let mut memo = vec![None; set.shapes.len()];
-    let verdicts: Vec<Verdict> = templates
+    let mut verdicts = vec![Verdict::No; templates.len()];
+    let shape_verdicts: Vec<Verdict> = set
+        .shapes
         .iter()
-        .map(|info| template_verdict(m, info, set, &mut memo))
+        .zip(&set.tokens)
+        .map(|(value, tokens)| value_verdict(m, value, tokens))
         .collect();
+    for wanted in [Verdict::Row, Verdict::Yes] {
+        for (shape, verdict) in shape_verdicts.iter().enumerate() {
+            if *verdict == wanted {
+                for &t in &set.by_shape[shape] {
+                    verdicts[t as usize] = wanted;
+                }
+            }
+        }
+    }
     let slots = match var_test(m) {
         Some(test) if verdicts.contains(&Verdict::Row) => {
             Some(hit_slots(m, &test, templates, &verdicts))
@@ -1326,33 +1372,60 @@ pub fn count_without_rows(
     if !by_templates_alone {
         return Ok(None);
     }
+    let answers = template_answers(query, expr, &plans, view)?;
     let mut total = 0;
     for &(t, n) in &counts.templates {
-        let mut undecided = false;
-        let mut atom = |i: usize| -> Result<bool, BlockError> {
-            let AtomPlan::Values { templates, .. } = &plans[i] else {
-                return Ok(false);
-            };
-            Ok(
-                match templates.as_ref().and_then(|p| p.verdicts.get(t as usize)) {
-                    Some(Verdict::Yes) => true,
-                    Some(Verdict::Row) => {
-                        undecided = true;
-                        false
-                    }
-                    _ => false,
-                },
-            )
-        };
-        let hit = eval(expr, &mut atom)?;
-        if undecided {
-            return Ok(None);
-        }
-        if hit {
-            total += u64::from(n);
+        match answers.get(t as usize).copied().flatten() {
+            Some(true) => total += u64::from(n),
+            Some(false) => {}
+            None => return Ok(None),
         }
     }
     Ok(Some(total))
+}
+
+/// The expression's answer for each template of the view's set, from terms that templates
+/// decide; kept per part for the query when no term depends on the block (a term with
+/// variable words depends on the block's Bloom filter).
+fn template_answers(
+    query: &Compiled,
+    expr: &Expr,
+    plans: &[AtomPlan],
+    view: &View<'_>,
+) -> Result<Arc<Vec<Option<bool>>>, BlockError> {
+    let per_part = query.atoms.iter().all(|m| variable_words(m).is_empty());
+    let key = view.shared_templates().filter(|_| per_part);
+    if let Some(key) = key
+        && let Some(answers) = query.answers.lock().get(&key)
+    {
+        return Ok(answers.clone());
+    }
+    let templates = view.templates()?.len();
+    let mut answers = Vec::with_capacity(templates);
+    for t in 0..templates {
+        let mut undecided = false;
+        let mut atom = |i: usize| -> Result<bool, BlockError> {
+            let AtomPlan::Values { templates, .. } = &plans[i] else {
+                undecided = true;
+                return Ok(false);
+            };
+            Ok(match templates.as_ref().and_then(|p| p.verdicts.get(t)) {
+                Some(Verdict::Yes) => true,
+                Some(Verdict::Row) => {
+                    undecided = true;
+                    false
+                }
+                _ => false,
+            })
+        };
+        let hit = eval(expr, &mut atom)?;
+        answers.push(if undecided { None } else { Some(hit) });
+    }
+    let answers = Arc::new(answers);
+    if let Some(key) = key {
+        query.answers.lock().insert(key, answers.clone());
+    }
+    Ok(answers)
 }
 
 /// Scans one block: calls `found(row, positions)` for every row that matches, in row order,
@@ -1677,4 +1750,31 @@ pub fn highlight(
         .map(|(s, e)| [s - from, e - from])
         .collect();
     Some((fragment, ranges))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The substring search finds exactly the whole words that cutting values into words
+    /// finds, whatever the case, and declines text it cannot decide exactly.
+    #[test]
+    fn whole_words_are_found_by_substring_search_as_by_cutting() {
+        let text = b"req-AB12cd\0xylophone3 x\0order 4711-b\0a4711\0";
+        let words: Vec<String> = ["ab12cd", "4711", "xylophone3", "711", "b", "req", "a47"]
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
+        let by_cutting: Vec<bool> = words
+            .iter()
+            .map(|w| {
+                text.split(|b| *b == 0)
+                    .flat_map(super::super::block::words_of)
+                    .any(|word| word.to_lowercase() == *w)
+            })
+            .collect();
+        assert_eq!(by_cutting, vec![true, true, true, false, true, true, false]);
+        assert_eq!(ascii_words_in(text, &words), Some(by_cutting));
+        assert_eq!(ascii_words_in("café 12".as_bytes(), &words), None);
+    }
 }
