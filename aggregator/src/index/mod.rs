@@ -1268,7 +1268,7 @@ impl Counter<'_> {
         let Some(counts) = view.counts()? else {
             return Ok(false);
         };
-        let (_, kept, all) = scan::count_filtered(view, self.query, counts);
+        let (kept, all) = scan::count_filtered(view, self.query, counts);
         if kept == 0 {
             return Ok(true);
         }

@@ -468,27 +468,29 @@ impl<'a> View<'a> {
     }
 
     pub fn bloom(&self) -> Result<Option<&Bloom>, BlockError> {
-        if let Some(v) = self.bloom.get() {
-            return Ok(v.as_ref());
-        }
-        let bloom = match self.disk {
-            Some((p, i)) => p.bloom(i)?,
-            None => None,
-        };
-        Ok(self.bloom.get_or_init(|| bloom).as_ref())
+        self.read_once(&self.bloom, Part::bloom)
     }
 
     /// Rows per template and per (service, level), where the block is in a part that keeps
     /// them.
     pub fn counts(&self) -> Result<Option<&BlockCounts>, BlockError> {
-        if let Some(v) = self.counts.get() {
+        self.read_once(&self.counts, Part::counts)
+    }
+
+    /// What only a block on disk has, read from its part once (`None` for a block in memory).
+    fn read_once<'s, T>(
+        &'s self,
+        cell: &'s OnceLock<Option<T>>,
+        read: impl FnOnce(&Part, usize) -> Result<Option<T>, BlockError>,
+    ) -> Result<Option<&'s T>, BlockError> {
+        if let Some(v) = cell.get() {
             return Ok(v.as_ref());
         }
-        let counts = match self.disk {
-            Some((p, i)) => p.counts(i)?,
+        let value = match self.disk {
+            Some((p, i)) => read(p, i)?,
             None => None,
         };
-        Ok(self.counts.get_or_init(|| counts).as_ref())
+        Ok(cell.get_or_init(|| value).as_ref())
     }
 
     /// Whether the block's Bloom filter may hold every one of `hashes` (true without one).
@@ -1302,13 +1304,9 @@ fn wanted_services(query: &Compiled, view: &View<'_>) -> Option<Vec<bool>> {
     })
 }
 
-/// What the level and service filters make of a block's (service, level) counts: whether
-/// each pair is kept, the rows kept and all rows.
-pub fn count_filtered(
-    view: &View<'_>,
-    query: &Compiled,
-    counts: &BlockCounts,
-) -> (Vec<bool>, u64, u64) {
+/// What the level and service filters make of a block's (service, level) counts: the rows
+/// they keep, and all rows.
+pub fn count_filtered(view: &View<'_>, query: &Compiled, counts: &BlockCounts) -> (u64, u64) {
     let wanted = wanted_services(query, view);
     let keeps = |s: u32, l: u8| {
         query.levels & (1 << l) != 0
@@ -1316,21 +1314,13 @@ pub fn count_filtered(
                 .as_ref()
                 .is_none_or(|w| w.get(s as usize).copied().unwrap_or(false))
     };
-    let mut kept = 0;
-    let mut all = 0;
-    let verdicts = counts
+    counts
         .service_levels
         .iter()
-        .map(|(s, l, n)| {
-            let keep = keeps(*s, *l);
-            all += u64::from(*n);
-            if keep {
-                kept += u64::from(*n);
-            }
-            keep
+        .fold((0, 0), |(kept, all), &(s, l, n)| {
+            let n = u64::from(n);
+            (kept + if keeps(s, l) { n } else { 0 }, all + n)
         })
-        .collect();
-    (verdicts, kept, all)
 }
 
 /// How many rows of the block match, from its counts alone (no column is read), where that
@@ -1352,7 +1342,7 @@ pub fn count_without_rows(
     let Some(counts) = view.counts()? else {
         return Ok(None);
     };
-    let (_, kept, all) = count_filtered(view, query, counts);
+    let (kept, all) = count_filtered(view, query, counts);
     let Some(expr) = &query.expr else {
         return Ok(Some(kept));
     };
