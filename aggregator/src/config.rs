@@ -231,7 +231,7 @@ impl Default for Config {
             index_writer_memory_mb: 128,
             wal_segment_bytes: 64 * 1024 * 1024,
             wal_max_bytes: 8 * 1024 * 1024 * 1024,
-            ingest_max_lag_bytes: 64 * 1024 * 1024,
+            ingest_max_lag_bytes: 32 * 1024 * 1024,
             max_request_bytes: 64 * 1024 * 1024,
             max_batch_entries: 10_000,
             max_connections: 1024,

@@ -724,10 +724,17 @@ fn split_zero(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 pub fn bloom_of(block: &Block) -> Bloom {
     let mut hashes = bloom::HashSet::default();
     for column in &block.columns {
+        // Values are separated by 0 bytes, which no word holds: one pass cuts them all.
+        if column.data.is_ascii() {
+            bloom::for_each_word_hash(&column.data, |hash| {
+                hashes.insert(hash);
+            });
+            continue;
+        }
         for value in column.data.split(|&b| b == 0) {
-            for word in words_of(value) {
-                hashes.insert(bloom::word_hash(word));
-            }
+            bloom::for_each_word_hash(value, |hash| {
+                hashes.insert(hash);
+            });
         }
     }
     for (id, ts) in block.ids.iter().zip(&block.ts) {

@@ -114,14 +114,16 @@ pub type Path = String;
 /// it meets, so a variable carries a number rather than a copy of its path.
 #[derive(Default)]
 pub struct Cutter {
-    path: String,
     /// The current path's number.
     current: u32,
-    /// Length of `path` and its number before each open container, and whether it is an
-    /// object.
-    stack: Vec<(usize, u32, bool)>,
+    /// The path number of each open container, and whether it is an object.
+    stack: Vec<(u32, bool)>,
     ids: std::collections::HashMap<String, u32, foldhash::fast::RandomState>,
     names: Vec<String>,
+    /// The path under a container's path for a key: (parent number, key bytes) -> number,
+    /// so a line's keys are looked up as they stand, without building their paths.
+    children: std::collections::HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
+    key: Vec<u8>,
 }
 
 /// One variable of a cut text: its bytes in the text, and its path's number
@@ -151,13 +153,31 @@ impl Cutter {
         self.names.get(id as usize).map_or("", String::as_str)
     }
 
-    fn intern(&mut self) -> u32 {
-        if let Some(&id) = self.ids.get(self.path.as_str()) {
+    fn intern(&mut self, path: String) -> u32 {
+        if let Some(&id) = self.ids.get(path.as_str()) {
             return id;
         }
         let id = self.names.len() as u32;
-        self.names.push(self.path.clone());
-        self.ids.insert(self.path.clone(), id);
+        self.names.push(path.clone());
+        self.ids.insert(path, id);
+        id
+    }
+
+    /// The number of the path of `key` inside the container whose path is `parent`.
+    fn child(&mut self, parent: u32, key: &[u8]) -> u32 {
+        self.key.clear();
+        self.key.extend_from_slice(&parent.to_le_bytes());
+        self.key.extend_from_slice(key);
+        if let Some(&id) = self.children.get(self.key.as_slice()) {
+            return id;
+        }
+        let mut path = self.path(parent).to_owned();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(&String::from_utf8_lossy(key));
+        let id = self.intern(path);
+        self.children.insert(self.key.as_slice().into(), id);
         id
     }
 
@@ -174,9 +194,13 @@ impl Cutter {
         template: &mut Vec<u8>,
         vars: &mut Vec<Variable>,
     ) {
-        self.path.clear();
         self.stack.clear();
-        self.current = self.intern();
+        // The whole text's path, "", is the first one numbered.
+        const ROOT: u32 = 0;
+        if self.names.is_empty() {
+            self.intern(String::new());
+        }
+        self.current = ROOT;
         if text.iter().any(|&b| b <= VERBATIM) {
             template.push(VERBATIM);
             template.extend_from_slice(text);
@@ -184,7 +208,7 @@ impl Cutter {
         }
         let mut expect = Expect::Value;
         if top_level_members {
-            self.stack.push((0, self.current, true));
+            self.stack.push((ROOT, true));
             expect = Expect::Key;
         }
         let mut i = 0;
@@ -200,17 +224,9 @@ impl Cutter {
                     let end = string_end(text, i);
                     if expect == Expect::Key {
                         // A key: never cut; it names the path of the value that follows.
-                        let base = self.stack.last().map_or(0, |(len, _, _)| *len);
-                        self.path.truncate(base);
-                        if !self.path.is_empty() {
-                            self.path.push('.');
-                        }
+                        let parent = self.stack.last().map_or(ROOT, |(id, _)| *id);
                         let key = &text[i + 1..end.saturating_sub(1).max(i + 1)];
-                        match std::str::from_utf8(key) {
-                            Ok(key) => self.path.push_str(key),
-                            Err(_) => self.path.push_str(&String::from_utf8_lossy(key)),
-                        }
-                        self.current = self.intern();
+                        self.current = self.child(parent, key);
                         expect = Expect::Colon;
                     } else {
                         // A string value: its words with digits (or long) are variables.
@@ -262,7 +278,7 @@ impl Cutter {
                     i = j;
                 }
                 b'{' | b'[' => {
-                    self.stack.push((self.path.len(), self.current, b == b'{'));
+                    self.stack.push((self.current, b == b'{'));
                     expect = if b == b'{' {
                         Expect::Key
                     } else {
@@ -271,8 +287,7 @@ impl Cutter {
                     i += 1;
                 }
                 b'}' | b']' => {
-                    if let Some((len, id, _)) = self.stack.pop() {
-                        self.path.truncate(len);
+                    if let Some((id, _)) = self.stack.pop() {
                         self.current = id;
                     }
                     expect = Expect::Next;
@@ -284,7 +299,7 @@ impl Cutter {
                 }
                 b',' => {
                     expect = match self.stack.last() {
-                        Some((_, _, true)) => Expect::Key,
+                        Some((_, true)) => Expect::Key,
                         _ => Expect::Value,
                     };
                     i += 1;

@@ -37,7 +37,7 @@ use segment::{
 
 /// Recent records kept in memory, so a consumer that keeps up (or falls behind by less than
 /// this) never reads back from disk. Larger than the ingest lag limit on purpose.
-const RECENT_BYTES: usize = 96 * 1024 * 1024;
+const RECENT_BYTES: usize = 48 * 1024 * 1024;
 /// A group commit takes at most this many bytes of requests before it syncs.
 const GROUP_BYTES: usize = 16 * 1024 * 1024;
 
