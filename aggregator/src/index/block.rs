@@ -504,6 +504,9 @@ pub fn decode_varints(bytes: &[u8], rows: usize) -> Option<Vec<u32>> {
     (at == bytes.len()).then_some(out)
 }
 
+/// Distinct values a numeric column may have and still be counted, whatever the block's rows.
+pub const FEW_NUMBERS: usize = 4096;
+
 /// How many rows of a block each template and each (service, level) has: what answers a
 /// count over a whole block without reading its columns.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -512,9 +515,9 @@ pub struct BlockCounts {
     pub templates: Vec<(u32, u32)>,
     /// (service number, level rank, rows).
     pub service_levels: Vec<(u32, u8, u32)>,
-    /// For the paths whose every value in the block is a JSON number, and that have few
-    /// distinct values: each value and its rows (what analytics' field statistics need).
-    pub numbers: Vec<(String, Vec<(f64, u32)>)>,
+    /// Value counts of numeric paths ([`count_numbers`]), in parts written before they got a
+    /// frame of their own (empty in newer parts: a count by template need not decode them).
+    pub numbers: NumberCounts,
 }
 
 impl BlockCounts {
@@ -542,40 +545,6 @@ impl BlockCounts {
         }
     }
 
-    /// Adds the value counts of the block's numeric columns that have at most a quarter as
-    /// many distinct values as rows (where counts are smaller than the values).
-    pub fn count_numbers(&mut self, block: &Block) {
-        let most = block.rows() / 4;
-        for (c, column) in block.columns.iter().enumerate() {
-            if !block.numeric.get(c).copied().unwrap_or(false) || block.paths[c] == OTHER_PATHS {
-                continue;
-            }
-            let mut by_text: HashMap<&[u8], u32> = HashMap::new();
-            for i in 0..column.len() {
-                *by_text
-                    .entry(column.get(i).unwrap_or_default())
-                    .or_default() += 1;
-                if by_text.len() > most {
-                    break;
-                }
-            }
-            if by_text.len() > most {
-                continue;
-            }
-            let values: Option<Vec<(f64, u32)>> = by_text
-                .into_iter()
-                .map(|(text, n)| {
-                    let v = std::str::from_utf8(text).ok()?.parse::<f64>().ok()?;
-                    v.is_finite().then_some((v, n))
-                })
-                .collect();
-            if let Some(mut values) = values {
-                values.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-                self.numbers.push((block.paths[c].clone(), values));
-            }
-        }
-    }
-
     /// Varints: the number of templates, then (template, rows) pairs; the number of
     /// (service, level) pairs, then (service, level, rows) triples.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -591,16 +560,7 @@ impl BlockCounts {
             put_varint(u64::from(*l), &mut out);
             put_varint(u64::from(*n), &mut out);
         }
-        put_varint(self.numbers.len() as u64, &mut out);
-        for (path, values) in &self.numbers {
-            put_varint(path.len() as u64, &mut out);
-            out.extend_from_slice(path.as_bytes());
-            put_varint(values.len() as u64, &mut out);
-            for (v, n) in values {
-                out.extend_from_slice(&v.to_le_bytes());
-                put_varint(u64::from(*n), &mut out);
-            }
-        }
+        put_numbers(&self.numbers, &mut out);
         out
     }
 
@@ -621,27 +581,89 @@ impl BlockCounts {
                 next(&mut at)?,
             ));
         }
-        let n = next(&mut at)? as usize;
-        let mut numbers = Vec::with_capacity(n.min(bytes.len()));
-        for _ in 0..n {
-            let len = next(&mut at)? as usize;
-            let path = std::str::from_utf8(bytes.get(at..at.checked_add(len)?)?).ok()?;
-            at += len;
-            let count = next(&mut at)? as usize;
-            let mut values = Vec::with_capacity(count.min(bytes.len()));
-            for _ in 0..count {
-                let v = f64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
-                at += 8;
-                values.push((v, next(&mut at)?));
-            }
-            numbers.push((path.to_string(), values));
-        }
+        let numbers = get_numbers(bytes, &mut at)?;
         (at == bytes.len()).then_some(BlockCounts {
             templates,
             service_levels,
             numbers,
         })
     }
+}
+
+/// Per numeric path of a block: each value and its rows, by value ([`count_numbers`]).
+pub type NumberCounts = Vec<(String, Vec<(f64, u32)>)>;
+
+/// The value counts of the block's numeric columns that have at most a quarter as many
+/// distinct values as rows (where counts are smaller than the values), or at most
+/// [`FEW_NUMBERS`] (so a small block, the last of a flush, is counted too: analytics would
+/// otherwise read its rows).
+pub fn count_numbers(block: &Block) -> NumberCounts {
+    let most = (block.rows() / 4).max(FEW_NUMBERS);
+    let mut numbers = Vec::new();
+    for (c, column) in block.columns.iter().enumerate() {
+        if !block.numeric.get(c).copied().unwrap_or(false) || block.paths[c] == OTHER_PATHS {
+            continue;
+        }
+        let mut by_text: HashMap<&[u8], u32> = HashMap::new();
+        for i in 0..column.len() {
+            *by_text
+                .entry(column.get(i).unwrap_or_default())
+                .or_default() += 1;
+            if by_text.len() > most {
+                break;
+            }
+        }
+        if by_text.len() > most {
+            continue;
+        }
+        let values: Option<Vec<(f64, u32)>> = by_text
+            .into_iter()
+            .map(|(text, n)| {
+                let v = std::str::from_utf8(text).ok()?.parse::<f64>().ok()?;
+                v.is_finite().then_some((v, n))
+            })
+            .collect();
+        if let Some(mut values) = values {
+            values.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+            numbers.push((block.paths[c].clone(), values));
+        }
+    }
+    numbers
+}
+
+/// Value counts as bytes: the number of paths, then per path its length and text, the number
+/// of values, and (f64 little-endian, rows varint) per value.
+pub fn put_numbers(numbers: &NumberCounts, out: &mut Vec<u8>) {
+    put_varint(numbers.len() as u64, out);
+    for (path, values) in numbers {
+        put_varint(path.len() as u64, out);
+        out.extend_from_slice(path.as_bytes());
+        put_varint(values.len() as u64, out);
+        for (v, n) in values {
+            out.extend_from_slice(&v.to_le_bytes());
+            put_varint(u64::from(*n), out);
+        }
+    }
+}
+
+pub fn get_numbers(bytes: &[u8], at: &mut usize) -> Option<NumberCounts> {
+    let next = |at: &mut usize| u32::try_from(get_varint(bytes, at)?).ok();
+    let n = next(at)? as usize;
+    let mut numbers = Vec::with_capacity(n.min(bytes.len()));
+    for _ in 0..n {
+        let len = next(at)? as usize;
+        let path = std::str::from_utf8(bytes.get(*at..at.checked_add(len)?)?).ok()?;
+        *at += len;
+        let count = next(at)? as usize;
+        let mut values = Vec::with_capacity(count.min(bytes.len()));
+        for _ in 0..count {
+            let v = f64::from_le_bytes(bytes.get(*at..*at + 8)?.try_into().ok()?);
+            *at += 8;
+            values.push((v, next(at)?));
+        }
+        numbers.push((path.to_string(), values));
+    }
+    Some(numbers)
 }
 
 /// Ids: a flag byte per row (1: a UUIDv7 of the row's own millisecond, stored as its 10

@@ -1285,7 +1285,10 @@ impl Counter<'_> {
         // The numeric field: counted in the block, or absent from it.
         let numbers = match self.field_path {
             None => None,
-            Some(path) => match counts.numbers.iter().find(|(p, _)| p == path) {
+            Some(path) => match view
+                .numbers()?
+                .and_then(|numbers| numbers.iter().find(|(p, _)| p == path))
+            {
                 Some((_, values)) => Some(values),
                 None if summary
                     .paths

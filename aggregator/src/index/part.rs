@@ -37,8 +37,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::block::{
-    self, Block, BlockCounts, BlockError, Summary, VarColumn, decode_deltas, decode_ids,
-    decode_strings, decode_varints, encode_deltas, encode_ids, encode_strings, encode_varints,
+    self, Block, BlockCounts, BlockError, NumberCounts, Summary, VarColumn, decode_deltas,
+    decode_ids, decode_strings, decode_varints, encode_deltas, encode_ids, encode_strings,
+    encode_varints,
 };
 use super::bloom::Bloom;
 use super::scan::TemplateSet;
@@ -79,6 +80,11 @@ pub struct BlockEntry {
     /// written before it was added: their counts are made from the columns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counts: Option<Frame>,
+    /// The value counts of its numeric paths ([`block::count_numbers`]), apart from the
+    /// counts so that a count by template does not decode them. Absent from parts written
+    /// before: their counts frame holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numbers: Option<Frame>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -255,12 +261,14 @@ pub fn write(
                 out.clear();
             }
         }
-        // The last frame is the counts.
+        // The last two frames are the counts and the numbers.
+        let numbers = refs.pop();
         let counts = refs.pop();
         entries.push(BlockEntry {
             summary,
             frames: refs,
             counts,
+            numbers,
         });
     }
     let raw = encode_strings(texts.iter().copied());
@@ -328,13 +336,15 @@ fn encode_block(block: &Block, numbers: &[u32], options: WriteOptions) -> Encode
     for column in &block.columns {
         raw.push(column.data.clone());
     }
-    let mut counts = BlockCounts::of(
+    let counts = BlockCounts::of(
         block.template.iter().map(|t| numbers[*t as usize]),
         &block.service,
         &block.levels,
     );
-    counts.count_numbers(block);
     raw.push(counts.to_bytes());
+    let mut values = Vec::new();
+    block::put_numbers(&block::count_numbers(block), &mut values);
+    raw.push(values);
     let raw_lens = raw.iter().map(|r| r.len() as u32).collect();
     let mut zstd = Vec::with_capacity(raw.len());
     let frames = raw
@@ -402,6 +412,7 @@ impl Part {
                     .frames
                     .iter()
                     .chain(&block.counts)
+                    .chain(&block.numbers)
                     .any(|f| f.offset + u64::from(f.len) > footer_at)
             {
                 return Err(corrupt(path, "a block's frames are out of the file"));
@@ -569,6 +580,20 @@ impl Part {
             })
             .map(Some)
             .ok_or_else(|| self.bad("counts"))
+    }
+
+    /// The value counts of the block's numeric paths, where the part has them (in a frame of
+    /// their own, or in the counts of a part written before).
+    pub fn numbers(&self, block: usize) -> Result<Option<NumberCounts>, BlockError> {
+        let Some(frame) = &self.blocks[block].numbers else {
+            return Ok(self.counts(block)?.map(|c| c.numbers));
+        };
+        let bytes = self.frame(frame)?;
+        let mut at = 0;
+        block::get_numbers(&bytes, &mut at)
+            .filter(|_| at == bytes.len())
+            .map(Some)
+            .ok_or_else(|| self.bad("numbers"))
     }
 
     /// Whether the block's Bloom filter may hold every one of `hashes` (true without a

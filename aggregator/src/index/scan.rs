@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use logging_common::LogLevel;
 use uuid::Uuid;
 
-use super::block::{Block, BlockCounts, BlockError, Summary, VarColumn, slot_counts};
+use super::block::{Block, BlockCounts, BlockError, NumberCounts, Summary, VarColumn, slot_counts};
 use super::bloom::{self, Bloom};
 use super::part::Part;
 use super::query::{LogFilter, Order, SortPosition};
@@ -44,6 +44,7 @@ pub struct View<'a> {
     columns: Vec<OnceLock<Cow<'a, VarColumn>>>,
     bloom: OnceLock<Option<Bloom>>,
     counts: OnceLock<Option<BlockCounts>>,
+    numbers: OnceLock<Option<NumberCounts>>,
 }
 
 /// What a query needs of one template.
@@ -307,6 +308,7 @@ impl<'a> View<'a> {
             columns,
             bloom: OnceLock::new(),
             counts: OnceLock::new(),
+            numbers: OnceLock::new(),
         }
     }
 
@@ -475,6 +477,12 @@ impl<'a> View<'a> {
     /// them.
     pub fn counts(&self) -> Result<Option<&BlockCounts>, BlockError> {
         self.read_once(&self.counts, Part::counts)
+    }
+
+    /// The value counts of the block's numeric paths, where the block is in a part that keeps
+    /// them.
+    pub fn numbers(&self) -> Result<Option<&NumberCounts>, BlockError> {
+        self.read_once(&self.numbers, Part::numbers)
     }
 
     /// What only a block on disk has, read from its part once (`None` for a block in memory).

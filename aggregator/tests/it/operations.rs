@@ -284,8 +284,9 @@ async fn a_store_that_cannot_keep_up_holds_writes_back_and_says_so() {
     expect_problem(response, StatusCode::TOO_MANY_REQUESTS).await;
     // The store can write again: everything acknowledged is found, writes are taken.
     std::fs::remove_file(&blocker).unwrap();
+    // A liveness bound (the indexer retries with a back-off), generous for a loaded machine.
     let mut found = StatusCode::NOT_FOUND;
-    for _ in 0..100 {
+    for _ in 0..300 {
         found = app
             .request(Method::GET, &format!("/api/logs/{}", ids[0]), Some(ADMIN))
             .send()
