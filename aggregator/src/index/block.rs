@@ -81,13 +81,37 @@ impl VarColumn {
 
     /// Reads what was written: values each ending in a 0 byte.
     pub fn from_bytes(data: Vec<u8>) -> VarColumn {
-        let mut starts = Vec::new();
+        let mut starts = Vec::with_capacity(data.len() / 8);
         let mut at = 0;
-        for end in memchr::memchr_iter(0, &data) {
+        zero_bytes(&data, |end| {
             starts.push(at as u32);
             at = end + 1;
-        }
+        });
         VarColumn { data, starts }
+    }
+}
+
+/// Calls `each` with the position of every 0 byte of `data`, in order. Values are short (a
+/// 0 every ten bytes or so), where calling `memchr` once per value costs more than the
+/// search: this tests eight bytes at a time, exactly (no carry crosses a byte).
+fn zero_bytes(data: &[u8], mut each: impl FnMut(usize)) {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    for (i, word) in words.enumerate() {
+        let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        // A byte's high bit is set here exactly when the byte is 0.
+        let mut zeros = !(((x & LOW7) + LOW7) | x | LOW7);
+        while zeros != 0 {
+            each(i * 8 + zeros.trailing_zeros() as usize / 8);
+            zeros &= zeros - 1;
+        }
+    }
+    let base = data.len() - tail.len();
+    for (i, b) in tail.iter().enumerate() {
+        if *b == 0 {
+            each(base + i);
+        }
     }
 }
 
@@ -795,6 +819,18 @@ impl<T> Lazy<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn zero_bytes_are_found_as_memchr_finds_them(data in proptest::collection::vec(
+            proptest::prop_oneof![proptest::prelude::Just(0u8), proptest::prelude::Just(1u8), proptest::prelude::Just(0x80u8), proptest::prelude::Just(0x7fu8), proptest::prelude::any::<u8>()],
+            0..100,
+        )) {
+            let mut found = Vec::new();
+            zero_bytes(&data, |i| found.push(i));
+            proptest::prop_assert_eq!(found, memchr::memchr_iter(0, &data).collect::<Vec<_>>());
+        }
+    }
 
     fn line(i: usize) -> String {
         let id = logging_common::id::new_log_id(Timestamp::from_nanos(

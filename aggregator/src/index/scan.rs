@@ -532,7 +532,48 @@ impl<'a> View<'a> {
         let ids = self.ids()?;
         let levels = self.levels()?;
         let service = self.service()?;
-        let mut at = vec![0u32; self.path_count()?];
+        let corrupt = |row: usize| BlockError::Corrupt {
+            file: "a block".into(),
+            what: format!("row {row} asks for a variable its columns lack"),
+        };
+        let paths = self.path_count()?;
+        let (Some(&first), Some(&last)) = (rows.first(), rows.last()) else {
+            return Ok(Vec::new());
+        };
+        if self.rows().saturating_sub(first) < last {
+            // The rows are near the end (the newest of a block in time order): where a row's
+            // variables are, from the end of each column, walking back only past the rows
+            // after it.
+            let mut after = vec![0u32; paths];
+            let mut out = Vec::with_capacity(rows.len());
+            let mut wanted = rows.iter().rev().peekable();
+            for row in (first..self.rows()).rev() {
+                let info = &templates[template[row] as usize];
+                for (c, n) in &info.counts {
+                    after[*c as usize] += n;
+                }
+                if wanted.next_if(|w| **w == row).is_none() {
+                    continue;
+                }
+                let mut mine = vec![0u32; paths];
+                for &c in &info.slots {
+                    let len = self.column(c as usize)?.len() as u32;
+                    let (Some(at), Some(after)) = (mine.get_mut(c as usize), after.get(c as usize))
+                    else {
+                        return Err(corrupt(row));
+                    };
+                    *at = len.checked_sub(*after).ok_or_else(|| corrupt(row))?;
+                }
+                let mut line = Vec::new();
+                if !self.write_line(row, info, &mut mine, ts, ids, levels, service, &mut line)? {
+                    return Err(corrupt(row));
+                }
+                out.push(line);
+            }
+            out.reverse();
+            return Ok(out);
+        }
+        let mut at = vec![0u32; paths];
         let mut out = Vec::with_capacity(rows.len());
         let mut wanted = rows.iter().peekable();
         for row in 0..self.rows() {
@@ -543,10 +584,7 @@ impl<'a> View<'a> {
                 let mut line = Vec::new();
                 let mut mine = at.clone();
                 if !self.write_line(row, info, &mut mine, ts, ids, levels, service, &mut line)? {
-                    return Err(BlockError::Corrupt {
-                        file: "a block".into(),
-                        what: format!("row {row} asks for a variable its columns lack"),
-                    });
+                    return Err(corrupt(row));
                 }
                 out.push(line);
             }

@@ -564,6 +564,23 @@ fn a_part_keeps_each_template_once_and_every_block_reads_back_through_it() {
         let view = super::scan::View::disk(&part, b);
         let rows: Vec<usize> = (0..view.rows()).collect();
         assert_eq!(&view.lines(&rows).unwrap(), lines, "block {b} reads back");
+        // A few rows alone: from the start of the columns, or from their end when the rows
+        // are nearer to it; both find the same variables.
+        let n = rows.len();
+        for few in [
+            vec![0, 1],
+            vec![n / 3, n / 2],
+            vec![n / 2 + 1, n - 7, n - 1],
+            vec![n - 1],
+            vec![3, n - 2],
+        ] {
+            let expected: Vec<Vec<u8>> = few.iter().map(|r| lines[*r].clone()).collect();
+            assert_eq!(
+                view.lines(&few).unwrap(),
+                expected,
+                "block {b} rows {few:?}"
+            );
+        }
     }
     // Terms decided by the variables and by the templates, in every block of the part.
     for (q, expected) in [
@@ -793,7 +810,10 @@ fn block_counts_read_back_and_a_damaged_frame_is_refused() {
     assert_eq!(counts.templates, vec![(1, 1), (3, 2)]);
     assert_eq!(counts.service_levels, vec![(0, 2, 2), (1, 5, 1)]);
     let bytes = counts.to_bytes();
-    assert_eq!(super::block::BlockCounts::from_bytes(&bytes), Some(counts.clone()));
+    assert_eq!(
+        super::block::BlockCounts::from_bytes(&bytes),
+        Some(counts.clone())
+    );
     for cut in 0..bytes.len() {
         assert_eq!(super::block::BlockCounts::from_bytes(&bytes[..cut]), None);
     }
