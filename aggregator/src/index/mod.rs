@@ -199,7 +199,7 @@ pub struct AnalyticsFruit {
     pub service_totals: HashMap<String, (u64, u64)>,
     pub values: Vec<f64>,
     /// More values, counted: f64 bits → how many.
-    pub counted: HashMap<u64, u64>,
+    pub counted: HashMap<u64, u64, foldhash::fast::FixedState>,
 }
 
 /// A top message pattern.

@@ -744,7 +744,15 @@ async fn counts_kept_per_block_answer_exactly_what_the_rows_say() {
         services.sort();
         let mut by_service: Vec<_> = fruit.by_service.into_iter().collect();
         by_service.sort();
-        let stats = crate::read::FieldStats::of_counted(field.into(), fruit.values, fruit.counted);
+        let stats = crate::read::FieldStats::of_counted(
+            field.into(),
+            fruit.values,
+            fruit
+                .counted
+                .into_iter()
+                .map(|(v, n)| (f64::from_bits(v), n))
+                .collect(),
+        );
         let patterns: Vec<(String, u64)> =
             patterns.into_iter().map(|p| (p.pattern, p.count)).collect();
         (fruit.by_level, by_service, services, stats, patterns)

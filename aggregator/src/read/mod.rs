@@ -184,41 +184,62 @@ impl FieldStats {
 }
 
 impl FieldStats {
-    /// Exact statistics of `values` and of the values `counted` (f64 bits → how many).
+    /// Exact statistics of `values` and of the values `counted` (value, how many; a value
+    /// may come more than once).
     pub fn of_counted(
         field: String,
-        values: Vec<f64>,
-        mut counted: HashMap<u64, u64>,
+        mut values: Vec<f64>,
+        mut counted: Vec<(f64, u64)>,
     ) -> FieldStats {
-        if counted.is_empty() {
+        let counted_rows: u64 = counted.iter().map(|(_, n)| n).sum();
+        if counted_rows <= values.len() as u64 {
+            // Mostly single values: the counted ones join them, and percentiles are selected
+            // without sorting.
+            for (v, n) in counted {
+                values.extend(std::iter::repeat_n(v, n as usize));
+            }
             return FieldStats::of(field, values);
         }
-        for v in values {
-            *counted.entry(v.to_bits()).or_default() += 1;
-        }
-        let mut sorted: Vec<(f64, u64)> = counted
-            .into_iter()
-            .map(|(bits, n)| (f64::from_bits(bits), n))
-            .collect();
-        sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-        let count: u64 = sorted.iter().map(|(_, n)| n).sum();
-        let sum: f64 = sorted.iter().map(|(v, n)| v * *n as f64).sum();
+        // Mostly counted: both sorted, walked together once.
+        values.sort_unstable_by(f64::total_cmp);
+        counted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let count = counted_rows + values.len() as u64;
+        let sum =
+            values.iter().sum::<f64>() + counted.iter().map(|(v, n)| v * *n as f64).sum::<f64>();
         // Nearest rank, as `percentile` does.
-        let at_rank = |p: f64| {
-            let rank = ((p / 100.0) * count as f64).ceil().clamp(1.0, count as f64) as u64;
-            let mut seen = 0;
-            sorted.iter().find_map(|(v, n)| {
-                seen += n;
-                (seen >= rank).then_some(*v)
-            })
-        };
-        let [p50, p90, p95, p99] = PERCENTILES.map(at_rank);
+        let ranks = PERCENTILES
+            .map(|p| ((p / 100.0) * count as f64).ceil().clamp(1.0, count as f64) as u64);
+        let mut found = [None; PERCENTILES.len()];
+        let (mut min, mut max) = (None, None);
+        let (mut i, mut j, mut seen) = (0, 0, 0u64);
+        while i < values.len() || j < counted.len() {
+            let single = j == counted.len() || (i < values.len() && values[i] <= counted[j].0);
+            let (v, n) = if single {
+                i += 1;
+                (values[i - 1], 1)
+            } else {
+                j += 1;
+                counted[j - 1]
+            };
+            if n == 0 {
+                continue;
+            }
+            min.get_or_insert(v);
+            max = Some(v);
+            seen += n;
+            for (slot, rank) in found.iter_mut().zip(ranks) {
+                if slot.is_none() && seen >= rank {
+                    *slot = Some(v);
+                }
+            }
+        }
+        let [p50, p90, p95, p99] = found;
         FieldStats {
             field,
             count,
-            min: sorted.first().map(|(v, _)| *v),
-            max: sorted.last().map(|(v, _)| *v),
-            avg: (count > 0).then(|| sum / count as f64),
+            min,
+            max,
+            avg: Some(sum / count as f64),
             p50,
             p90,
             p95,
@@ -474,7 +495,11 @@ fn embedded_analytics(
         field_stats: FieldStats::of_counted(
             request.value_field.clone().unwrap_or_default(),
             fruit.values,
-            fruit.counted,
+            fruit
+                .counted
+                .into_iter()
+                .map(|(bits, n)| (f64::from_bits(bits), n))
+                .collect(),
         ),
         top_patterns: Vec::new(),
         caveats: Vec::new(),
@@ -522,6 +547,34 @@ pub fn page_after<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Statistics of single and counted values, whichever way they are combined, are
+        /// those of every value listed one by one.
+        #[test]
+        fn counted_values_give_the_statistics_of_the_values_listed(
+            values in proptest::collection::vec(0u16..50, 0..40),
+            counted in proptest::collection::vec((0u16..50, 0u64..30), 0..20),
+        ) {
+            let values: Vec<f64> = values.into_iter().map(|v| f64::from(v) / 4.0).collect();
+            let counted: Vec<(f64, u64)> = counted.into_iter().map(|(v, n)| (f64::from(v) / 4.0, n)).collect();
+            let mut listed = values.clone();
+            for (v, n) in &counted {
+                listed.extend(std::iter::repeat_n(*v, *n as usize));
+            }
+            let got = FieldStats::of_counted("f".into(), values, counted);
+            let want = FieldStats::of("f".into(), listed);
+            proptest::prop_assert_eq!(
+                (got.count, got.min, got.max, got.p50, got.p90, got.p95, got.p99),
+                (want.count, want.min, want.max, want.p50, want.p90, want.p95, want.p99)
+            );
+            let close = match (got.avg, want.avg) {
+                (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+                (a, b) => a == b,
+            };
+            proptest::prop_assert!(close, "{:?} against {:?}", got.avg, want.avg);
+        }
+    }
 
     #[test]
     fn cursors_round_trip_and_refuse_tampering() {
