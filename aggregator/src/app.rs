@@ -549,6 +549,7 @@ async fn api_state(
             retention_days: config.log_retention_days,
             max_lag_bytes: config.ingest_max_lag_bytes,
             metrics_max_services: config.metrics_max_services,
+            store_healthy: consumers.indexer_healthy.clone(),
         },
     ));
     tracing::info!(backend = reads.name(), "reads answered by");

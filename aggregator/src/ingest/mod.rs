@@ -148,6 +148,8 @@ pub struct IngestOptions {
     pub max_lag_bytes: u64,
     /// Services with their own series in `/metrics` (`METRICS_MAX_SERVICES`).
     pub metrics_max_services: usize,
+    /// Whether the indexer's last round succeeded (what readiness reports).
+    pub store_healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The `service` label values of `/metrics`: the first `max` services seen get their own,
@@ -220,7 +222,17 @@ impl Ingest {
     pub async fn check_backpressure(&self) -> Result<(), IngestError> {
         let deadline = Instant::now() + BACKPRESSURE_WAIT;
         loop {
-            let lag_bytes = self.wal.unread_bytes(INDEX_CONSUMER);
+            // While the store fails, what the indexer has read is not stored: the lag is
+            // counted from what it has committed, so a failing store holds writes back
+            // whatever moment of its retry it is in.
+            let healthy = self
+                .options
+                .store_healthy
+                .load(std::sync::atomic::Ordering::Acquire);
+            let lag_bytes = match healthy {
+                true => self.wal.unread_bytes(INDEX_CONSUMER),
+                false => self.wal.uncommitted_bytes(INDEX_CONSUMER),
+            };
             if lag_bytes <= self.options.max_lag_bytes {
                 return Ok(());
             }

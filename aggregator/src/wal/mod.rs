@@ -466,6 +466,17 @@ impl Wal {
             .map_or(0, |c| end.saturating_sub(*c))
     }
 
+    /// Bytes durable in the WAL past what consumer `name` has committed (0 for a consumer
+    /// it does not know).
+    pub fn uncommitted_bytes(&self, name: &str) -> u64 {
+        let state = self.shared.lock();
+        let end = self.shared.durable_end.load(Ordering::Acquire);
+        state
+            .cursors
+            .get(name)
+            .map_or(0, |c| end.saturating_sub(*c))
+    }
+
     pub fn stats(&self) -> WalStats {
         let state = self.shared.lock();
         let end = self.shared.durable_end.load(Ordering::Acquire);
