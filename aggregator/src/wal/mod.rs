@@ -458,23 +458,19 @@ impl Wal {
 
     /// Bytes the named consumer has yet to read (what ingest backpressure is measured on).
     pub fn unread_bytes(&self, name: &str) -> u64 {
-        let state = self.shared.lock();
-        let end = self.shared.durable_end.load(Ordering::Acquire);
-        state
-            .positions
-            .get(name)
-            .map_or(0, |c| end.saturating_sub(*c))
+        self.bytes_past(name, |state| &state.positions)
     }
 
     /// Bytes durable in the WAL past what consumer `name` has committed (0 for a consumer
     /// it does not know).
     pub fn uncommitted_bytes(&self, name: &str) -> u64 {
+        self.bytes_past(name, |state| &state.cursors)
+    }
+
+    fn bytes_past(&self, name: &str, of: impl Fn(&State) -> &HashMap<String, u64>) -> u64 {
         let state = self.shared.lock();
         let end = self.shared.durable_end.load(Ordering::Acquire);
-        state
-            .cursors
-            .get(name)
-            .map_or(0, |c| end.saturating_sub(*c))
+        of(&state).get(name).map_or(0, |c| end.saturating_sub(*c))
     }
 
     pub fn stats(&self) -> WalStats {
