@@ -203,6 +203,9 @@ impl Block {
     }
 }
 
+/// Paths the builder's cutter keeps numbered from block to block before it starts again.
+const MAX_CUTTER_PATHS: usize = 1 << 16;
+
 /// Builds a block from stored lines. Reused from block to block.
 #[derive(Default)]
 pub struct BlockBuilder {
@@ -336,6 +339,11 @@ impl BlockBuilder {
         self.columns.clear();
         self.column_of_path.clear();
         self.slots.clear();
+        // Path numbers mean something only within a block (`column_of_path` is cleared), so
+        // the cutter may start again: keys chosen by clients cannot grow it without end.
+        if self.cutter.paths() > MAX_CUTTER_PATHS {
+            self.cutter = Cutter::default();
+        }
         std::mem::take(&mut self.block)
     }
 
@@ -819,6 +827,32 @@ impl<T> Lazy<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_chosen_by_clients_do_not_grow_the_builder_without_end() {
+        let mut builder = BlockBuilder::default();
+        let mut most = 0;
+        for b in 0..3u64 {
+            let mut first = None;
+            for i in 0..MAX_CUTTER_PATHS as u64 / 2 + 10 {
+                let n = (b * 1_000_000 + i) as usize;
+                // Every line brings a key of its own.
+                let text =
+                    line(n).replacen(r#""message""#, &format!(r#""k{n}":"v{n}x","message""#), 1);
+                builder.push(text.as_bytes(), n as u64).unwrap();
+                first.get_or_insert(text);
+            }
+            let slots = builder.slots().to_vec();
+            let block = builder.take();
+            most = most.max(builder.cutter.paths());
+            // The block reads back whatever the cutter's numbering was.
+            let mut out = Vec::new();
+            let mut at = vec![0u32; block.columns.len()];
+            assert!(block.line(0, &slots[block.template[0] as usize], &mut at, &mut out));
+            assert_eq!(Some(String::from_utf8(out).unwrap()), first, "block {b}");
+        }
+        assert!(most <= MAX_CUTTER_PATHS, "{most} paths kept");
+    }
 
     proptest::proptest! {
         #[test]

@@ -148,6 +148,11 @@ enum Expect {
 }
 
 impl Cutter {
+    /// How many paths it has numbered.
+    pub fn paths(&self) -> usize {
+        self.names.len()
+    }
+
     /// The path of number `id`.
     pub fn path(&self, id: u32) -> &str {
         self.names.get(id as usize).map_or("", String::as_str)
