@@ -6,6 +6,7 @@
 //! cargo bench -p logging-tests --bench agent_throughput
 //! BENCH_LINES=200000 cargo bench -p logging-tests --bench agent_throughput
 //! BENCH_DATA=cri cargo bench -p logging-tests --bench agent_throughput     # the store issue's data
+//! BENCH_DATA=plain cargo bench -p logging-tests --bench agent_throughput   # plain-text bodies
 //! ```
 //!
 //! Prints, for the agent process alone: lines/s, MB/s, CPU seconds per GB shipped and lines
@@ -14,7 +15,8 @@
 //! `DATA_DIR` at rest against the raw CRI bytes, peak RSS, and the store issue's queries;
 //! then the agent's RSS with 1,000 files tailed at once, and its idle CPU with 100 files
 //! and no new lines. `BENCH_DATA=cri` ships the store issue's data (`shared/bench/gen_cri.py`'s
-//! distribution, one pod) instead of ten pods of mixed lines; `BENCH_SKIP_AGENT_EXTRAS=1`
+//! distribution, one pod) instead of ten pods of mixed lines, `BENCH_DATA=plain` ten pods of
+//! plain-text lines in common layouts (what the level detector reads); `BENCH_SKIP_AGENT_EXTRAS=1`
 //! stops after the first part.
 
 use std::io::Write;
@@ -36,9 +38,37 @@ struct Questions {
     hour: (String, String),
 }
 
-/// Writes `lines` CRI lines (~183 bytes each, JSON bodies as Go/Java/Node services log them)
-/// spread over `files` pod logs. Returns the bytes written.
+/// What the pod logs' bodies are.
+#[derive(Clone, Copy, PartialEq)]
+enum Bodies {
+    /// JSON, as Go/Java/Node services log them.
+    Json,
+    /// Plain text in the layouts of common software (Log4j, klog, nginx, Python, Go, PostgreSQL,
+    /// sentences with no level): what the plain-text level detector reads.
+    Plain,
+}
+
+/// Plain-text bodies; `{n}` becomes a number that varies with the line.
+const PLAIN_BODIES: [&str; 10] = [
+    "{t} INFO  [http-nio-8080-exec-{n}] c.e.shop.OrderController - order {n} placed in 12 ms",
+    "I1127 10:00:00.123456       1 controller.go:{n}] Successfully synced key default/web-{n}",
+    "{t} [error] 31#31: *{n} open() \"/usr/share/nginx/html/favicon.ico\" failed (2: No such file or directory)",
+    "{t} - worker - WARNING - retry {n} of 5 for job sync-users after timeout",
+    "GET /api/v1/items/{n} completed with status 200 in 3.2 ms, 0 errors",
+    "{t} UTC [{n}] LOG:  checkpoint complete: wrote {n} buffers (0.1%)",
+    "time={t} level=info msg=\"cache refreshed\" entries={n}",
+    "[{t}] [INFO] plugin/reload: Running configuration SHA512 = {n}",
+    "user {n} signed in from 10.0.0.7 via password",
+    "{t} ERROR 1 --- [main] o.s.boot.SpringApplication : Application run failed for {n}",
+];
+
+/// Writes `lines` CRI lines (~183 bytes each for JSON bodies) spread over `files` pod logs.
+/// Returns the bytes written.
 fn write_pod_logs(root: &Path, files: usize, lines: usize) -> u64 {
+    write_pod_bodies(root, files, lines, Bodies::Json)
+}
+
+fn write_pod_bodies(root: &Path, files: usize, lines: usize, bodies: Bodies) -> u64 {
     let mut bytes = 0;
     let ts = logging_common::Timestamp::now();
     let levels = ["info", "info", "info", "debug", "warn", "error"];
@@ -60,6 +90,15 @@ fn write_pod_logs(root: &Path, files: usize, lines: usize) -> u64 {
         for i in 0..per_file {
             let n = f * 1_000_003 + i;
             let t = ts.saturating_add_nanos(i as i64 * 1000).to_rfc3339();
+            if bodies == Bodies::Plain {
+                let body = PLAIN_BODIES[n % PLAIN_BODIES.len()]
+                    .replace("{t}", &t)
+                    .replace("{n}", &(n % 10_007).to_string());
+                let line = format!("{t} stdout F {body}\n");
+                bytes += line.len() as u64;
+                file.write_all(line.as_bytes()).unwrap();
+                continue;
+            }
             let line = format!(
                 "{t} stdout F {{\"level\":\"{}\",\"ts\":\"{t}\",\"msg\":\"handled request\",\"path\":\"{}\",\"status\":{},\"duration_ms\":{}.{},\"req_id\":\"{:08x}\"}}\n",
                 levels[n % levels.len()],
@@ -100,7 +139,8 @@ async fn main() {
 
     // 1. Throughput and cost per line, with the default settings.
     let root = tempfile::tempdir().unwrap();
-    let cri_data = std::env::var("BENCH_DATA").is_ok_and(|d| d == "cri");
+    let data = std::env::var("BENCH_DATA").unwrap_or_default();
+    let cri_data = data == "cri";
     let (bytes, questions) = if cri_data {
         let dir = root
             .path()
@@ -113,6 +153,11 @@ async fn main() {
                 rare: written.rare_request_id,
                 hour: written.hour,
             }),
+        )
+    } else if data == "plain" {
+        (
+            write_pod_bodies(root.path(), 10, lines, Bodies::Plain),
+            None,
         )
     } else {
         (write_pod_logs(root.path(), 10, lines), None)
