@@ -23,6 +23,7 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::discover::Discovery;
 use crate::entry::Encoder;
+use crate::parsers::Parsers;
 use crate::redact::Redactor;
 use crate::ship::{ShipState, Shipper};
 use crate::sockets;
@@ -141,6 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_line: config.max_log_size,
             rescan: Duration::from_millis(config.agent_rescan_interval_ms),
             spool_dir: spool.as_ref().map(|_| spool_dir.clone()),
+            parsers: Arc::new(Parsers::new(&config.agent_parsers)?),
         },
         discovery,
         Encoder::new(

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::parsers::{ParserConfig, Parsers};
+
 /// Every setting of the agent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -53,6 +55,9 @@ pub struct Config {
     pub agent_spool_max_bytes: u64,
     /// Milliseconds between rescans of the globs (new files are also seen through inotify).
     pub agent_rescan_interval_ms: u64,
+    /// Parsers for formats no built-in rule knows, tried first on the files they select
+    /// (`AGENT_PARSERS` as a JSON array); see [`crate::parsers::ParserConfig`].
+    pub agent_parsers: Vec<ParserConfig>,
     /// The agent's own log level.
     pub log_level: String,
     /// The agent's own log format: `json`, `text` or `auto`.
@@ -83,6 +88,7 @@ impl Default for Config {
             agent_redact_patterns: Vec::new(),
             agent_spool_max_bytes: 256 * 1024 * 1024,
             agent_rescan_interval_ms: 1000,
+            agent_parsers: Vec::new(),
             log_level: "info".into(),
             log_format: "auto".into(),
         }
@@ -157,6 +163,7 @@ impl Config {
                 });
             }
         }
+        Parsers::new(&self.agent_parsers)?;
         if !matches!(self.log_format.as_str(), "auto" | "json" | "text") {
             return Err(invalid("LOG_FORMAT", "expected auto, json or text"));
         }

@@ -5,13 +5,15 @@
 //! the raw JSON values the parser kept, which is what keeps the cost per line low.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use logging_common::id::deterministic_log_id;
 use logging_common::{LogLevel, Timestamp};
 
 use crate::decode::Stream;
-use crate::parse::{Parsed, parse};
+use crate::parsers::UserParser;
 use crate::redact::{REDACTED, Redactor};
+use logging_common::parse::{Parsed, parse};
 
 /// A whole message from a source, ready to become an entry.
 #[derive(Debug)]
@@ -37,6 +39,8 @@ pub struct SourceMeta {
     pub kubernetes: Option<String>,
     /// Facts for sources outside Kubernetes (e.g. `"file":"/var/log/x.log"`), as JSON pairs.
     pub extra: Option<String>,
+    /// The operator's parser for this source (`AGENT_PARSERS`), tried before the built-in rules.
+    pub parser: Option<Arc<UserParser>>,
 }
 
 /// Turns messages into entry lines.
@@ -123,7 +127,15 @@ impl Encoder {
     ) {
         let body = String::from_utf8_lossy(&message.body);
         let body = body.trim_end_matches(['\r', '\n']);
-        let mut parsed: Parsed = parse(body);
+        let parsed = meta.parser.as_ref().and_then(|parser| {
+            let parsed = parser.parse(body);
+            if parsed.is_none() && cut.is_none() {
+                metrics::counter!("logging_agent_parser_misses_total", "parser" => parser.name.clone())
+                    .increment(1);
+            }
+            parsed
+        });
+        let mut parsed: Parsed = parsed.unwrap_or_else(|| parse(body));
         let mut fired = Vec::new();
         let text = parsed.message.take();
         let text = match cut {
@@ -275,6 +287,7 @@ mod tests {
             service: "web".into(),
             kubernetes: Some(r#"{"namespace":"shop","pod":"web-1","node":"node-1"}"#.into()),
             extra: None,
+            parser: None,
         };
         let message = Message {
             start: 42,
@@ -335,6 +348,7 @@ mod tests {
             service: "web".into(),
             kubernetes: Some(r#"{"namespace":"shop","pod":"web-1","node":"node-1"}"#.into()),
             extra: None,
+            parser: None,
         };
         for body in [
             format!(

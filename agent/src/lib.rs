@@ -4,7 +4,7 @@
 //!
 //! Follow one line through the modules in order: [`discover`] finds the file, [`tail`] reads
 //! it (runtime formats in [`decode`], stack traces in [`multiline`]), [`entry`] parses
-//! ([`parse`]), enriches ([`kubernetes`]) and redacts ([`redact`]) it, [`tailer`] batches it,
+//! ([`logging_common::parse`]), enriches ([`kubernetes`]) and redacts ([`redact`]) it, [`tailer`] batches it,
 //! [`ship`] sends it, and [`checkpoint`] records it once acknowledged. Socket input
 //! ([`sockets`], [`syslog`]) is written to the [`spool`] first, which is tailed like a file.
 
@@ -16,7 +16,7 @@ pub mod discover;
 pub mod entry;
 pub mod kubernetes;
 pub mod multiline;
-pub mod parse;
+pub mod parsers;
 pub mod redact;
 pub mod ship;
 pub mod sockets;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use logging_common::detect::detect_level;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, UdpSocket, UnixListener};
@@ -63,6 +64,10 @@ fn socket_entry(text: &str, max: usize, cut_before: bool) -> Map<String, Value> 
         _ => {
             let mut map = Map::new();
             map.insert("msg".into(), text.into());
+            // The level a raw line states is read as a file's would be.
+            if let Some(level) = detect_level(text) {
+                map.insert("level".into(), level.as_str().into());
+            }
             map
         }
     };
@@ -279,6 +284,9 @@ mod tests {
         let raw = socket_entry("just text\n", 1024, false);
         assert_eq!(raw["msg"], "just text");
         assert_eq!(raw["service"], "socket");
+        assert!(raw.get("level").is_none());
+        let raw = socket_entry("[Mon Nov 30 04:47:44 2026] [error] gone\n", 1024, false);
+        assert_eq!(raw["level"], "error");
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use crate::checkpoint::{Checkpoints, FileCheckpoint, Mark};
 use crate::discover::Discovery;
 use crate::entry::{Encoder, Message, SourceMeta};
 use crate::kubernetes::{pod_info, service_from_path, workload_name};
+use crate::parsers::Parsers;
 use crate::ship::{Batch, ShipState, compress};
 use crate::tail::{FileId, FileKey, Tailed};
 
@@ -54,6 +55,8 @@ pub struct TailerOptions {
     pub rescan: Duration,
     /// Where socket input is spooled (its files are not "files" in the entries' context).
     pub spool_dir: Option<PathBuf>,
+    /// The operator's parsers (`AGENT_PARSERS`).
+    pub parsers: Arc<Parsers>,
 }
 
 pub struct Tailer {
@@ -75,7 +78,13 @@ pub struct Tailer {
 }
 
 /// Builds the metadata of a file source.
-fn source_meta(node: &str, spool_dir: Option<&Path>, path: &Path, id: FileId) -> SourceMeta {
+fn source_meta(
+    node: &str,
+    spool_dir: Option<&Path>,
+    parsers: &Parsers,
+    path: &Path,
+    id: FileId,
+) -> SourceMeta {
     let source_id = format!("{node}\0file\0{}:{}:{:016x}", id.dev, id.ino, id.head).into_bytes();
     if spool_dir.is_some_and(|dir| path.parent() == Some(dir)) {
         // Socket input: its lines name their own service and source.
@@ -87,9 +96,12 @@ fn source_meta(node: &str, spool_dir: Option<&Path>, path: &Path, id: FileId) ->
                 "\"node\":{}",
                 serde_json::Value::String(node.to_string())
             )),
+            parser: None,
         };
     }
-    match pod_info(path) {
+    let pod = pod_info(path);
+    let parser = parsers.select(path, pod.as_ref());
+    match pod {
         Some(pod) => {
             let kubernetes = serde_json::json!({
                 "namespace": pod.namespace,
@@ -104,6 +116,7 @@ fn source_meta(node: &str, spool_dir: Option<&Path>, path: &Path, id: FileId) ->
                 service: workload_name(&pod.pod).to_string(),
                 kubernetes: Some(kubernetes.to_string()),
                 extra: None,
+                parser,
             }
         }
         None => SourceMeta {
@@ -115,6 +128,7 @@ fn source_meta(node: &str, spool_dir: Option<&Path>, path: &Path, id: FileId) ->
                 serde_json::Value::String(path.display().to_string()),
                 serde_json::Value::String(node.to_string())
             )),
+            parser,
         },
     }
 }
@@ -360,6 +374,14 @@ impl Tailer {
         }
     }
 
+    /// What the entries of a file are told about their source, owning what it needs.
+    fn meta_for(&self) -> impl Fn(&Path, FileId) -> SourceMeta + 'static {
+        let node = self.options.node.clone();
+        let spool_dir = self.options.spool_dir.clone();
+        let parsers = self.options.parsers.clone();
+        move |path: &Path, id: FileId| source_meta(&node, spool_dir.as_deref(), &parsers, path, id)
+    }
+
     /// Reads every file once, as far as the in-flight limit allows. Returns bytes read.
     fn read_round(&mut self) -> usize {
         let mut total = 0;
@@ -371,10 +393,7 @@ impl Tailer {
             let Some(mut tailed) = self.files.remove(&key) else {
                 continue;
             };
-            let node = self.options.node.clone();
-            let spool_dir = self.options.spool_dir.clone();
-            let meta_for =
-                move |path: &Path, id: FileId| source_meta(&node, spool_dir.as_deref(), path, id);
+            let meta_for = self.meta_for();
             let mut lines = 0u64;
             let result = {
                 let encoder = &self.encoder;
@@ -427,8 +446,7 @@ impl Tailer {
             let Some(mut tailed) = self.files.remove(&key) else {
                 continue;
             };
-            let node = self.options.node.clone();
-            let spool_dir = self.options.spool_dir.clone();
+            let meta_for = self.meta_for();
             {
                 let encoder = &self.encoder;
                 let batch = &mut self.batch;
@@ -438,9 +456,6 @@ impl Tailer {
                     *entries += 1;
                 };
                 // Whatever was written after the last read, then whatever is left over.
-                let meta_for = move |path: &Path, id: FileId| {
-                    source_meta(&node, spool_dir.as_deref(), path, id)
-                };
                 while matches!(tailed.read(READ_BUDGET, &meta_for, &mut sink), Ok(n) if n > 0) {}
                 tailed.finish(&mut sink);
             }

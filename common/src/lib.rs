@@ -3,9 +3,11 @@
 //! send, and the configuration loader.
 
 pub mod config;
+pub mod detect;
 pub mod id;
 pub mod level;
 pub mod model;
+pub mod parse;
 pub mod timestamp;
 pub mod tls;
 pub mod validate;

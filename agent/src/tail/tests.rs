@@ -8,6 +8,7 @@ fn meta(_: &Path, id: FileId) -> SourceMeta {
         service: "svc".into(),
         kubernetes: None,
         extra: None,
+        parser: None,
     }
 }
 

@@ -187,3 +187,80 @@ fn every_agent_setting_is_documented_in_the_readme_and_nothing_else() {
             .collect();
     assert_eq!(documented, read);
 }
+
+/// The README's two examples of `AGENT_PARSERS` load as written and read the lines they are
+/// about.
+#[test]
+fn the_readme_parser_examples_load_and_read_their_lines() {
+    use logging_agent::kubernetes::PodInfo;
+    use logging_agent::parsers::Parsers;
+    use logging_common::LogLevel;
+
+    let readme = include_str!("../../../README.md");
+    let section = readme
+        .split("### Parsers for your own formats")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a parsers section");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("a YAML example");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let config: logging_agent::config::Config =
+        logging_common::config::load(Some(&file), Vec::new()).unwrap();
+    let parsers = Parsers::new(&config.agent_parsers).unwrap();
+    let pod = PodInfo {
+        namespace: "billing".into(),
+        pod: "billing-7d4b9c5f6-x2k9p".into(),
+        pod_uid: "u".into(),
+        container: "app".into(),
+        restart_count: 0,
+    };
+    let parser = parsers
+        .select(
+            std::path::Path::new("/var/log/pods/x/app/0.log"),
+            Some(&pod),
+        )
+        .expect("the example selects its pod");
+    let parsed = parser
+        .parse("01/12/2026 12:00:00.250 |W| worker-3 :: disk 91% full")
+        .expect("the example's line matches");
+    assert_eq!(parsed.level, Some(LogLevel::Warning));
+    assert_eq!(parsed.message.as_deref(), Some("disk 91% full"));
+    assert_eq!(
+        parsed.timestamp.unwrap().to_rfc3339(),
+        "2026-12-01T12:00:00.250Z"
+    );
+
+    let env = section
+        .split("AGENT_PARSERS='")
+        .nth(1)
+        .and_then(|s| s.split('\'').next())
+        .expect("an environment example");
+    let config: logging_agent::config::Config =
+        logging_common::config::load(None, vec![("AGENT_PARSERS".to_string(), env.to_string())])
+            .unwrap();
+    let parsers = Parsers::new(&config.agent_parsers).unwrap();
+    let gateway = PodInfo {
+        pod: "gateway-5f6d7-abcde".into(),
+        ..pod
+    };
+    let parser = parsers
+        .select(
+            std::path::Path::new("/var/log/pods/x/app/0.log"),
+            Some(&gateway),
+        )
+        .unwrap();
+    assert_eq!(
+        parser.parse("level=error").unwrap().level,
+        Some(LogLevel::Error)
+    );
+    let legacy = parsers
+        .select(std::path::Path::new("/var/log/legacy/host.log"), None)
+        .unwrap();
+    assert_eq!(legacy.name, "legacy-host");
+}

@@ -321,6 +321,98 @@ async fn pieces_and_stack_traces_arrive_joined_and_secrets_redacted() {
     drop(agent);
 }
 
+/// Plain lines of common formats get their level, a stack trace with no stated level is an
+/// error, and an operator's parser reads the container it selects (and only that one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn levels_are_read_from_real_world_formats_and_from_an_operators_parser() {
+    let root = tempfile::tempdir().unwrap();
+    let aggregator_dir = root.path().join("aggregator");
+    std::fs::create_dir_all(&aggregator_dir).unwrap();
+    let aggregator =
+        AggregatorProcess::start(&aggregator_dir, &[("INDEX_REFRESH_INTERVAL_MS", "100")]);
+    let t = now_rfc3339();
+    let cri = |bodies: &[&str]| {
+        bodies
+            .iter()
+            .map(|b| format!("{t} stdout F {b}\n"))
+            .collect::<String>()
+    };
+    std::fs::write(
+        pod_log(root.path(), "app", 0),
+        cri(&[
+            "2026-11-30 19:04:29,071 - WARN  [QuorumPeer[myid=1]:Follower@96] - Exception when following the leader",
+            "[Mon Nov 30 04:47:44 2026] [error] [client 10.0.0.7] File does not exist: /var/www/favicon.ico",
+            "03-17 16:13:38.811  1702  2395 W WindowManager: Slow operation",
+            "2026-12-01 12:00:06.123 UTC [77] ERROR:  duplicate key value violates unique constraint",
+            "fail: Microsoft.AspNetCore.Server.Kestrel[13]",
+            "Traceback (most recent call last):",
+            "  File \"/app/main.py\", line 3, in <module>",
+            "ZeroDivisionError: division by zero",
+            "batch done: 0 errors, error_count=0, retrying after error",
+            "something went wrong",
+            "\tat com.example.Shop.checkout(Shop.java:42)",
+        ]),
+    )
+    .unwrap();
+    // The operator's format: `<time> |<LEVEL>| <thread> :: <message>`, only for `legacy`.
+    let legacy = "01/12/2026 12:00:00.250 |W| worker-3 :: disk 91% full";
+    std::fs::write(
+        pod_log(root.path(), "legacy", 0),
+        cri(&[legacy, "no match here, ERROR in plain words"]),
+    )
+    .unwrap();
+    std::fs::write(pod_log(root.path(), "other", 0), cri(&[legacy])).unwrap();
+    let parsers = serde_json::json!([{
+        "name": "legacy-billing",
+        "namespace": "shop",
+        "container": "legacy",
+        "regex": r"^(?P<timestamp>\S+ \S+) \|(?P<level>\w)\| (?P<thread>\S+) :: (?P<message>.*)$",
+        "timestamp_format": "%d/%m/%Y %H:%M:%S%.3f",
+    }])
+    .to_string();
+    let paths = format!("{}/var/log/pods/*/*/*.log", root.path().display());
+    let agent = AgentProcess::start(
+        &aggregator,
+        &root.path().join("agent"),
+        &[
+            ("AGENT_PATHS", paths.as_str()),
+            ("AGENT_PARSERS", parsers.as_str()),
+        ],
+    );
+    let entries = wait_for_count(&aggregator, 11).await;
+    let level_of = |start: &str| {
+        let found: Vec<&Value> = entries
+            .iter()
+            .filter(|e| e["message"].as_str().unwrap().starts_with(start))
+            .collect();
+        assert_eq!(found.len(), 1, "{start}: {entries:#?}");
+        found[0]["level"].as_str().unwrap().to_string()
+    };
+    assert_eq!(level_of("2026-11-30 19:04:29,071"), "warning");
+    assert_eq!(level_of("[Mon Nov 30"), "error");
+    assert_eq!(level_of("03-17 16:13:38.811"), "warning");
+    assert_eq!(level_of("2026-12-01 12:00:06.123 UTC"), "error");
+    assert_eq!(level_of("fail: Microsoft"), "error");
+    assert_eq!(level_of("Traceback"), "error");
+    assert_eq!(level_of("batch done"), "info");
+    assert_eq!(level_of("something went wrong"), "error");
+    assert_eq!(level_of("no match here"), "error");
+    // The parser's container: fields from the groups, the time from the format.
+    let parsed = entries
+        .iter()
+        .find(|e| e["message"] == "disk 91% full")
+        .unwrap();
+    assert_eq!(parsed["level"], "warning");
+    assert_eq!(parsed["timestamp"], "2026-12-01T12:00:00.250Z");
+    assert_eq!(parsed["context"]["thread"], "worker-3");
+    assert_eq!(parsed["context"]["kubernetes"]["container"], "legacy");
+    // Another container of the same pod keeps the line whole.
+    let whole = entries.iter().find(|e| e["message"] == legacy).unwrap();
+    assert_eq!(whole["context"]["kubernetes"]["container"], "other");
+    assert_eq!(entries.len(), 11, "nothing else, nothing twice");
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_aggregator_away_memory_stays_flat_and_everything_arrives_later() {
     let root = tempfile::tempdir().unwrap();

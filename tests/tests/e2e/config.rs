@@ -153,6 +153,16 @@ fn a_bad_agent_setting_stops_it_with_a_message_naming_it() {
             "LOG_FORMAT: expected auto, json or text",
         ),
         (
+            "AGENT_PARSERS",
+            r#"[{"name":"billing","regex":"(?P<level>["}]"#,
+            "AGENT_PARSERS: parser \"billing\": regex:",
+        ),
+        (
+            "AGENT_PARSERS",
+            r#"[{"name":"gw","format":"xml"}]"#,
+            "AGENT_PARSERS: parser \"gw\": format: unknown format \"xml\"",
+        ),
+        (
             "AGENT_METRICS_PORT",
             "ninety",
             "AGENT_METRICS_PORT: expected a number",

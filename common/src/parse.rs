@@ -1,6 +1,7 @@
 //! What a message says: JSON and logfmt bodies (known keys lifted, the rest kept as context),
-//! NCSA access logs as nginx and Apache write them, and plain text with the level read from
-//! its leading words.
+//! NCSA access logs as nginx and Apache write them, and plain text with the level read by the
+//! detector ([`crate::detect`]). The agent parses every container line with it; the aggregator
+//! does the same for lines that arrive through other protocols without a level.
 //!
 //! Bodies are read without building a value tree: JSON is split into keys and raw values, and
 //! only the few known keys are parsed, which is what keeps the agent's cost per line low
@@ -8,7 +9,8 @@
 
 use std::borrow::Cow;
 
-use logging_common::{LogLevel, Timestamp};
+use crate::detect::{detect_level, level_name};
+use crate::{LogLevel, Timestamp};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -27,13 +29,19 @@ pub struct Parsed {
     pub user_id: Option<String>,
     /// Everything else: (key, value as JSON text).
     pub context: Vec<(String, String)>,
+    /// The level came from a severity number, which a spelled-out level replaces.
+    level_from_number: bool,
 }
 
 /// Which lifted field a key spells, if any.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Known {
     Level,
+    /// OpenTelemetry's `severity_number` (1-24): used when no level is spelled out.
+    SeverityNumber,
     Message,
+    /// Serilog's message template (`@mt`): rendered into the message when there is no `@m`.
+    Template,
     Time,
     Service,
     TraceId,
@@ -43,12 +51,27 @@ enum Known {
     UserId,
 }
 
+/// The keys that name a level, compared without regard to case: the common ones, OpenTelemetry's,
+/// Serilog CLEF's `@l`, ECS's `log.level`, Python's `levelname`.
+const LEVEL_KEYS: [&str; 11] = [
+    "level",
+    "lvl",
+    "severity",
+    "loglevel",
+    "log_level",
+    "log.level",
+    "levelname",
+    "severity_text",
+    "severitytext",
+    "@l",
+    "@level",
+];
+
 fn known(key: &str) -> Option<Known> {
     Some(match key {
-        "level" | "lvl" | "severity" | "loglevel" | "log_level" | "log.level" | "levelname"
-        | "LEVEL" | "Level" | "severity_text" => Known::Level,
-        "msg" | "message" | "MESSAGE" | "Message" | "@message" => Known::Message,
-        "ts" | "time" | "timestamp" | "@timestamp" | "Timestamp" | "datetime" => Known::Time,
+        "msg" | "message" | "MESSAGE" | "Message" | "@message" | "@m" => Known::Message,
+        "@mt" => Known::Template,
+        "ts" | "time" | "timestamp" | "@timestamp" | "Timestamp" | "datetime" | "@t" => Known::Time,
         "service" | "service.name" | "service_name" => Known::Service,
         "trace_id" | "traceId" | "traceID" | "trace.id" | "traceid" => Known::TraceId,
         "span_id" | "spanId" | "spanID" | "span.id" | "spanid" => Known::SpanId,
@@ -56,40 +79,98 @@ fn known(key: &str) -> Option<Known> {
         | "x_request_id" => Known::RequestId,
         "correlation_id" | "correlationId" | "correlationID" => Known::CorrelationId,
         "user_id" | "userId" | "userID" | "user.id" => Known::UserId,
+        _ if key.len() <= 15 && LEVEL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key)) => {
+            Known::Level
+        }
+        _ if key.eq_ignore_ascii_case("severity_number")
+            || key.eq_ignore_ascii_case("severitynumber") =>
+        {
+            Known::SeverityNumber
+        }
+        _ => return None,
+    })
+}
+
+/// A level spelled as text, also with slog's offset (`ERROR+2`, `DEBUG-4`).
+fn level_text(text: &str) -> Option<LogLevel> {
+    level_name(text).or_else(|| {
+        let base = text.trim_end_matches(|c: char| c.is_ascii_digit());
+        let base = base.strip_suffix(['+', '-'])?;
+        (base.len() < text.len() - 1)
+            .then(|| level_name(base))
+            .flatten()
+    })
+}
+
+/// A numeric level: syslog severities 0-7, or bunyan/pino's 10-60.
+fn level_number(n: f64) -> Option<LogLevel> {
+    if n < 0.0 || n.fract() != 0.0 {
+        return None;
+    }
+    match n as u64 {
+        n @ 0..=7 => LogLevel::from_syslog_severity(n),
+        10 => Some(LogLevel::Trace),
+        20 => Some(LogLevel::Debug),
+        30 => Some(LogLevel::Info),
+        40 => Some(LogLevel::Warning),
+        50 => Some(LogLevel::Error),
+        60 => Some(LogLevel::Critical),
+        _ => None,
+    }
+}
+
+/// OpenTelemetry's severity number: 1-4 trace, 5-8 debug, 9-12 info, 13-16 warn, 17-20 error,
+/// 21-24 fatal.
+fn severity_number(n: f64) -> Option<LogLevel> {
+    if n.fract() != 0.0 {
+        return None;
+    }
+    Some(match n as i64 {
+        1..=4 => LogLevel::Trace,
+        5..=8 => LogLevel::Debug,
+        9..=12 => LogLevel::Info,
+        13..=16 => LogLevel::Warning,
+        17..=20 => LogLevel::Error,
+        21..=24 => LogLevel::Critical,
         _ => return None,
     })
 }
 
 impl Parsed {
     /// Stores a lifted value; returns false when the value does not fit (then it stays in
-    /// the context).
+    /// the context). The first key that names a level wins; a severity number only counts
+    /// when no key spells one out.
     fn lift(&mut self, field: Known, text: &str, number: Option<f64>) -> bool {
         match field {
-            Known::Level => match number {
-                Some(n) if n >= 0.0 && n.fract() == 0.0 => {
-                    // Numbers: syslog severities 0-7, or bunyan/pino's 10-60.
-                    let level = match n as u64 {
-                        n @ 0..=7 => LogLevel::from_syslog_severity(n),
-                        10 => Some(LogLevel::Trace),
-                        20 => Some(LogLevel::Debug),
-                        30 => Some(LogLevel::Info),
-                        40 => Some(LogLevel::Warning),
-                        50 => Some(LogLevel::Error),
-                        60 => Some(LogLevel::Critical),
-                        _ => None,
-                    };
+            Known::Level => {
+                if self.level.is_some() && !self.level_from_number {
+                    return false;
+                }
+                let level = match number {
+                    Some(n) => level_number(n),
+                    None => level_text(text),
+                };
+                if level.is_some() {
                     self.level = level;
-                    level.is_some()
+                    self.level_from_number = false;
                 }
-                _ => {
-                    self.level = LogLevel::parse(text);
-                    self.level.is_some()
+                level.is_some()
+            }
+            Known::SeverityNumber => {
+                let level = number
+                    .or_else(|| text.parse().ok())
+                    .and_then(severity_number);
+                if level.is_some() && self.level.is_none() {
+                    self.level = level;
+                    self.level_from_number = true;
                 }
-            },
+                level.is_some()
+            }
             Known::Message => {
                 self.message = Some(text.to_string());
                 true
             }
+            Known::Template => false,
             Known::Time => {
                 let ts = match number {
                     Some(n) => Timestamp::from_epoch_number(n).ok(),
@@ -116,6 +197,71 @@ fn set(slot: &mut Option<String>, text: &str) -> bool {
     true
 }
 
+impl Parsed {
+    /// The fields of text pairs (logfmt's, or a user parser's named groups): known keys
+    /// lifted, the rest kept as context, numbers as numbers and everything else as strings.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Parsed {
+        let mut parsed = Parsed::default();
+        for (key, value) in pairs {
+            let number = value.parse::<f64>().ok().filter(|n| n.is_finite());
+            let lifted_number = match known(key) {
+                Some(Known::Level | Known::SeverityNumber) => number,
+                _ => None,
+            };
+            if let Some(field) = known(key)
+                && parsed.lift(field, value, lifted_number)
+            {
+                continue;
+            }
+            let json = match number {
+                Some(_) if !value.starts_with('+') && !value.starts_with('.') => value.to_string(),
+                _ => serde_json::to_string(value).unwrap_or_default(),
+            };
+            parsed.context.push((key.to_string(), json));
+        }
+        parsed
+    }
+}
+
+/// A body format by name, for parsers an operator configures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Logfmt,
+    /// NCSA common or combined, as nginx and Apache write access logs.
+    AccessLog,
+    /// Plain text: the level from the detector, the whole body as the message.
+    Text,
+}
+
+/// The names [`Format::from_name`] takes.
+pub const FORMAT_NAMES: &str = "json, logfmt, access_log (or nginx, apache), text";
+
+impl Format {
+    pub fn from_name(name: &str) -> Option<Format> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "json" => Format::Json,
+            "logfmt" => Format::Logfmt,
+            "access_log" | "nginx" | "apache" => Format::AccessLog,
+            "text" | "plain" => Format::Text,
+            _ => return None,
+        })
+    }
+}
+
+/// Parses a body as one format only; `None` when it is not in that format.
+pub fn parse_as(format: Format, body: &str) -> Option<Parsed> {
+    match format {
+        Format::Json => parse_json(body.trim_start()),
+        Format::Logfmt => parse_logfmt(body, 1),
+        Format::AccessLog => parse_access_log(body),
+        Format::Text => Some(Parsed {
+            level: detect_level(body),
+            ..Parsed::default()
+        }),
+    }
+}
+
 /// Parses a message body: JSON object, logfmt, access log, or plain text.
 pub fn parse(body: &str) -> Parsed {
     let trimmed = body.trim_start();
@@ -127,7 +273,7 @@ pub fn parse(body: &str) -> Parsed {
     if let Some(parsed) = parse_access_log(body) {
         return parsed;
     }
-    if let Some(parsed) = parse_logfmt(body) {
+    if let Some(parsed) = parse_logfmt(body, 2) {
         return parsed;
     }
     Parsed {
@@ -162,9 +308,13 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for RawPairs<'a> {
 fn parse_json(body: &str) -> Option<Parsed> {
     let pairs: RawPairs<'_> = serde_json::from_str(body).ok()?;
     let mut parsed = Parsed::default();
-    for (key, raw) in pairs.0 {
+    let mut template = None;
+    for (key, raw) in &pairs.0 {
         let text = raw.get();
-        if let Some(field) = known(&key) {
+        if let Some(field) = known(key) {
+            if field == Known::Template {
+                template = serde_json::from_str::<Cow<'_, str>>(text).ok();
+            }
             let lifted = if text.starts_with('"') {
                 serde_json::from_str::<Cow<'_, str>>(text)
                     .map(|s| parsed.lift(field, &s, None))
@@ -178,13 +328,55 @@ fn parse_json(body: &str) -> Option<Parsed> {
                 continue;
             }
         }
-        parsed.context.push((key.into_owned(), text.to_string()));
+        parsed.context.push((key.to_string(), text.to_string()));
+    }
+    if parsed.message.is_none()
+        && let Some(template) = template
+    {
+        parsed.message = Some(render_template(&template, &pairs.0));
     }
     Some(parsed)
 }
 
-/// `key=value key2="quoted value"`: logfmt when at least two pairs make up the line.
-fn parse_logfmt(body: &str) -> Option<Parsed> {
+/// Serilog's message template with the entry's properties in place: `{Name}`, `{@Name}`,
+/// `{$Name}`, `{Name:format}` and `{Name,alignment}` become the property's value (strings
+/// without their quotes); `{{` and `}}` are braces; a hole with no property stays as written.
+fn render_template(template: &str, pairs: &[(Cow<'_, str>, &RawValue)]) -> String {
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let brace = rest.as_bytes()[i];
+        rest = &rest[i..];
+        if rest.len() > 1 && rest.as_bytes()[1] == brace {
+            out.push(brace as char);
+            rest = &rest[2..];
+            continue;
+        }
+        let hole = if brace == b'{' { rest.find('}') } else { None };
+        let Some(end) = hole else {
+            out.push(brace as char);
+            rest = &rest[1..];
+            continue;
+        };
+        let name = rest[1..end].trim_start_matches(['@', '$']);
+        let name = name.split([':', ',']).next().unwrap_or(name);
+        match pairs.iter().find(|(key, _)| key == name) {
+            Some((_, raw)) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+                Ok(text) => out.push_str(&text),
+                Err(_) => out.push_str(raw.get()),
+            },
+            None => out.push_str(&rest[..=end]),
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `key=value key2="quoted value"`: logfmt when the line is made of pairs, at least
+/// `min_pairs` of them (two when guessing, so `a=b` alone is not taken for logfmt).
+fn parse_logfmt(body: &str, min_pairs: usize) -> Option<Parsed> {
     let mut pairs = Vec::new();
     let bytes = body.as_bytes();
     let mut i = 0;
@@ -241,24 +433,12 @@ fn parse_logfmt(body: &str) -> Option<Parsed> {
         };
         pairs.push((key, value));
     }
-    if pairs.len() < 2 {
+    if pairs.len() < min_pairs.max(1) {
         return None;
     }
-    let mut parsed = Parsed::default();
-    for (key, value) in pairs {
-        let number = value.parse::<f64>().ok().filter(|n| n.is_finite());
-        if let Some(field) = known(key)
-            && parsed.lift(field, &value, None)
-        {
-            continue;
-        }
-        let json = match number {
-            Some(_) if !value.starts_with('+') && !value.starts_with('.') => value.to_string(),
-            _ => serde_json::to_string(&value).unwrap_or_default(),
-        };
-        parsed.context.push((key.to_string(), json));
-    }
-    Some(parsed)
+    Some(Parsed::from_pairs(
+        pairs.iter().map(|(key, value)| (*key, value.as_ref())),
+    ))
 }
 
 /// `host ident user [10/Oct/2000:13:55:36 -0700] "GET /path HTTP/1.1" 200 2326 "referer"
@@ -354,49 +534,6 @@ fn parse_clf_time(text: &str) -> Option<Timestamp> {
     Timestamp::parse_rfc3339(&format!("{year}-{month}-{day}T{clock}{zone}")).ok()
 }
 
-/// The level named by a plain message's leading words: `ERROR …`, `[warn] …`,
-/// `2026-11-27 10:00:00,123 WARN [main] …`, `E1127 10:00:00.000 1 x.go:12] …` (klog),
-/// `ERROR:root:…` (Python).
-pub fn detect_level(body: &str) -> Option<LogLevel> {
-    let head = &body[..body.floor_char_boundary(body.len().min(80))];
-    for (i, word) in head
-        .split(|c: char| {
-            c.is_whitespace() || matches!(c, '[' | ']' | ':' | '|' | '<' | '>' | '(' | ')' | ',')
-        })
-        .filter(|w| !w.is_empty())
-        .take(6)
-        .enumerate()
-    {
-        if i == 0 {
-            // klog: a severity letter and MMDD.
-            let b = word.as_bytes();
-            if b.len() == 5 && b[1..].iter().all(u8::is_ascii_digit) {
-                match b[0] {
-                    b'I' => return Some(LogLevel::Info),
-                    b'W' => return Some(LogLevel::Warning),
-                    b'E' => return Some(LogLevel::Error),
-                    b'F' => return Some(LogLevel::Critical),
-                    _ => {}
-                }
-            }
-        }
-        if word.len() >= 3 && word.len() <= 9 && word.bytes().all(|b| b.is_ascii_alphabetic()) {
-            if let Some(level) = LogLevel::parse(word) {
-                // Only shouted or bracketed levels count past the first word, so "the
-                // request had an error" is not an error line.
-                let shouted = word.bytes().all(|b| b.is_ascii_uppercase());
-                if i == 0 || shouted || head.contains(&format!("[{word}]")) {
-                    return Some(level);
-                }
-            }
-            if word.eq_ignore_ascii_case("severe") {
-                return Some(LogLevel::Error);
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +567,57 @@ mod tests {
     }
 
     #[test]
+    fn json_levels_come_from_every_common_key_and_spelling() {
+        let level = |body: &str| parse(body).level;
+        assert_eq!(level(r#"{"Severity":"warning"}"#), Some(LogLevel::Warning));
+        assert_eq!(level(r#"{"log.level":"ERROR"}"#), Some(LogLevel::Error));
+        assert_eq!(
+            level(r#"{"levelname":"CRITICAL"}"#),
+            Some(LogLevel::Critical)
+        );
+        assert_eq!(level(r#"{"@l":"Verbose"}"#), Some(LogLevel::Trace));
+        assert_eq!(level(r#"{"level":"DEBUG-4"}"#), Some(LogLevel::Debug));
+        assert_eq!(level(r#"{"level":"INFO+"}"#), None);
+        assert_eq!(level(r#"{"level":"SEVERE"}"#), Some(LogLevel::Error));
+        // OpenTelemetry: the text wins over the number, in either order.
+        assert_eq!(
+            level(r#"{"severity_number":17,"severity_text":"WARN"}"#),
+            Some(LogLevel::Warning)
+        );
+        assert_eq!(
+            level(r#"{"severity_text":"WARN","severity_number":17}"#),
+            Some(LogLevel::Warning)
+        );
+        assert_eq!(level(r#"{"severity_number":"9"}"#), Some(LogLevel::Info));
+        assert_eq!(level(r#"{"severity_number":25}"#), None);
+        // The first key that names a level wins; a second one stays in the context.
+        let p = parse(r#"{"level":"error","lvl":"info"}"#);
+        assert_eq!(p.level, Some(LogLevel::Error));
+        assert_eq!(p.context, vec![("lvl".to_string(), "\"info\"".to_string())]);
+        // logfmt takes numbers too.
+        assert_eq!(level("level=50 msg=x"), Some(LogLevel::Error));
+    }
+
+    #[test]
+    fn serilog_templates_are_rendered_when_there_is_no_message() {
+        let p = parse(
+            r#"{"@t":"2026-12-01T12:00:00Z","@mt":"Payment {OrderId} for {@Customer} took {Elapsed:0.00} ms {{ok}} {Missing}","@l":"Warning","OrderId":4711,"Customer":"alice","Elapsed":12.5}"#,
+        );
+        assert_eq!(
+            p.message.as_deref(),
+            Some("Payment 4711 for alice took 12.5 ms {ok} {Missing}")
+        );
+        assert_eq!(p.level, Some(LogLevel::Warning));
+        assert_eq!(p.timestamp.unwrap().to_rfc3339(), "2026-12-01T12:00:00Z");
+        // The template stays, for grouping; `@m` wins when both are there.
+        assert!(p.context.iter().any(|(k, _)| k == "@mt"));
+        let p = parse(r#"{"@m":"rendered","@mt":"template {X}","X":1}"#);
+        assert_eq!(p.message.as_deref(), Some("rendered"));
+        let p = parse(r#"{"@mt":"unclosed {X and } and {"}"#);
+        assert_eq!(p.message.as_deref(), Some("unclosed {X and } and {"));
+    }
+
+    #[test]
     fn logfmt_lines_lift_known_keys_and_type_numbers() {
         let p = parse(
             r#"time=2026-11-27T06:00:00Z level=error msg="connection refused" host=db-1 attempt=3 dur=12ms"#,
@@ -445,7 +633,12 @@ mod tests {
                 ("dur".to_string(), "\"12ms\"".to_string()),
             ]
         );
-        assert!(parse_logfmt("just a sentence with a=b").is_none());
+        assert!(parse_logfmt("just a sentence with a=b", 2).is_none());
+        assert!(parse_logfmt("level=warn", 2).is_none());
+        assert_eq!(
+            parse_as(Format::Logfmt, "level=warn").unwrap().level,
+            Some(LogLevel::Warning)
+        );
     }
 
     #[test]
@@ -520,6 +713,12 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_template_renders_without_panicking(template in "[{}a-zA-Z@$:, é]{0,40}") {
+                let body = serde_json::json!({"@mt": template, "a": 1, "X": "x"}).to_string();
+                prop_assert!(parse(&body).message.is_some());
+            }
 
             #[test]
             fn any_body_parses_without_panicking(body in ".{0,300}") {
