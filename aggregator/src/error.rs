@@ -69,7 +69,7 @@ impl ApiError {
     pub fn unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "a bearer token is required (Authorization: Bearer <token>)",
+            "a token is required (Authorization: Bearer <token>, or basic auth with the token as the password)",
         )
     }
 

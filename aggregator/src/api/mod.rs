@@ -8,6 +8,7 @@ pub mod client;
 pub mod health;
 mod ingest;
 mod logs;
+mod loki;
 mod params;
 
 use std::sync::Arc;
@@ -79,6 +80,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/alerts/{id}", get(alerts::get_one))
         .route("/api/alerts/{id}/ack", post(alerts::acknowledge))
         .route("/api/alerts/{id}/resolve", post(alerts::resolve))
+        .route("/loki/api/v1/push", post(loki::push))
         .route("/health", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
@@ -95,6 +97,7 @@ pub fn ingest_router(state: SharedState) -> Router {
     let max_body = state.config.max_request_bytes;
     Router::new()
         .route("/v1/ingest", axum::routing::post(ingest::ingest))
+        .route("/loki/api/v1/push", axum::routing::post(loki::push_mtls))
         .route("/health", get(health::live))
         .fallback(not_found)
         .layer(middleware::from_fn(track_requests))
@@ -151,14 +154,10 @@ fn caller_from(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+        .and_then(presented_token)
         .ok_or_else(ApiError::unauthorized)?;
     let caller = tokens
-        .caller(token)
+        .caller(&token)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the bearer token is not valid"))?;
     if !caller.role.allows(needed) {
         return Err(ApiError::forbidden(format!(
@@ -172,6 +171,25 @@ fn caller_from(
         )));
     }
     Ok(caller)
+}
+
+/// The token of an `Authorization` header: `Bearer <token>`, or `Basic` with the token as the
+/// password (what Promtail, Alloy, Fluent Bit and Grafana's Loki data source offer).
+fn presented_token(value: &str) -> Option<String> {
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(credentials.trim().to_string());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (_user, password) = text.split_once(':')?;
+    Some(password.to_string())
 }
 
 macro_rules! permission_extractor {

@@ -47,7 +47,12 @@ async fn every_role_may_do_exactly_its_share(db: Db) {
         );
         let response = app.request(Method::GET, path, None).send().await.unwrap();
         let body = expect_problem(response, StatusCode::UNAUTHORIZED).await;
-        assert!(body["detail"].as_str().unwrap().contains("bearer token"));
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer <token>")
+        );
         let response = app
             .request(Method::GET, path, Some("not-a-real-token"))
             .send()

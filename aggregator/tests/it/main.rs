@@ -12,6 +12,7 @@ mod errors;
 mod ingest;
 mod logs;
 mod loki;
+mod loki_push;
 mod operations;
 mod query_backends;
 mod search;
