@@ -1,0 +1,198 @@
+//! Loki pushes into the aggregator: the store issue's CRI data (`shared/bench/gen_cri.py`'s
+//! distribution) sent as Promtail sends it — snappy-compressed protobuf `PushRequest`s of
+//! 1,000 lines, labels from the pod, two streams (stdout, stderr) — to `POST
+//! /loki/api/v1/push`, four requests in flight.
+//!
+//! ```text
+//! cargo build --release -p logging-aggregator
+//! BENCH_LINES=1000000 cargo bench -p logging-tests --bench loki_push
+//! ```
+//!
+//! Prints the aggregator's CPU seconds per million lines until the entries are at rest (the
+//! agent path's figure comes from `BENCH_DATA=cri … --bench agent_throughput`), wall-clock
+//! lines per second, and everything under `DATA_DIR` at rest against the raw CRI bytes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use logging_aggregator::sinks::loki::proto;
+use logging_tests::{ADMIN_TOKEN, AggregatorProcess, http_client, proc};
+use store::dir_bytes;
+
+#[path = "common/cri.rs"]
+mod cri;
+#[path = "common/store.rs"]
+mod store;
+
+const BATCH: usize = 1000;
+const IN_FLIGHT: usize = 4;
+const LABELS: &str =
+    r#"{namespace="shop", pod="web-7d4b9c5f6-x2k9p", container="web", job="shop/web", app="web"}"#;
+
+/// One CRI line: its time in nanoseconds, its stream, its body.
+fn read_cri(line: &str) -> Option<(i64, &str, &str)> {
+    let mut parts = line.splitn(4, ' ');
+    let stamp = parts.next()?;
+    let stream = parts.next()?;
+    let _tag = parts.next()?;
+    let body = parts.next()?;
+    let nanos = logging_common::Timestamp::parse_rfc3339(stamp)
+        .ok()?
+        .as_nanos();
+    Some((nanos, stream, body))
+}
+
+/// The pushes, encoded before the clock starts.
+fn pushes(text: &str) -> Vec<Vec<u8>> {
+    let lines: Vec<(i64, &str, &str)> = text.lines().filter_map(read_cri).collect();
+    lines
+        .chunks(BATCH)
+        .map(|chunk| {
+            let streams = ["stdout", "stderr"]
+                .iter()
+                .map(|stream| proto::StreamAdapter {
+                    labels: format!("{}, stream=\"{stream}\"}}", LABELS.trim_end_matches('}')),
+                    entries: chunk
+                        .iter()
+                        .filter(|(_, s, _)| s == stream)
+                        .map(|(nanos, _, body)| proto::EntryAdapter {
+                            timestamp: Some(proto::ProtoTimestamp {
+                                seconds: nanos.div_euclid(1_000_000_000),
+                                nanos: nanos.rem_euclid(1_000_000_000) as i32,
+                            }),
+                            line: body.to_string(),
+                            structured_metadata: Vec::new(),
+                        })
+                        .collect(),
+                    hash: 0,
+                })
+                .collect();
+            let request = proto::PushRequest { streams };
+            snap::raw::Encoder::new()
+                .compress_vec(&prost::Message::encode_to_vec(&request))
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let lines: usize = std::env::var("BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("cri.log");
+    let written = cri::write(&file, lines, 42);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(pushes(&text));
+    drop(text);
+    println!(
+        "loki_push: {lines} CRI lines ({:.1} MB) as {} protobuf pushes of {BATCH} ({:.1} MB snappy)",
+        written.bytes as f64 / 1e6,
+        bodies.len(),
+        bodies.iter().map(Vec::len).sum::<usize>() as f64 / 1e6
+    );
+    let data_dir = root.path().join("aggregator");
+    let aggregator = AggregatorProcess::start(&data_dir, &[("LOG_LEVEL", "warn")]);
+    let pid = aggregator.child.id();
+    let cpu_before = proc::cpu_seconds(pid);
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let (bodies, next, url) = (
+            bodies.clone(),
+            next.clone(),
+            format!("{}/loki/api/v1/push", aggregator.base),
+        );
+        senders.push(tokio::spawn(async move {
+            let client = http_client();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { return };
+                loop {
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(ADMIN_TOKEN)
+                        .header("content-type", "application/x-protobuf")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    match response.status().as_u16() {
+                        204 => break,
+                        429 | 503 => {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                        }
+                        status => panic!("push {i}: {status} {}", response.text().await.unwrap()),
+                    }
+                }
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acknowledged = started.elapsed();
+    store::wait_at_rest(&http_client(), &aggregator.base).await;
+    let cpu = proc::cpu_seconds(pid) - cpu_before;
+    let disk = dir_bytes(&data_dir);
+    println!(
+        "  acknowledged in {:.1} s: {:.0} lines/s",
+        acknowledged.as_secs_f64(),
+        lines as f64 / acknowledged.as_secs_f64()
+    );
+    println!(
+        "  aggregator CPU until at rest: {cpu:.1} s = {:.2} CPU-s per million lines ({:.0} lines per CPU-second); peak RSS {:.0} MiB",
+        cpu / (lines as f64 / 1e6),
+        lines as f64 / cpu,
+        proc::status_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+    println!(
+        "  at rest, everything under DATA_DIR: {:.1} MB = {:.1}% of the {:.1} MB of CRI lines",
+        disk as f64 / 1e6,
+        100.0 * disk as f64 / written.bytes as f64,
+        written.bytes as f64 / 1e6
+    );
+    // What was pushed is what a search finds: the request id that occurs once, and the
+    // hour's count per minute.
+    let client = http_client();
+    for (what, path) in [
+        (
+            format!(
+                "the request id that occurs once ({})",
+                written.rare_request_id
+            ),
+            format!("/api/search?q={}", written.rare_request_id),
+        ),
+        (
+            "count per minute by level over 1 h".to_string(),
+            format!(
+                "/api/analytics?start={}&end={}&interval=1m",
+                written.hour.0, written.hour.1
+            ),
+        ),
+    ] {
+        let mut samples = Vec::new();
+        let mut last = serde_json::Value::Null;
+        for _ in 0..20 {
+            let started = Instant::now();
+            last = client
+                .get(format!("{}{path}", aggregator.base))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            samples.push(started.elapsed());
+        }
+        let (p50, p99) = store::percentiles(samples);
+        println!(
+            "  {what}: p50 {p50:.1} ms, p99 {p99:.1} ms (total {})",
+            last["total"]
+        );
+    }
+}
