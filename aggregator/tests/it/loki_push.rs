@@ -270,3 +270,71 @@ async fn the_mtls_port_takes_pushes_from_a_certified_client() {
     assert_eq!(entries[0]["context"]["agent"], "logging-agent");
     app.stop().await;
 }
+
+/// Python's `logging_loki` handler (python-logging-loki on PyPI, installed by `.ci/run`) ships
+/// records as Loki clients do: JSON pushes with basic auth, one stream per record's labels.
+#[tokio::test]
+#[cfg_attr(not(python_clients), ignore = "TEST_PYTHON is not set")]
+async fn pythons_loki_handler_ships_records_that_arrive_with_their_levels() {
+    let python = std::env::var("TEST_PYTHON")
+        .expect("TEST_PYTHON: a Python with python-logging-loki installed (.ci/run makes one)");
+    let app = TestApp::start(Db::Sqlite).await;
+    let script = r#"
+import logging, sys
+import logging_loki
+handler = logging_loki.LokiHandler(
+    url=sys.argv[1] + "/loki/api/v1/push",
+    tags={"service_name": "py-shop", "env": "prod"},
+    auth=("python", sys.argv[2]),
+    version="1",
+)
+# Raise instead of printing: a refused push must fail the script.
+def fail(record):
+    raise
+handler.handleError = fail
+log = logging.getLogger("shop.payments")
+log.setLevel(logging.DEBUG)
+log.addHandler(handler)
+log.info("order 4711 placed")
+log.warning("card issuer slow", extra={"tags": {"issuer": "acme"}})
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("payment crashed")
+"#;
+    let output = tokio::process::Command::new(&python)
+        .args(["-c", script, &app.base, WRITER])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let entries = stored(&app, 3).await;
+    let find = |start: &str| {
+        entries
+            .iter()
+            .find(|e| e["message"].as_str().unwrap().starts_with(start))
+            .unwrap_or_else(|| panic!("{start}: {entries:#?}"))
+    };
+    let placed = find("order 4711 placed");
+    assert_eq!(placed["service"], "py-shop");
+    assert_eq!(placed["level"], "info");
+    assert_eq!(placed["context"]["logger"], "shop.payments");
+    assert_eq!(placed["context"]["env"], "prod");
+    let slow = find("card issuer slow");
+    assert_eq!(slow["level"], "warning");
+    assert_eq!(slow["context"]["issuer"], "acme");
+    let crashed = find("payment crashed");
+    assert_eq!(crashed["level"], "error");
+    assert!(
+        crashed["message"]
+            .as_str()
+            .unwrap()
+            .contains("ZeroDivisionError"),
+        "{crashed}"
+    );
+    app.stop().await;
+}
