@@ -566,6 +566,7 @@ async fn api_state(
         alerts: consumers.alerting.clone(),
         sinks: consumers.sink_statuses.clone(),
         proxies,
+        client_setup: Default::default(),
     }))
 }
 

@@ -283,7 +283,7 @@ pub fn parse(body: &str) -> Parsed {
 }
 
 /// A JSON object as keys and raw values, borrowing from the input where it can.
-struct RawPairs<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+pub struct RawPairs<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for RawPairs<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -5,6 +5,7 @@ mod alerts;
 mod analytics;
 mod audit;
 pub mod client;
+pub mod elastic;
 pub mod health;
 mod ingest;
 mod logs;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub sinks: crate::sinks::SinkStatuses,
     /// Whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
     pub proxies: client::TrustedProxies,
+    /// What Elasticsearch clients install before they send (templates, ILM policies).
+    pub client_setup: elastic::ClientSetup,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -81,6 +84,23 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/alerts/{id}/ack", post(alerts::acknowledge))
         .route("/api/alerts/{id}/resolve", post(alerts::resolve))
         .route("/loki/api/v1/push", post(loki::push))
+        .route("/", get(elastic::root))
+        .route("/_bulk", post(elastic::bulk).put(elastic::bulk))
+        .route(
+            "/{index}/_bulk",
+            post(elastic::bulk_index).put(elastic::bulk_index),
+        )
+        .route("/_license", get(elastic::license))
+        .route("/_cluster/health", get(elastic::cluster_health))
+        .route("/_nodes/http", get(elastic::nodes_http))
+        .route(
+            "/_index_template/{name}",
+            get(elastic::get_template).put(elastic::put_template),
+        )
+        .route(
+            "/_ilm/policy/{name}",
+            get(elastic::get_policy).put(elastic::put_policy),
+        )
         .route("/health", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
@@ -98,6 +118,14 @@ pub fn ingest_router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/ingest", axum::routing::post(ingest::ingest))
         .route("/loki/api/v1/push", axum::routing::post(loki::push_mtls))
+        .route(
+            "/_bulk",
+            axum::routing::post(elastic::bulk_mtls).put(elastic::bulk_mtls),
+        )
+        .route(
+            "/{index}/_bulk",
+            axum::routing::post(elastic::bulk_index_mtls).put(elastic::bulk_index_mtls),
+        )
         .route("/health", get(health::live))
         .fallback(not_found)
         .layer(middleware::from_fn(track_requests))

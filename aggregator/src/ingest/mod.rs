@@ -74,6 +74,8 @@ pub struct Rejection {
 pub struct IngestOutcome {
     /// Per input entry: its id if stored (or already stored), `None` if rejected.
     pub ids: Vec<Option<Uuid>>,
+    /// Per input entry: it was stored before (its id was already there).
+    pub already_stored: Vec<bool>,
     pub rejected: Rejections,
     pub accepted: usize,
     pub duplicates: usize,
@@ -325,6 +327,7 @@ impl Ingest {
         }
         if entries.is_empty() {
             return Ok(IngestOutcome {
+                already_stored: vec![false; raws.len()],
                 ids,
                 rejected,
                 accepted: 0,
@@ -339,8 +342,14 @@ impl Ingest {
         let appended = self.wal.append(batch).await?;
         let duplicates = appended.duplicates.iter().filter(|d| d.is_some()).count();
         let accepted = entry_ids.len() - duplicates;
-        for (position, id) in positions.into_iter().zip(entry_ids) {
+        let mut already_stored = vec![false; raws.len()];
+        for ((position, id), duplicate) in positions
+            .into_iter()
+            .zip(entry_ids)
+            .zip(&appended.duplicates)
+        {
             ids[position] = Some(id);
+            already_stored[position] = duplicate.is_some();
         }
         volume.record(&appended.duplicates, &self.labels);
         metrics::counter!("logging_aggregator_duplicate_entries_total")
@@ -348,6 +357,7 @@ impl Ingest {
         self.rate.record(accepted as u64);
         Ok(IngestOutcome {
             ids,
+            already_stored,
             rejected,
             accepted,
             duplicates,

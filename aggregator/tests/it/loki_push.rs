@@ -6,9 +6,9 @@ use std::time::Duration;
 use logging_aggregator::certs;
 use logging_aggregator::sinks::loki::proto;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::{ADMIN, Db, READER, TestApp, WRITER};
+use crate::support::{ADMIN, Db, READER, TestApp, WRITER, stored_entries};
 
 fn now_nanos() -> i64 {
     logging_common::Timestamp::now().as_nanos()
@@ -48,20 +48,6 @@ fn protobuf(streams: Vec<(&str, Vec<Line<'_>>)>) -> Vec<u8> {
     snap::raw::Encoder::new()
         .compress_vec(&prost::Message::encode_to_vec(&request))
         .unwrap()
-}
-
-/// Every stored entry, once `count` are searchable.
-async fn stored(app: &TestApp, count: usize) -> Vec<Value> {
-    let mut items = Vec::new();
-    for _ in 0..200 {
-        let page = app.get_json("/api/logs?limit=1000&order=asc").await;
-        items = page["items"].as_array().cloned().unwrap_or_default();
-        if items.len() >= count {
-            return items;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("only {} of {count} entries: {items:#?}", items.len());
 }
 
 #[tokio::test]
@@ -110,7 +96,7 @@ async fn a_protobuf_push_is_stored_once_with_labels_metadata_and_levels() {
         "{:?}",
         response.text().await
     );
-    let entries = stored(&app, 4).await;
+    let entries = stored_entries(&app, 4).await;
     let by_message = |m: &str| entries.iter().find(|e| e["message"] == m).unwrap().clone();
     let second = by_message("second");
     assert_eq!(second["service"], "web");
@@ -151,7 +137,7 @@ async fn a_protobuf_push_is_stored_once_with_labels_metadata_and_levels() {
     // Another tenant's identical lines are other entries.
     let response = push(ADMIN, "team-b").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    stored(&app, 8).await;
+    stored_entries(&app, 8).await;
 
     // A reader may not push; nobody may without a token.
     assert_eq!(
@@ -207,7 +193,7 @@ async fn a_json_push_with_gzip_stores_the_good_entries_and_names_the_bad_ones() 
         text.contains(r#"stream {env="prod", service_name="checkout"} entry 1: timestamp:"#),
         "{text}"
     );
-    let entries = stored(&app, 2).await;
+    let entries = stored_entries(&app, 2).await;
     let declined = entries
         .iter()
         .find(|e| e["message"] == "payment declined")
@@ -265,7 +251,7 @@ async fn the_mtls_port_takes_pushes_from_a_certified_client() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    let entries = stored(&app, 1).await;
+    let entries = stored_entries(&app, 1).await;
     assert_eq!(entries[0]["service"], "edge");
     assert_eq!(entries[0]["context"]["agent"], "logging-agent");
     app.stop().await;
@@ -312,7 +298,7 @@ except ZeroDivisionError:
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let entries = stored(&app, 3).await;
+    let entries = stored_entries(&app, 3).await;
     let find = |start: &str| {
         entries
             .iter()

@@ -7,6 +7,7 @@ mod access;
 mod alerts;
 mod audit;
 mod broker;
+mod elastic_bulk;
 mod elasticsearch;
 mod errors;
 mod ingest;

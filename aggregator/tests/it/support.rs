@@ -436,3 +436,17 @@ pub async fn assert_failing(app: &TestApp, name: &str, min_lag: u64, error: &str
         "{report}"
     );
 }
+
+/// Every stored entry (oldest first), once at least `count` are searchable.
+pub async fn stored_entries(app: &TestApp, count: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    for _ in 0..200 {
+        let page = app.get_json("/api/logs?limit=1000&order=asc").await;
+        items = page["items"].as_array().cloned().unwrap_or_default();
+        if items.len() >= count {
+            return items;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("only {} of {count} entries: {items:#?}", items.len());
+}

@@ -1,11 +1,14 @@
-//! Loki pushes into the aggregator: the store issue's CRI data (`shared/bench/gen_cri.py`'s
-//! distribution) sent as Promtail sends it — snappy-compressed protobuf `PushRequest`s of
-//! 1,000 lines, labels from the pod, two streams (stdout, stderr) — to `POST
-//! /loki/api/v1/push`, four requests in flight.
+//! The ingest protocols other agents speak, into the aggregator: the store issue's CRI data
+//! (`shared/bench/gen_cri.py`'s distribution) sent in requests of 1,000 lines, four in
+//! flight, either as Promtail sends it (`BENCH_PROTOCOL=loki`, the default: snappy-compressed
+//! protobuf `PushRequest`s to `POST /loki/api/v1/push`, labels from the pod, two streams) or
+//! as Fluent Bit's `es` output does (`BENCH_PROTOCOL=bulk`: `POST /_bulk` NDJSON of `create`
+//! actions, the raw line in `log`, Fluent Bit's `kubernetes` fields).
 //!
 //! ```text
 //! cargo build --release -p logging-aggregator
-//! BENCH_LINES=1000000 cargo bench -p logging-tests --bench loki_push
+//! BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
+//! BENCH_PROTOCOL=bulk BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! ```
 //!
 //! Prints the aggregator's CPU seconds per million lines until the entries are at rest (the
@@ -40,6 +43,34 @@ fn read_cri(line: &str) -> Option<(i64, &str, &str)> {
         .ok()?
         .as_nanos();
     Some((nanos, stream, body))
+}
+
+/// Fluent Bit's `es` output: a `create` for each record, the line in `log`.
+fn bulks(text: &str) -> Vec<Vec<u8>> {
+    let lines: Vec<(i64, &str, &str)> = text.lines().filter_map(read_cri).collect();
+    lines
+        .chunks(BATCH)
+        .map(|chunk| {
+            let mut body = String::with_capacity(chunk.len() * 400);
+            for (nanos, stream, line) in chunk {
+                body.push_str("{\"create\":{\"_index\":\"fluent-bit\"}}\n");
+                let document = serde_json::json!({
+                    "@timestamp": logging_common::Timestamp::from_nanos(*nanos).to_rfc3339(),
+                    "log": line,
+                    "stream": stream,
+                    "kubernetes": {
+                        "namespace_name": "shop",
+                        "pod_name": "web-7d4b9c5f6-x2k9p",
+                        "container_name": "web",
+                        "host": "node-1",
+                    },
+                });
+                body.push_str(&document.to_string());
+                body.push('\n');
+            }
+            body.into_bytes()
+        })
+        .collect()
 }
 
 /// The pushes, encoded before the clock starts.
@@ -85,10 +116,21 @@ async fn main() {
     let file = root.path().join("cri.log");
     let written = cri::write(&file, lines, 42);
     let text = std::fs::read_to_string(&file).unwrap();
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(pushes(&text));
+    let bulk = std::env::var("BENCH_PROTOCOL").is_ok_and(|p| p == "bulk");
+    let (bodies, path, content_type, ok) = if bulk {
+        (bulks(&text), "/_bulk", "application/x-ndjson", 200)
+    } else {
+        (
+            pushes(&text),
+            "/loki/api/v1/push",
+            "application/x-protobuf",
+            204,
+        )
+    };
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(bodies);
     drop(text);
     println!(
-        "loki_push: {lines} CRI lines ({:.1} MB) as {} protobuf pushes of {BATCH} ({:.1} MB snappy)",
+        "protocols: {lines} CRI lines ({:.1} MB) as {} requests of {BATCH} to {path} ({:.1} MB)",
         written.bytes as f64 / 1e6,
         bodies.len(),
         bodies.iter().map(Vec::len).sum::<usize>() as f64 / 1e6
@@ -104,7 +146,7 @@ async fn main() {
         let (bodies, next, url) = (
             bodies.clone(),
             next.clone(),
-            format!("{}/loki/api/v1/push", aggregator.base),
+            format!("{}{path}", aggregator.base),
         );
         senders.push(tokio::spawn(async move {
             let client = http_client();
@@ -115,13 +157,19 @@ async fn main() {
                     let response = client
                         .post(&url)
                         .bearer_auth(ADMIN_TOKEN)
-                        .header("content-type", "application/x-protobuf")
+                        .header("content-type", content_type)
                         .body(body.clone())
                         .send()
                         .await
                         .unwrap();
                     match response.status().as_u16() {
-                        204 => break,
+                        status if status == ok => {
+                            if bulk {
+                                let answer: serde_json::Value = response.json().await.unwrap();
+                                assert_eq!(answer["errors"], false, "push {i}");
+                            }
+                            break;
+                        }
                         429 | 503 => {
                             tokio::time::sleep(std::time::Duration::from_millis(200)).await
                         }
