@@ -250,7 +250,7 @@ async fn hostile_bodies_never_crash_or_500(db: Db) {
         "}".repeat(10_000)
     );
     let mut bodies: Vec<Vec<u8>> = vec![
-        deep.into_bytes(),
+        deep.clone().into_bytes(),
         deep_object.into_bytes(),
         b"\xff\xfe\x00garbage".to_vec(),
         b"{\"timestamp\":1e999,\"level\":\"info\",\"service\":\"s\",\"message\":\"m\"}".to_vec(),
@@ -260,6 +260,13 @@ async fn hostile_bodies_never_crash_or_500(db: Db) {
         b"[{},{},null,[],\"x\",1.5]".to_vec(),
         b"{\"id\":\"00000000-0000-0000-0000-000000000000\",\"timestamp\":0,\"level\":0,\"service\":\"s\",\"message\":\"m\"}".to_vec(),
         Vec::new(),
+        // The other agents' protocols: a Loki push and a bulk request nested deep.
+        format!(
+            "{{\"streams\":[{{\"stream\":{{}},\"values\":[[\"1\",\"x\",{deep}]]}}]}}"
+        )
+        .into_bytes(),
+        format!("{{\"create\":{{\"_index\":\"x\"}}}}\n{{\"message\":\"m\",\"kubernetes\":{{\"pod\":{deep}}},\"x\":{deep}}}\n{{\"index\":{deep}}}\n{{}}\n")
+            .into_bytes(),
     ];
     // And a few thousand bytes of pseudo-random noise shaped like JSON.
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
@@ -276,7 +283,7 @@ async fn hostile_bodies_never_crash_or_500(db: Db) {
         bodies.push(body);
     }
     for body in bodies {
-        for path in ["/api/logs", "/api/audit"] {
+        for path in ["/api/logs", "/api/audit", "/loki/api/v1/push", "/_bulk"] {
             let response = post_raw(&app, path, body.clone()).await;
             assert!(
                 response.status().is_client_error() || response.status().is_success(),
