@@ -20,7 +20,6 @@
 //! batch re-sent after a lost answer stores nothing twice.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -366,24 +365,13 @@ async fn run_bulk(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
     let text = if gzip {
-        let mut out = Vec::new();
-        if let Err(e) = flate2::read::GzDecoder::new(body)
-            .take(limit as u64 + 1)
-            .read_to_end(&mut out)
-        {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "parse_exception",
-                &format!("the body is not valid gzip: {e}"),
-            );
+        match super::gunzip(body, limit, "request") {
+            Ok(out) => std::borrow::Cow::Owned(out),
+            Err(e) if e.status == StatusCode::BAD_REQUEST => {
+                return error(StatusCode::BAD_REQUEST, "parse_exception", &e.detail);
+            }
+            Err(e) => return refused(e),
         }
-        if out.len() > limit {
-            return refused(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the request is larger than MAX_REQUEST_BYTES once decompressed",
-            ));
-        }
-        std::borrow::Cow::Owned(out)
     } else {
         std::borrow::Cow::Borrowed(body)
     };

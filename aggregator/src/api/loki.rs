@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Read;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -346,7 +345,7 @@ fn decode(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Vec<PushStre
     if content_type.starts_with("application/json") {
         let json = match encoding.as_str() {
             "" | "identity" => std::borrow::Cow::Borrowed(body),
-            "gzip" => std::borrow::Cow::Owned(gunzip(body, limit)?),
+            "gzip" => std::borrow::Cow::Owned(super::gunzip(body, limit, "push")?),
             other => {
                 return Err(ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -371,27 +370,7 @@ fn decode(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Vec<PushStre
 }
 
 fn too_large() -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "the push is larger than MAX_REQUEST_BYTES once decompressed; send smaller batches",
-    )
-}
-
-fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-    flate2::read::GzDecoder::new(body)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("body: not valid gzip: {e}"),
-            )
-        })?;
-    if out.len() > limit {
-        return Err(too_large());
-    }
-    Ok(out)
+    super::decompressed_too_large("push")
 }
 
 fn unsnap(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {

@@ -283,6 +283,37 @@ impl FromRequest<SharedState> for Body {
     }
 }
 
+/// A gzip body decompressed, refused with 413 past `limit` bytes (read no further than one
+/// byte past it, so a bomb costs nothing) and with 400 when it is not gzip; `what` names the
+/// request in the 413.
+pub(super) fn gunzip(body: &[u8], limit: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+    use std::io::Read as _;
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    flate2::read::GzDecoder::new(body)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("body: not valid gzip: {e}"),
+            )
+        })?;
+    if out.len() > limit {
+        return Err(decompressed_too_large(what));
+    }
+    Ok(out)
+}
+
+/// 413 for a body over `MAX_REQUEST_BYTES` once decompressed.
+pub(super) fn decompressed_too_large(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the {what} is larger than MAX_REQUEST_BYTES once decompressed; send smaller batches"
+        ),
+    )
+}
+
 /// A JSON response from bytes we already hold as JSON.
 pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()

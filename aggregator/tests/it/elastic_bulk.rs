@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::support::{Db, READER, TestApp, WRITER, stored_entries};
+use crate::support::{Db, READER, TestApp, WRITER, agent_client, run_python, stored_entries};
 
 #[tokio::test]
 async fn a_bulk_request_answers_per_item_and_a_resent_create_is_a_conflict() {
@@ -138,9 +138,6 @@ async fn templates_and_policies_are_kept_and_given_back() {
 #[tokio::test]
 #[cfg_attr(not(python_clients), ignore = "TEST_PYTHON is not set")]
 async fn the_official_python_client_bulk_helper_stores_each_document_once() {
-    let python = std::env::var("TEST_PYTHON").expect(
-        "TEST_PYTHON: a Python with the elasticsearch client installed (.ci/run makes one)",
-    );
     let app = TestApp::start(Db::Sqlite).await;
     let script = r#"
 import json, sys
@@ -161,17 +158,8 @@ ok, errors = helpers.bulk(es, actions, raise_on_error=False)
 second = (ok, sorted(e["create"]["status"] for e in errors))
 print(json.dumps({"first": first, "second": second}))
 "#;
-    let output = tokio::process::Command::new(&python)
-        .args(["-c", script, &app.base, WRITER])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let output = run_python(script, &[&app.base, WRITER]).await;
+    let result: Value = serde_json::from_slice(&output).unwrap();
     assert_eq!(result["first"], json!([5, [400]]), "{result}");
     assert_eq!(
         result["second"],
@@ -194,22 +182,14 @@ print(json.dumps({"first": first, "second": second}))
 #[tokio::test]
 async fn the_mtls_port_takes_bulk_requests_from_a_certified_client() {
     let app = TestApp::start(Db::Sqlite).await;
-    let paths = logging_aggregator::certs::CertPaths::in_dir(&app.dir.path().join("certs"));
-    logging_common::tls::install_crypto_provider();
-    let config =
-        logging_common::tls::client_config(&paths.ca, &paths.agent, &paths.agent_key).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .build()
-        .unwrap();
-    let port = app.running.as_ref().unwrap().ingest_addr.port();
+    let (client, ingest) = agent_client(&app);
     let body = format!(
         "{}\n{}\n",
         json!({"create": {}}),
         json!({"message": "over mTLS", "service": "edge"})
     );
     let response: Value = client
-        .put(format!("https://localhost:{port}/logs-edge/_bulk"))
+        .put(format!("{ingest}/logs-edge/_bulk"))
         .body(body)
         .send()
         .await

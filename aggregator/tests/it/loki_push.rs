@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use logging_aggregator::certs;
 use logging_aggregator::sinks::loki::proto;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::support::{ADMIN, Db, READER, TestApp, WRITER, stored_entries};
+use crate::support::{
+    ADMIN, Db, READER, TestApp, WRITER, agent_client, run_python, stored_entries,
+};
 
 fn now_nanos() -> i64 {
     logging_common::Timestamp::now().as_nanos()
@@ -231,17 +232,9 @@ async fn a_json_push_with_gzip_stores_the_good_entries_and_names_the_bad_ones() 
 #[tokio::test]
 async fn the_mtls_port_takes_pushes_from_a_certified_client() {
     let app = TestApp::start(Db::Sqlite).await;
-    let paths = certs::CertPaths::in_dir(&app.dir.path().join("certs"));
-    logging_common::tls::install_crypto_provider();
-    let config =
-        logging_common::tls::client_config(&paths.ca, &paths.agent, &paths.agent_key).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .build()
-        .unwrap();
-    let port = app.running.as_ref().unwrap().ingest_addr.port();
+    let (client, ingest) = agent_client(&app);
     let response = client
-        .post(format!("https://localhost:{port}/loki/api/v1/push"))
+        .post(format!("{ingest}/loki/api/v1/push"))
         .header("content-type", "application/x-protobuf")
         .body(protobuf(vec![(
             r#"{app="edge"}"#,
@@ -262,8 +255,6 @@ async fn the_mtls_port_takes_pushes_from_a_certified_client() {
 #[tokio::test]
 #[cfg_attr(not(python_clients), ignore = "TEST_PYTHON is not set")]
 async fn pythons_loki_handler_ships_records_that_arrive_with_their_levels() {
-    let python = std::env::var("TEST_PYTHON")
-        .expect("TEST_PYTHON: a Python with python-logging-loki installed (.ci/run makes one)");
     let app = TestApp::start(Db::Sqlite).await;
     let script = r#"
 import logging, sys
@@ -288,16 +279,7 @@ try:
 except ZeroDivisionError:
     log.exception("payment crashed")
 "#;
-    let output = tokio::process::Command::new(&python)
-        .args(["-c", script, &app.base, WRITER])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_python(script, &[&app.base, WRITER]).await;
     let entries = stored_entries(&app, 3).await;
     let find = |start: &str| {
         entries

@@ -450,3 +450,39 @@ pub async fn stored_entries(app: &TestApp, count: usize) -> Vec<Value> {
     }
     panic!("only {} of {count} entries: {items:#?}", items.len());
 }
+
+/// A client of `app`'s mTLS ingest port presenting its development agent certificate, and
+/// that port's base URL.
+pub fn agent_client(app: &TestApp) -> (reqwest::Client, String) {
+    let paths = logging_aggregator::certs::CertPaths::in_dir(&app.dir.path().join("certs"));
+    logging_common::tls::install_crypto_provider();
+    let config =
+        logging_common::tls::client_config(&paths.ca, &paths.agent, &paths.agent_key).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .build()
+        .unwrap();
+    let port = app.running.as_ref().unwrap().ingest_addr.port();
+    (client, format!("https://localhost:{port}"))
+}
+
+/// Runs a Python `script` with `args` under `TEST_PYTHON` (a Python with the real client
+/// libraries, as `.ci/run` makes it) and returns what it printed; a failing script fails the
+/// test with its stderr.
+pub async fn run_python(script: &str, args: &[&str]) -> Vec<u8> {
+    let python = std::env::var("TEST_PYTHON")
+        .expect("TEST_PYTHON: a Python with the client libraries installed (.ci/run makes one)");
+    let output = tokio::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
