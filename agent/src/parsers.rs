@@ -77,10 +77,6 @@ impl Parsers {
     pub fn select(&self, path: &Path, pod: Option<&PodInfo>) -> Option<Arc<UserParser>> {
         self.0.iter().find(|p| p.selects(path, pod)).cloned()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl UserParser {
