@@ -18,6 +18,7 @@ pub mod error;
 pub mod index;
 pub mod ingest;
 pub mod listeners;
+pub mod logql;
 pub mod read;
 pub mod sinks;
 pub mod wal;

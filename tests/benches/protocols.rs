@@ -13,7 +13,9 @@
 //!
 //! Prints the aggregator's CPU seconds per million lines until the entries are at rest (the
 //! agent path's figure comes from `BENCH_DATA=cri … --bench agent_throughput`), wall-clock
-//! lines per second, and everything under `DATA_DIR` at rest against the raw CRI bytes.
+//! lines per second, and everything under `DATA_DIR` at rest against the raw CRI bytes; then
+//! query latencies, with the Loki push the three LogQL queries of the "Speak Loki" issue
+//! through `/loki/api/v1/query_range`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -204,9 +206,9 @@ async fn main() {
         written.bytes as f64 / 1e6
     );
     // What was pushed is what a search finds: the request id that occurs once, and the
-    // hour's count per minute.
+    // hour's count per minute; after a Loki push, the issue's three LogQL queries too.
     let client = http_client();
-    for (what, path) in [
+    let mut queries = vec![
         (
             format!(
                 "the request id that occurs once ({})",
@@ -221,7 +223,47 @@ async fn main() {
                 written.hour.0, written.hour.1
             ),
         ),
-    ] {
+    ];
+    if !bulk {
+        let range = |query: String, extra: &str| {
+            let query: String = form_urlencoded::byte_serialize(query.as_bytes()).collect();
+            format!(
+                "/loki/api/v1/query_range?query={query}&start={}&end={}{extra}",
+                written.hour.0, written.hour.1
+            )
+        };
+        queries.extend([
+            (
+                format!(
+                    "LogQL {{service_name=\"web\"}} |= \"{}\"",
+                    written.rare_request_id
+                ),
+                range(
+                    format!(
+                        "{{service_name=\"web\"}} |= \"{}\"",
+                        written.rare_request_id
+                    ),
+                    "&limit=100",
+                ),
+            ),
+            (
+                "LogQL sum by (level) (count_over_time({service_name=\"web\"}[1m])) over 1 h"
+                    .to_string(),
+                range(
+                    "sum by (level) (count_over_time({service_name=\"web\"}[1m]))".to_string(),
+                    "&step=60",
+                ),
+            ),
+            (
+                "LogQL {service_name=\"web\"} | json | level=\"error\", newest 100".to_string(),
+                range(
+                    "{service_name=\"web\"} | json | level=\"error\"".to_string(),
+                    "&limit=100",
+                ),
+            ),
+        ]);
+    }
+    for (what, path) in queries {
         let mut samples = Vec::new();
         let mut last = serde_json::Value::Null;
         for _ in 0..20 {
@@ -238,9 +280,16 @@ async fn main() {
             samples.push(started.elapsed());
         }
         let (p50, p99) = store::percentiles(samples);
-        println!(
-            "  {what}: p50 {p50:.1} ms, p99 {p99:.1} ms (total {})",
-            last["total"]
-        );
+        let found = if last["data"]["result"].is_array() {
+            let result = last["data"]["result"].as_array().unwrap();
+            let lines: usize = result
+                .iter()
+                .map(|s| s["values"].as_array().map_or(0, Vec::len))
+                .sum();
+            format!("{} series, {lines} lines or points", result.len())
+        } else {
+            format!("total {}", last["total"])
+        };
+        println!("  {what}: p50 {p50:.1} ms, p99 {p99:.1} ms ({found})");
     }
 }

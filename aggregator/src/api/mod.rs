@@ -10,6 +10,7 @@ pub mod health;
 mod ingest;
 mod logs;
 mod loki;
+mod loki_read;
 mod params;
 
 use std::sync::Arc;
@@ -84,6 +85,44 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/alerts/{id}/ack", post(alerts::acknowledge))
         .route("/api/alerts/{id}/resolve", post(alerts::resolve))
         .route("/loki/api/v1/push", post(loki::push))
+        .route(
+            "/loki/api/v1/query_range",
+            get(loki_read::query_range).post(loki_read::query_range),
+        )
+        .route(
+            "/loki/api/v1/query",
+            get(loki_read::query_instant).post(loki_read::query_instant),
+        )
+        .route(
+            "/loki/api/v1/labels",
+            get(loki_read::labels).post(loki_read::labels),
+        )
+        .route(
+            "/loki/api/v1/label",
+            get(loki_read::labels).post(loki_read::labels),
+        )
+        .route(
+            "/loki/api/v1/label/{name}/values",
+            get(loki_read::label_values),
+        )
+        .route(
+            "/loki/api/v1/series",
+            get(loki_read::series).post(loki_read::series),
+        )
+        .route(
+            "/loki/api/v1/index/stats",
+            get(loki_read::index_stats).post(loki_read::index_stats),
+        )
+        .route(
+            "/loki/api/v1/index/volume",
+            get(loki_read::volume).post(loki_read::volume),
+        )
+        .route(
+            "/loki/api/v1/index/volume_range",
+            get(loki_read::volume_range).post(loki_read::volume_range),
+        )
+        .route("/loki/api/v1/status/buildinfo", get(loki_read::buildinfo))
+        .route("/ready", get(loki_read::ready))
         .route("/", get(elastic::root))
         .route("/_bulk", post(elastic::bulk).put(elastic::bulk))
         .route(

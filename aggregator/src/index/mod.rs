@@ -565,13 +565,32 @@ impl LogIndex {
 
     /// A page of entries matching `filter`, sorted by (timestamp, sequence).
     pub fn search(&self, filter: &LogFilter, page: &Page) -> Result<Found, QueryError> {
+        self.search_compiled(filter, page, Compiled::new(filter))
+    }
+
+    /// A page of the entries matching `filter` that were written at WAL sequences in `seqs`
+    /// (what arrived since a tail last looked), sorted by (timestamp, sequence).
+    pub fn search_written(
+        &self,
+        filter: &LogFilter,
+        page: &Page,
+        seqs: std::ops::Range<u64>,
+    ) -> Result<Found, QueryError> {
+        self.search_compiled(filter, page, Compiled::new(filter).written_in(seqs))
+    }
+
+    fn search_compiled(
+        &self,
+        filter: &LogFilter,
+        page: &Page,
+        query: Compiled,
+    ) -> Result<Found, QueryError> {
         if filter.text.is_some() && !self.options.full_text {
             return Err(QueryError::invalid(
                 "q",
                 "full-text search is off (LOG_INDEXING_ENABLED=false)",
             ));
         }
-        let query = Compiled::new(filter);
         let bound = page.after.map(|a| (page.order, a));
         let (lower, upper) = bounds(filter, page);
         let mut partitions = self.partitions_between(lower, upper);
@@ -669,6 +688,30 @@ impl LogIndex {
             next,
             total: page.with_total.then_some(total),
         })
+    }
+
+    /// The lower-cased words of every JSON key of the entries stored in `[start, end)`
+    /// (nanoseconds; more is allowed): what a search over whole lines must not expect the
+    /// values' words to answer for.
+    pub fn key_words(&self, start: i64, end: i64) -> Result<HashSet<Box<str>>, QueryError> {
+        let mut out: HashSet<Box<str>> = HashSet::new();
+        let mut add = |set: &Arc<TemplateSet>| out.extend(set.key_words().iter().cloned());
+        for partition in self.partitions_between(Some(start), Some(end)) {
+            partition.with_snapshot(|snapshot, open| -> Result<(), QueryError> {
+                let summary = open.block.summary();
+                let view = View::memory(&open.block, open.slots(), Cow::Owned(summary));
+                add(&view.template_set_arc()?);
+                for m in &snapshot.sealed {
+                    let view = View::memory(&m.block, &m.slots, Cow::Borrowed(&m.summary));
+                    add(&view.template_set_arc()?);
+                }
+                for part in &snapshot.parts {
+                    add(&part.templates()?);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
     }
 
     /// Counts over time, error rates, top patterns and a numeric field's distribution.

@@ -82,6 +82,8 @@ pub struct TemplateSet {
     by_shape: Vec<Vec<u32>>,
     /// Each template's message pattern, worked out the first time analytics asks.
     patterns: OnceLock<Vec<Option<Box<str>>>>,
+    /// The words of every JSON key the templates hold, worked out the first time asked.
+    key_words: OnceLock<Box<[Box<str>]>>,
 }
 
 /// Gathers a set's distinct values.
@@ -189,6 +191,7 @@ impl TemplateSet {
             shapes: shapes.all,
             tokens: shapes.tokens,
             patterns: OnceLock::new(),
+            key_words: OnceLock::new(),
         }
     }
 
@@ -220,6 +223,18 @@ impl TemplateSet {
         })
     }
 
+    /// The lower-cased words of every key (at any depth) of the templates' JSON: what a text
+    /// search over whole lines can match that the values' words cannot.
+    pub fn key_words(&self) -> &[Box<str>] {
+        self.key_words.get_or_init(|| {
+            let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+            for shape in &self.shapes {
+                seen.extend(words(&shape.path));
+            }
+            seen.into_iter().map(String::into_boxed_str).collect()
+        })
+    }
+
     /// A block's own templates, their variables in the block's columns.
     fn of_block(texts: Vec<Box<[u8]>>, slots: Vec<Vec<u32>>, paths: &[String]) -> TemplateSet {
         let columns = paths.len();
@@ -242,6 +257,7 @@ impl TemplateSet {
             shapes: shapes.all,
             tokens: shapes.tokens,
             patterns: OnceLock::new(),
+            key_words: OnceLock::new(),
         }
     }
 
@@ -734,6 +750,8 @@ pub struct Compiled {
     /// `[start, end)` in nanoseconds.
     start: Option<i64>,
     end: Option<i64>,
+    /// Only rows written at these WAL sequences (a tail's new arrivals).
+    seqs: Option<std::ops::Range<u64>>,
     /// Bit `rank` for each level wanted.
     levels: u16,
     services: Option<Vec<String>>,
@@ -832,6 +850,7 @@ impl Compiled {
         Compiled {
             start: filter.start.map(|t| t.as_nanos()),
             end: filter.end.map(|t| t.as_nanos()),
+            seqs: None,
             levels,
             services: (!filter.services.is_empty()).then(|| filter.services.clone()),
             expr,
@@ -841,6 +860,12 @@ impl Compiled {
             held: parking_lot::Mutex::new(None),
             answers: parking_lot::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps only rows written at WAL sequences in `seqs`.
+    pub fn written_in(mut self, seqs: std::ops::Range<u64>) -> Compiled {
+        self.seqs = Some(seqs);
+        self
     }
 
     /// Whether the query has terms (`q`, ids, tags), not only row filters.
@@ -870,6 +895,10 @@ impl Compiled {
         if summary.rows == 0
             || self.start.is_some_and(|s| summary.ts_max < s)
             || self.end.is_some_and(|e| summary.ts_min >= e)
+            || self
+                .seqs
+                .as_ref()
+                .is_some_and(|r| summary.seq_max < r.start || summary.seq_min >= r.end)
             || summary.levels & self.levels == 0
         {
             return true;
@@ -1077,6 +1106,43 @@ fn variables_allow(m: &Match, view: &View<'_>) -> Result<bool, BlockError> {
             }
         }
         if seen.iter().all(|s| *s) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a fragment term (`*4711*`, `a1b2*`) with a digit can match in the block: such a
+/// fragment lies inside one variable (a run of letters and digits with a digit is always
+/// one), so some column the term looks at must hold it. A substring search over the
+/// columns' text rules out the blocks that cannot, before any row is read; where that is not
+/// exact (text that is not ASCII), the block is let through.
+fn fragment_allows(m: &Match, view: &View<'_>) -> Result<bool, BlockError> {
+    let fragment = match &m.pattern {
+        Pattern::Contains(f) | Pattern::Prefix(f) | Pattern::Suffix(f) => f,
+        Pattern::Words(_) => return Ok(true),
+    };
+    if fragment.is_empty()
+        || !fragment.bytes().all(|b| b.is_ascii_alphanumeric())
+        || !fragment.bytes().any(|b| b.is_ascii_digit())
+    {
+        return Ok(true);
+    }
+    let finder = memchr::memmem::Finder::new(fragment.as_bytes());
+    for (c, path) in view.summary().paths.iter().enumerate() {
+        if !(admitted(&m.field, path) || path == super::block::OTHER_PATHS) {
+            continue;
+        }
+        let column = view.block_column(c)?;
+        if !column.data.is_ascii() {
+            return Ok(true);
+        }
+        let text: Cow<'_, [u8]> = if column.data.iter().any(u8::is_ascii_uppercase) {
+            Cow::Owned(column.data.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(&column.data)
+        };
+        if finder.find(&text).is_some() {
             return Ok(true);
         }
     }
@@ -1297,7 +1363,9 @@ fn plan_atom(query: &Compiled, atom: usize, view: &View<'_>) -> Result<AtomPlan,
         Field::Id => AtomPlan::Id(as_id(m)),
         field => {
             // Ruled out by the Bloom filter: no template is looked at (none is read at all).
-            let templates = if view.bloom_allows(&variable_hashes(m))? && variables_allow(m, view)?
+            let templates = if view.bloom_allows(&variable_hashes(m))?
+                && variables_allow(m, view)?
+                && fragment_allows(m, view)?
             {
                 Some(template_plan(query, atom, view)?)
             } else {
@@ -1332,7 +1400,11 @@ pub fn covers_block(
     bound: Option<(Order, SortPosition)>,
 ) -> bool {
     let inside = query.start.is_none_or(|s| summary.ts_min >= s)
-        && query.end.is_none_or(|e| summary.ts_max < e);
+        && query.end.is_none_or(|e| summary.ts_max < e)
+        && query
+            .seqs
+            .as_ref()
+            .is_none_or(|r| r.contains(&summary.seq_min) && r.contains(&summary.seq_max));
     let past = match bound {
         None => true,
         Some((Order::Desc, after)) => summary.ts_max < after.ts,
@@ -1488,7 +1560,7 @@ pub fn scan(
         return Ok(());
     }
     let ts = view.ts()?;
-    let seq = if bound.is_some() {
+    let seq = if bound.is_some() || query.seqs.is_some() {
         Some(view.seq()?)
     } else {
         None
@@ -1547,6 +1619,11 @@ pub fn scan(
         let keep = (|| -> Result<bool, BlockError> {
             let t = ts[row];
             if query.start.is_some_and(|s| t < s) || query.end.is_some_and(|e| t >= e) {
+                return Ok(false);
+            }
+            if let (Some(seqs), Some(seq)) = (&query.seqs, seq)
+                && !seqs.contains(&seq[row])
+            {
                 return Ok(false);
             }
             if let (Some((order, after)), Some(seq)) = (bound, seq) {

@@ -14,6 +14,7 @@ mod ingest;
 mod logs;
 mod loki;
 mod loki_push;
+mod loki_query;
 mod operations;
 mod query_backends;
 mod search;
