@@ -169,7 +169,9 @@ async fn connection<Io, P>(
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     let io = TokioIo::new(Stalled::new(io, limits.stall_timeout));
-    let connection = builder.serve_connection(io, service);
+    // With upgrades: a WebSocket (Loki's tail) takes the connection over; the upgraded
+    // stream keeps the stall timeout on writes.
+    let connection = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => {}

@@ -1,7 +1,7 @@
 //! Loki's query API over the embedded store, so Grafana's Loki data source and `logcli` read
 //! the aggregator with no Loki: `query_range`, `query`, `labels`, `label/{name}/values`,
-//! `series`, `index/stats`, `index/volume`, `index/volume_range`, `status/buildinfo` and
-//! `/ready`. Parameters come from the query string or a form body (Grafana POSTs); answers
+//! `series`, `index/stats`, `index/volume`, `index/volume_range`, `tail` (WebSocket),
+//! `status/buildinfo` and `/ready`. Parameters come from the query string or a form body (Grafana POSTs); answers
 //! have Loki's shapes (`resultType` `streams`/`matrix`/`vector`/`scalar`, nanosecond
 //! timestamps as strings for lines, seconds for samples) and its errors are plain text.
 
@@ -9,12 +9,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use logging_common::Timestamp;
 
 use super::{Body, Reader, SharedState};
+use crate::error::ApiError;
 use crate::index::query::Order;
 use crate::logql::eval::{EvalError, MAX_POINTS, Matrix, Steps, Value};
 use crate::logql::pipeline::Labels;
@@ -76,8 +78,19 @@ impl From<EvalError> for LokiError {
     }
 }
 
-/// A request's parameters: the query string, then a form body.
-struct Params(Vec<(String, String)>);
+/// A request's parameters: the query string, then a form body (Grafana POSTs forms).
+pub struct Params(Vec<(String, String)>);
+
+impl FromRequest<SharedState> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &SharedState) -> Result<Params, ApiError> {
+        let query = request.uri().query().map(str::to_string);
+        let headers = request.headers().clone();
+        let Body(body) = Body::from_request(request, state).await?;
+        Ok(Params::read(query.as_deref(), &headers, &body))
+    }
+}
 
 impl Params {
     fn read(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Params {
@@ -210,11 +223,8 @@ fn json_ok(body: String) -> Response {
 pub async fn query_range(
     State(state): State<SharedState>,
     _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
+    params: Params,
 ) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
     answer(async move {
         let expr = params.query()?;
         let (start, end) = params.range(DEFAULT_RANGE)?;
@@ -247,11 +257,8 @@ pub async fn query_range(
 pub async fn query_instant(
     State(state): State<SharedState>,
     _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
+    params: Params,
 ) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
     answer(async move {
         let expr = params.query()?;
         let time = params.time("time", Timestamp::now().as_nanos())?;
@@ -547,14 +554,7 @@ fn names_json(names: impl IntoIterator<Item = String>) -> String {
 }
 
 /// `GET|POST /loki/api/v1/labels`: the label names of the entries in the range.
-pub async fn labels(
-    State(state): State<SharedState>,
-    _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
+pub async fn labels(State(state): State<SharedState>, _reader: Reader, params: Params) -> Response {
     answer(async move {
         let (start, end) = params.range(LABELS_LOOKBACK)?;
         let log = selector_of(params.get("query"))?;
@@ -580,11 +580,8 @@ pub async fn label_values(
     State(state): State<SharedState>,
     _reader: Reader,
     Path(name): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
+    params: Params,
 ) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
     answer(async move {
         let (start, end) = params.range(LABELS_LOOKBACK)?;
         let log = selector_of(params.get("query"))?;
@@ -602,14 +599,7 @@ pub async fn label_values(
 }
 
 /// `GET|POST /loki/api/v1/series`: the label sets of the streams `match[]` selects.
-pub async fn series(
-    State(state): State<SharedState>,
-    _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
+pub async fn series(State(state): State<SharedState>, _reader: Reader, params: Params) -> Response {
     answer(async move {
         let (start, end) = params.range(LABELS_LOOKBACK)?;
         let mut matches: Vec<String> = params
@@ -653,11 +643,8 @@ pub async fn series(
 pub async fn index_stats(
     State(state): State<SharedState>,
     _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
+    params: Params,
 ) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
     match async move {
         let (start, end) = params.range(DEFAULT_RANGE)?;
         let log = match params.query()? {
@@ -737,14 +724,7 @@ fn volume_query(params: &Params, range: i64) -> Result<Expr, LokiError> {
 
 /// `GET|POST /loki/api/v1/index/volume`: bytes per series (or label) over the range,
 /// largest first, at most `limit`.
-pub async fn volume(
-    State(state): State<SharedState>,
-    _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
+pub async fn volume(State(state): State<SharedState>, _reader: Reader, params: Params) -> Response {
     answer(async move {
         let (start, end) = params.range(DEFAULT_RANGE)?;
         let expr = volume_query(&params, (end - start).max(1))?;
@@ -794,11 +774,8 @@ pub async fn volume(
 pub async fn volume_range(
     State(state): State<SharedState>,
     _reader: Reader,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    Body(body): Body,
+    params: Params,
 ) -> Response {
-    let params = Params::read(query.as_deref(), &headers, &body);
     answer(async move {
         let (start, end) = params.range(DEFAULT_RANGE)?;
         let step = match params.duration("step")? {
@@ -852,4 +829,230 @@ pub async fn ready(State(state): State<SharedState>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// Tails open at once, as Loki bounds them (`max_concurrent_tail_requests`).
+const MAX_TAILS: usize = 32;
+/// How often a tail looks for new entries.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Loki's upper bound on `delay_for`, in seconds.
+const MAX_DELAY_FOR: u64 = 5;
+/// Entries one tail message carries at most; more are reported as dropped.
+const TAIL_BATCH: usize = 1000;
+
+static TAILS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A tail's place among the open ones, given back when it ends.
+struct TailSlot;
+
+impl TailSlot {
+    fn take() -> Option<TailSlot> {
+        use std::sync::atomic::Ordering;
+        TAILS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_TAILS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TailSlot)
+    }
+}
+
+impl Drop for TailSlot {
+    fn drop(&mut self) {
+        TAILS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// `GET /loki/api/v1/tail` (WebSocket): the newest `limit` lines since `start` (default an hour
+/// ago), then every new line the query matches as it becomes searchable, `delay_for` seconds
+/// late (at most 5), in Loki's messages: `{"streams":[…],"dropped_entries":[…]}`.
+pub async fn tail(
+    State(state): State<SharedState>,
+    _reader: Reader,
+    upgrade: WebSocketUpgrade,
+    params: Params,
+) -> Response {
+    let setup = (|| {
+        let log = match params.query()? {
+            Expr::Log(log) => log,
+            Expr::Metric(_) => return Err(bad("tail takes a log query, not a metric query")),
+        };
+        let limit = limit(&params)?;
+        let delay_for = match params.get("delay_for") {
+            None => 0,
+            Some(text) => match text.parse::<u64>() {
+                Ok(n) if n <= MAX_DELAY_FOR => n,
+                _ => {
+                    return Err(bad(format!(
+                        "delay_for can't be greater than {MAX_DELAY_FOR} (seconds), nor other than a whole number: {text:?}"
+                    )));
+                }
+            },
+        };
+        let start = params.time("start", Timestamp::now().as_nanos() - DEFAULT_RANGE)?;
+        let slot = TailSlot::take().ok_or_else(|| {
+            LokiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("max concurrent tail requests limit exceeded, count > limit ({MAX_TAILS})"),
+            )
+        })?;
+        Ok((log, limit, delay_for, start, slot))
+    })();
+    let (log, limit, delay_for, start, slot) = match setup {
+        Ok(setup) => setup,
+        Err(error) => return error.into_response(),
+    };
+    upgrade.on_upgrade(move |socket| async move {
+        let _slot = slot;
+        run_tail(state, socket, log, limit, delay_for, start).await;
+    })
+}
+
+/// One tail message: the streams of `rows`, and the entries past `TAIL_BATCH` as dropped.
+fn tail_message(mut rows: Vec<(i64, Labels, String)>) -> String {
+    rows.sort_by_key(|(ts, _, _)| *ts);
+    let dropped = rows.split_off(rows.len().min(TAIL_BATCH));
+    let mut streams: BTreeMap<Labels, Vec<(i64, String)>> = BTreeMap::new();
+    for (ts, labels, line) in rows {
+        streams.entry(labels).or_default().push((ts, line));
+    }
+    let mut out = String::from("{\"streams\":[");
+    for (i, (labels, entries)) in streams.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_stream(&mut out, &Stream { labels, entries });
+    }
+    out.push_str("],\"dropped_entries\":");
+    if dropped.is_empty() {
+        out.push_str("null");
+    } else {
+        out.push('[');
+        for (i, (ts, labels, _)) in dropped.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"labels\":");
+            write_labels(&mut out, labels);
+            let _ = write!(out, ",\"timestamp\":\"{ts}\"}}");
+        }
+        out.push(']');
+    }
+    out.push('}');
+    out
+}
+
+async fn run_tail(
+    state: SharedState,
+    mut socket: WebSocket,
+    log: LogExpr,
+    limit: usize,
+    delay_for: u64,
+    start: i64,
+) {
+    let index = state.index.clone();
+    let log = std::sync::Arc::new(log);
+    // First the newest `limit` lines since `start`, oldest first.
+    let mut seen_upto = index.searchable_lsn();
+    let first = {
+        let (index, log) = (index.clone(), log.clone());
+        tokio::task::spawn_blocking(move || -> Result<Vec<(i64, Labels, String)>, EvalError> {
+            let mut stats = Stats::default();
+            let options = LineOptions {
+                limit,
+                order: Order::Desc,
+                interval: None,
+            };
+            let streams = logql::select_lines(
+                &index,
+                &log,
+                (start, Timestamp::now().as_nanos()),
+                options,
+                &mut stats,
+            )?;
+            Ok(streams
+                .into_iter()
+                .flat_map(|s| {
+                    let labels = s.labels;
+                    s.entries
+                        .into_iter()
+                        .map(move |(ts, line)| (ts, labels.clone(), line))
+                })
+                .collect())
+        })
+        .await
+    };
+    let rows = match first {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(error)) => {
+            let _ = socket.send(Message::Text(error.to_string().into())).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    if socket
+        .send(Message::Text(tail_message(rows).into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Then what becomes searchable, `delay_for` late.
+    let mut marks: std::collections::VecDeque<(Instant, u64)> = std::collections::VecDeque::new();
+    let mut ticker = tokio::time::interval(TAIL_POLL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            },
+        }
+        marks.push_back((Instant::now(), index.searchable_lsn()));
+        let delay = std::time::Duration::from_secs(delay_for);
+        let mut upto = seen_upto;
+        while let Some(&(at, lsn)) = marks.front() {
+            if at.elapsed() < delay {
+                break;
+            }
+            upto = lsn;
+            marks.pop_front();
+        }
+        if upto <= seen_upto {
+            continue;
+        }
+        let (from, index2, log2) = (seen_upto, index.clone(), log.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + crate::logql::store::QUERY_TIMEOUT;
+            let mut selection =
+                Selection::new(&index2, &log2, i64::MIN + 1, i64::MAX - 1, deadline)
+                    .map_err(|e| EvalError::Invalid(e.to_string()))?;
+            let mut rows = Vec::new();
+            selection.for_each_written(from..upto, |row| {
+                rows.push((row.ts, row.labels, row.line));
+                std::ops::ControlFlow::Continue(())
+            })?;
+            Ok::<_, EvalError>(rows)
+        })
+        .await;
+        let rows = match found {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(error)) => {
+                let _ = socket.send(Message::Text(error.to_string().into())).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        seen_upto = upto;
+        if rows.is_empty() {
+            continue;
+        }
+        if socket
+            .send(Message::Text(tail_message(rows).into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }

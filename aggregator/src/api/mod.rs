@@ -121,6 +121,7 @@ pub fn router(state: SharedState) -> Router {
             "/loki/api/v1/index/volume_range",
             get(loki_read::volume_range).post(loki_read::volume_range),
         )
+        .route("/loki/api/v1/tail", get(loki_read::tail))
         .route("/loki/api/v1/status/buildinfo", get(loki_read::buildinfo))
         .route("/ready", get(loki_read::ready))
         .route("/", get(elastic::root))

@@ -29,7 +29,8 @@ use serde_json::value::RawValue;
 use super::eval::{EvalError, Series, Source, Steps, grouped};
 use super::pipeline::{self, ERROR_DETAILS_LABEL, ERROR_LABEL, Labels, Row};
 use super::syntax::{
-    Grouping, LabelFilter, LineOp, LogExpr, LogRange, MatchOp, Matcher, RangeOp, Stage,
+    Grouping, LabelFilter, LineOp, LogExpr, LogRange, MatchOp, Matcher, NameOrMatcher, RangeOp,
+    Stage,
 };
 use crate::index::LogIndex;
 use crate::index::query::{LogFilter, Order, Page, QueryError, SortPosition};
@@ -273,6 +274,25 @@ impl<'a> Selection<'a> {
     pub fn for_each(
         &mut self,
         order: Order,
+        visit: impl FnMut(Row) -> ControlFlow<()>,
+    ) -> Result<(), EvalError> {
+        self.for_each_in(order, None, visit)
+    }
+
+    /// The same over the entries written at WAL sequences in `seqs` (a tail's new arrivals),
+    /// oldest first.
+    pub fn for_each_written(
+        &mut self,
+        seqs: std::ops::Range<u64>,
+        visit: impl FnMut(Row) -> ControlFlow<()>,
+    ) -> Result<(), EvalError> {
+        self.for_each_in(Order::Asc, Some(seqs), visit)
+    }
+
+    fn for_each_in(
+        &mut self,
+        order: Order,
+        seqs: Option<std::ops::Range<u64>>,
         mut visit: impl FnMut(Row) -> ControlFlow<()>,
     ) -> Result<(), EvalError> {
         let mut after: Option<SortPosition> = None;
@@ -290,15 +310,16 @@ impl<'a> Selection<'a> {
                 with_total: false,
                 highlight: false,
             };
-            let found = self
-                .index
-                .search(&self.filter, &page)
-                .map_err(|e| match e {
-                    QueryError::Invalid { field, reason } => {
-                        EvalError::Invalid(format!("{field}: {reason}"))
-                    }
-                    QueryError::Index(e) => EvalError::Store(e.to_string()),
-                })?;
+            let found = match &seqs {
+                None => self.index.search(&self.filter, &page),
+                Some(seqs) => self.index.search_written(&self.filter, &page, seqs.clone()),
+            };
+            let found = found.map_err(|e| match e {
+                QueryError::Invalid { field, reason } => {
+                    EvalError::Invalid(format!("{field}: {reason}"))
+                }
+                QueryError::Index(e) => EvalError::Store(e.to_string()),
+            })?;
             for entry in found.entries {
                 self.stats.entries_scanned += 1;
                 self.stats.bytes_scanned += entry.json.len() as u64;
@@ -345,7 +366,15 @@ fn pushdown(
         end: Some(Timestamp::from_nanos(end.saturating_add(1))),
         ..LogFilter::default()
     };
-    let mut exact = log.stages.is_empty();
+    // Dropping the error labels changes nothing before a parser could set them (Grafana's
+    // Logs Volume query ends in `| drop __error__`).
+    let exact = log.stages.iter().all(|stage| match stage {
+        Stage::Drop(names) => names.iter().all(|n| {
+            matches!(n, NameOrMatcher::Name(name) if name == ERROR_LABEL || name == ERROR_DETAILS_LABEL)
+        }),
+        _ => false,
+    });
+    let mut exact = exact;
     let mut nodes: Vec<Node> = Vec::new();
     for m in &log.selector {
         exact &= push_matcher(m, &mut filter, &mut nodes);

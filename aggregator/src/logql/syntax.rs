@@ -766,26 +766,30 @@ impl Parser {
         }
     }
 
-    fn ident(&mut self, wanted: &str) -> Parsed<String> {
-        match self.peek() {
-            Some(Tok::Ident(s)) => {
+    /// The next token's text when `pick` takes it, else an error naming what was `wanted`.
+    fn text(&mut self, wanted: &str, pick: fn(&Tok) -> Option<&String>) -> Parsed<String> {
+        match self.peek().and_then(pick) {
+            Some(s) => {
                 let s = s.clone();
                 self.at += 1;
                 Ok(s)
             }
-            _ => self.unexpected(wanted),
+            None => self.unexpected(wanted),
         }
     }
 
+    fn ident(&mut self, wanted: &str) -> Parsed<String> {
+        self.text(wanted, |t| match t {
+            Tok::Ident(s) => Some(s),
+            _ => None,
+        })
+    }
+
     fn string(&mut self, wanted: &str) -> Parsed<String> {
-        match self.peek() {
-            Some(Tok::Str(s)) => {
-                let s = s.clone();
-                self.at += 1;
-                Ok(s)
-            }
-            _ => self.unexpected(wanted),
-        }
+        self.text(wanted, |t| match t {
+            Tok::Str(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn number(&mut self) -> Parsed<f64> {

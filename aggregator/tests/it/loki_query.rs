@@ -466,6 +466,15 @@ async fn metric_queries_count_rate_unwrap_aggregate_and_combine() {
         .await,
         by_level
     );
+    // Grafana's Logs Volume query.
+    assert_eq!(
+        instant(&app, r#"sum by (level, detected_level) (count_over_time({service_name="web"} | drop __error__ [5m]))"#).await,
+        vec![
+            (json!({"level": "error", "detected_level": "error"}), 1.0),
+            (json!({"level": "info", "detected_level": "info"}), 1.0),
+            (json!({"level": "warning", "detected_level": "warning"}), 1.0),
+        ]
+    );
     assert_eq!(
         instant(
             &app,
@@ -741,5 +750,105 @@ async fn pushed_lines_are_read_back_by_their_push_labels() {
         (stream["level"].as_str(), stream["namespace"].as_str()),
         (Some("warning"), Some("prod"))
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_tail_sends_recent_lines_then_each_new_one_once() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let app = TestApp::start(Db::Sqlite).await;
+    fixture(&app).await;
+    let query = form([
+        ("query", r#"{service_name="web"} != "xyz""#),
+        ("limit", "2"),
+    ]);
+    let url = format!(
+        "{}/loki/api/v1/tail?{query}",
+        app.base.replacen("http", "ws", 1)
+    );
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {READER}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut next = async || -> Value {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+            .await
+            .expect("a tail message within 10 s")
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = message else {
+            panic!("text frames, not {message:?}")
+        };
+        serde_json::from_str(&text).unwrap()
+    };
+    let tail_lines = |message: &Value| -> Vec<String> {
+        let mut lines: Vec<(String, String)> = message["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["values"].as_array().unwrap().clone())
+            .map(|v| {
+                (
+                    v[0].as_str().unwrap().to_string(),
+                    v[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+            .into_iter()
+            .map(|(_, l)| {
+                serde_json::from_str::<Value>(&l).unwrap()["message"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    // The newest two matching lines, oldest first.
+    let first = next().await;
+    assert_eq!(first["dropped_entries"], Value::Null);
+    assert_eq!(
+        tail_lines(&first),
+        ["request handled", "slow upstream \u{1b}[31mred\u{1b}[0m"]
+    );
+    // Then what is written after the tail opened, once, whatever its timestamp; the rest of
+    // the query still applies.
+    app.ingest(vec![
+        entry("web", "error", "a late arrival", 3000),
+        entry("web", "info", "no match here: xyz", 0),
+        entry("api", "error", "another service", 0),
+    ])
+    .await;
+    let second = next().await;
+    assert_eq!(tail_lines(&second), ["a late arrival"]);
+    app.ingest(vec![entry("web", "info", "a third batch", 0)])
+        .await;
+    assert_eq!(tail_lines(&next().await), ["a third batch"]);
+
+    // Refusals come before the upgrade, as Loki's: a metric query, delay_for over 5.
+    for bad in [
+        form([("query", r#"count_over_time({a="b"}[1m])"#)]),
+        form([("query", r#"{a="b"}"#), ("delay_for", "6")]),
+    ] {
+        let response = app
+            .request(
+                Method::GET,
+                &format!("/loki/api/v1/tail?{bad}"),
+                Some(READER),
+            )
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    }
+    drop(socket);
     app.stop().await;
 }
