@@ -121,7 +121,7 @@ fn level_number(n: f64) -> Option<LogLevel> {
 
 /// OpenTelemetry's severity number: 1-4 trace, 5-8 debug, 9-12 info, 13-16 warn, 17-20 error,
 /// 21-24 fatal.
-fn severity_number(n: f64) -> Option<LogLevel> {
+pub fn severity_number(n: f64) -> Option<LogLevel> {
     if n.fract() != 0.0 {
         return None;
     }

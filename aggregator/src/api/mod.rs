@@ -11,6 +11,7 @@ mod ingest;
 mod logs;
 mod loki;
 mod loki_read;
+pub mod otlp;
 mod params;
 
 use std::sync::Arc;
@@ -85,6 +86,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/alerts/{id}/ack", post(alerts::acknowledge))
         .route("/api/alerts/{id}/resolve", post(alerts::resolve))
         .route("/loki/api/v1/push", post(loki::push))
+        .route("/v1/logs", post(otlp::export))
         .route(
             "/loki/api/v1/query_range",
             get(loki_read::query_range).post(loki_read::query_range),
@@ -158,6 +160,7 @@ pub fn ingest_router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/ingest", axum::routing::post(ingest::ingest))
         .route("/loki/api/v1/push", axum::routing::post(loki::push_mtls))
+        .route("/v1/logs", axum::routing::post(otlp::export_mtls))
         .route(
             "/_bulk",
             axum::routing::post(elastic::bulk_mtls).put(elastic::bulk_mtls),

@@ -16,5 +16,6 @@ mod loki;
 mod loki_push;
 mod loki_query;
 mod operations;
+mod otlp;
 mod query_backends;
 mod search;
