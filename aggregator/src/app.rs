@@ -128,6 +128,8 @@ pub struct Running {
     pub api_addr: SocketAddr,
     /// Where the separate metrics listener listens, if any.
     pub metrics_addr: Option<SocketAddr>,
+    /// The OTLP/gRPC listener (`OTLP_GRPC_PORT`), when on.
+    pub otlp_grpc_addr: Option<SocketAddr>,
     /// Where the agents' mTLS ingest listener listens.
     pub ingest_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -187,6 +189,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         state,
         api_addr: listening.api_addr,
         metrics_addr: listening.metrics_addr,
+        otlp_grpc_addr: listening.otlp_grpc_addr,
         ingest_addr: listening.ingest_addr,
         shutdown,
         servers: listening.servers,
@@ -575,6 +578,7 @@ struct Listening {
     api_addr: SocketAddr,
     ingest_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    otlp_grpc_addr: Option<SocketAddr>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -632,6 +636,22 @@ impl Listening {
                 shutdown.subscribe(),
             ));
         }
+        let mut otlp_grpc_addr = None;
+        if config.otlp_grpc_port != 0 {
+            let listener = bind(config.otlp_grpc_port, "OTLP_GRPC_PORT").await?;
+            otlp_grpc_addr = Some(listener.local_addr()?);
+            servers.push(listeners::serve(
+                "otlp_grpc",
+                listener,
+                Plain,
+                api::otlp_grpc_router(state.clone()),
+                Limits {
+                    http2: true,
+                    ..limits
+                },
+                shutdown.subscribe(),
+            ));
+        }
         let metrics = metrics_addr.map_or("none".to_string(), |a| a.to_string());
         tracing::info!(api = %api_addr, ingest = %ingest_addr, metrics = %metrics,
             data_dir = %config.data_dir.display(), database = state.db.engine().name(),
@@ -640,6 +660,7 @@ impl Listening {
             api_addr,
             ingest_addr,
             metrics_addr,
+            otlp_grpc_addr,
             servers,
         })
     }

@@ -105,6 +105,8 @@ pub struct Config {
     pub api_tokens: Option<String>,
     /// Port of the agents' mTLS ingest listener (`POST /v1/ingest`).
     pub ingest_port: u16,
+    /// Port of the OTLP/gRPC logs listener (`LogsService/Export`, HTTP/2 cleartext); 0 = off.
+    pub otlp_grpc_port: u16,
     /// The ingest listener's certificate (PEM); development certificates when unset.
     pub tls_cert: Option<PathBuf>,
     /// The ingest listener's private key (PEM).
@@ -223,6 +225,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             api_tokens: None,
             ingest_port: 8443,
+            otlp_grpc_port: 4317,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,

@@ -42,6 +42,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub stall_timeout: Duration,
+    /// Serve HTTP/2 (cleartext, prior knowledge: gRPC) instead of HTTP/1.1.
+    pub http2: bool,
 }
 
 impl Limits {
@@ -50,6 +52,7 @@ impl Limits {
             max_connections: config.max_connections,
             header_timeout: Duration::from_secs(config.http_header_timeout),
             stall_timeout: Duration::from_secs(config.http_body_timeout),
+            http2: false,
         }
     }
 }
@@ -163,6 +166,9 @@ async fn connection<Io, P>(
             let mut router = router.clone();
             async move { router.call(request.map(axum::body::Body::new)).await }
         });
+    if limits.http2 {
+        return connection_h2(io, service, limits, stop).await;
+    }
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -172,6 +178,35 @@ async fn connection<Io, P>(
     // With upgrades: a WebSocket (Loki's tail) takes the connection over; the upgraded
     // stream keeps the stall timeout on writes.
     let connection = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = stopped(&mut stop) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// HTTP/2 on one connection (gRPC): pings find a dead peer within the header timeout, and
+/// stalled writes close it as on HTTP/1.1.
+async fn connection_h2<Io, S>(io: Io, service: S, limits: Limits, mut stop: watch::Receiver<bool>)
+where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = axum::body::Body>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout)
+        .max_concurrent_streams(64);
+    let io = TokioIo::new(Stalled::new(io, limits.stall_timeout));
+    let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => {}

@@ -3,12 +3,15 @@
 //! flight, either as Promtail sends it (`BENCH_PROTOCOL=loki`, the default: snappy-compressed
 //! protobuf `PushRequest`s to `POST /loki/api/v1/push`, labels from the pod, two streams) or
 //! as Fluent Bit's `es` output does (`BENCH_PROTOCOL=bulk`: `POST /_bulk` NDJSON of `create`
-//! actions, the raw line in `log`, Fluent Bit's `kubernetes` fields).
+//! actions, the raw line in `log`, Fluent Bit's `kubernetes` fields), or as an OpenTelemetry
+//! Collector's `otlphttp` exporter does (`BENCH_PROTOCOL=otlp`: `POST /v1/logs` protobuf, the
+//! pod as the resource, the line as the body).
 //!
 //! ```text
 //! cargo build --release -p logging-aggregator
 //! BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! BENCH_PROTOCOL=bulk BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
+//! BENCH_PROTOCOL=otlp BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! ```
 //!
 //! Prints the aggregator's CPU seconds per million lines until the entries are at rest (the
@@ -75,6 +78,54 @@ fn bulks(text: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// OTLP/HTTP exports as an OpenTelemetry Collector's `filelog` receiver and `otlphttp`
+/// exporter send them: one resource (the pod), one scope, the line as the body.
+fn exports(text: &str) -> Vec<Vec<u8>> {
+    use logging_aggregator::api::otlp::proto;
+    let attribute = |key: &str, value: &str| proto::KeyValue {
+        key: key.into(),
+        value: Some(proto::AnyValue {
+            value: Some(proto::Kind::StringValue(value.into())),
+        }),
+    };
+    let lines: Vec<(i64, &str, &str)> = text.lines().filter_map(read_cri).collect();
+    lines
+        .chunks(BATCH)
+        .map(|chunk| {
+            let request = proto::ExportLogsServiceRequest {
+                resource_logs: vec![proto::ResourceLogs {
+                    resource: Some(proto::Resource {
+                        attributes: vec![
+                            attribute("service.name", "web"),
+                            attribute("k8s.namespace.name", "shop"),
+                            attribute("k8s.pod.name", "web-7d4b9c5f6-x2k9p"),
+                            attribute("k8s.container.name", "web"),
+                        ],
+                        dropped_attributes_count: 0,
+                    }),
+                    scope_logs: vec![proto::ScopeLogs {
+                        scope: None,
+                        log_records: chunk
+                            .iter()
+                            .map(|(nanos, stream, body)| proto::LogRecord {
+                                time_unix_nano: *nanos as u64,
+                                body: Some(proto::AnyValue {
+                                    value: Some(proto::Kind::StringValue(body.to_string())),
+                                }),
+                                attributes: vec![attribute("log.iostream", stream)],
+                                ..Default::default()
+                            })
+                            .collect(),
+                        schema_url: String::new(),
+                    }],
+                    schema_url: String::new(),
+                }],
+            };
+            prost::Message::encode_to_vec(&request)
+        })
+        .collect()
+}
+
 /// The pushes, encoded before the clock starts.
 fn pushes(text: &str) -> Vec<Vec<u8>> {
     let lines: Vec<(i64, &str, &str)> = text.lines().filter_map(read_cri).collect();
@@ -118,9 +169,12 @@ async fn main() {
     let file = root.path().join("cri.log");
     let written = cri::write(&file, lines, 42);
     let text = std::fs::read_to_string(&file).unwrap();
-    let bulk = std::env::var("BENCH_PROTOCOL").is_ok_and(|p| p == "bulk");
+    let protocol = std::env::var("BENCH_PROTOCOL").unwrap_or_default();
+    let bulk = protocol == "bulk";
     let (bodies, path, content_type, ok) = if bulk {
         (bulks(&text), "/_bulk", "application/x-ndjson", 200)
+    } else if protocol == "otlp" {
+        (exports(&text), "/v1/logs", "application/x-protobuf", 200)
     } else {
         (
             pushes(&text),
@@ -224,7 +278,7 @@ async fn main() {
             ),
         ),
     ];
-    if !bulk {
+    if protocol.is_empty() || protocol == "loki" {
         let range = |query: String, extra: &str| {
             let query: String = form_urlencoded::byte_serialize(query.as_bytes()).collect();
             format!(

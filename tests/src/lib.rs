@@ -187,6 +187,7 @@ fn spawn(
         .env("SERVICE_PORT", port.to_string())
         .env("INGEST_PORT", ingest_port.to_string())
         .env("PROMETHEUS_PORT", "0")
+        .env("OTLP_GRPC_PORT", "0")
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("API_TOKENS", format!("admin:{ADMIN_TOKEN}"))
         .env("LOG_FORMAT", "json")

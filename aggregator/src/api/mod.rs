@@ -35,6 +35,7 @@ use crate::index::LogIndex;
 use crate::ingest::Ingest;
 
 pub use health::openapi_document;
+pub use otlp::grpc_router as otlp_grpc_router;
 
 /// Everything a handler may need.
 pub struct AppState {

@@ -30,7 +30,7 @@ use logging_common::id::deterministic_log_id;
 use logging_common::parse::{parse, severity_number};
 use logging_common::{LogLevel, Timestamp};
 use prost::Message as _;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{Body, SharedState, Writer};
 use crate::error::ApiError;
@@ -396,9 +396,10 @@ struct Shared {
     service: Option<String>,
     service_version: Option<String>,
     environment: Option<String>,
-    kubernetes: BTreeMap<&'static str, String>,
-    /// Other attributes, as JSON values by name (the scope's over the resource's).
-    attributes: BTreeMap<String, Value>,
+    /// `context.kubernetes`, as JSON text.
+    kubernetes: Option<String>,
+    /// Other attributes, as JSON text by name (the scope's over the resource's).
+    attributes: BTreeMap<String, String>,
     /// The encoded resource (and scope), what an id derives from.
     identity: Vec<u8>,
 }
@@ -409,10 +410,11 @@ impl Shared {
             service: None,
             service_version: None,
             environment: None,
-            kubernetes: BTreeMap::new(),
+            kubernetes: None,
             attributes: BTreeMap::new(),
             identity: b"otlp\0".to_vec(),
         };
+        let mut kubernetes: BTreeMap<&'static str, String> = BTreeMap::new();
         if let Some(resource) = &resource_logs.resource {
             resource.encode(&mut shared.identity).ok();
             for kv in &resource.attributes {
@@ -424,24 +426,27 @@ impl Shared {
                         shared.environment = Some(t)
                     }
                     ("k8s.namespace.name", Some(t)) => {
-                        shared.kubernetes.insert("namespace", t);
+                        kubernetes.insert("namespace", t);
                     }
                     ("k8s.pod.name", Some(t)) => {
-                        shared.kubernetes.insert("pod", t);
+                        kubernetes.insert("pod", t);
                     }
                     ("k8s.container.name", Some(t)) => {
-                        shared.kubernetes.insert("container", t);
+                        kubernetes.insert("container", t);
                     }
                     ("k8s.node.name", Some(t)) => {
-                        shared.kubernetes.insert("node", t);
+                        kubernetes.insert("node", t);
                     }
                     _ => {
                         shared
                             .attributes
-                            .insert(kv.key.clone(), json_of(kv.value.as_ref(), 0));
+                            .insert(kv.key.clone(), json_of(kv.value.as_ref(), 0).to_string());
                     }
                 }
             }
+        }
+        if !kubernetes.is_empty() {
+            shared.kubernetes = serde_json::to_string(&kubernetes).ok();
         }
         shared
     }
@@ -459,26 +464,28 @@ impl Shared {
         if let Some(scope) = &scope_logs.scope {
             scope.encode(&mut shared.identity).ok();
             if !scope.name.is_empty() {
-                shared
-                    .attributes
-                    .insert("otel.scope.name".into(), Value::String(scope.name.clone()));
+                shared.attributes.insert(
+                    "otel.scope.name".into(),
+                    Value::String(scope.name.clone()).to_string(),
+                );
             }
             if !scope.version.is_empty() {
                 shared.attributes.insert(
                     "otel.scope.version".into(),
-                    Value::String(scope.version.clone()),
+                    Value::String(scope.version.clone()).to_string(),
                 );
             }
             for kv in &scope.attributes {
                 shared
                     .attributes
-                    .insert(kv.key.clone(), json_of(kv.value.as_ref(), 0));
+                    .insert(kv.key.clone(), json_of(kv.value.as_ref(), 0).to_string());
             }
         }
         shared
     }
 
-    /// A record as the JSON the ingest path validates, or why it cannot be one.
+    /// A record as the JSON the ingest path validates, or why it cannot be one. Written out
+    /// directly (the shared attributes are JSON text already), as the Loki push does.
     fn entry(&self, record: &proto::LogRecord, now: Timestamp) -> Result<String, String> {
         let nanos = [record.time_unix_nano, record.observed_time_unix_nano]
             .into_iter()
@@ -494,15 +501,15 @@ impl Shared {
 
         // The body: a text read like a container line, a map read as a JSON object.
         let body = record.body.as_ref();
+        if depth_of(body, 0) > MAX_VALUE_DEPTH {
+            return Err(format!("body: nested deeper than {MAX_VALUE_DEPTH} levels"));
+        }
         let body_text = match body.and_then(|b| b.value.as_ref()) {
             None => String::new(),
             Some(Kind::StringValue(s)) => s.clone(),
             Some(Kind::KvlistValue(_)) => json_of(body, 0).to_string(),
-            Some(_) => text_of(body.expect("matched")).unwrap_or_default(),
+            Some(_) => body.and_then(text_of).unwrap_or_default(),
         };
-        if depth_of(body, 0) > MAX_VALUE_DEPTH {
-            return Err(format!("body: nested deeper than {MAX_VALUE_DEPTH} levels"));
-        }
         let parsed = parse(&body_text);
         let level = Some(record.severity_text.trim())
             .filter(|t| !t.is_empty())
@@ -510,43 +517,54 @@ impl Shared {
             .or_else(|| severity_number(f64::from(record.severity_number)))
             .or(parsed.level)
             .unwrap_or(LogLevel::Info);
-
-        let mut entry = Map::new();
-        entry.insert("id".into(), Value::String(id.hyphenated().to_string()));
-        entry.insert("timestamp".into(), Value::String(timestamp.to_rfc3339()));
-        entry.insert("level".into(), Value::String(level.as_str().into()));
         let service = self
             .service
-            .clone()
-            .or(parsed.service.clone())
-            .unwrap_or_else(|| "unknown_service".into());
-        entry.insert("service".into(), Value::String(service));
-        let message = parsed.message.clone().unwrap_or(body_text);
-        entry.insert("message".into(), Value::String(message));
+            .as_deref()
+            .or(parsed.service.as_deref())
+            .unwrap_or("unknown_service");
+
+        let mut out = String::with_capacity(body_text.len() * 2 + 256);
+        out.push_str("{\"id\":\"");
+        out.push_str(
+            id.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
+        out.push_str("\",\"timestamp\":\"");
+        timestamp.write_rfc3339(&mut out);
+        out.push_str("\",\"level\":\"");
+        out.push_str(level.as_str());
+        out.push_str("\",\"service\":");
+        push_json(&mut out, service);
+        out.push_str(",\"message\":");
+        push_json(&mut out, parsed.message.as_deref().unwrap_or(&body_text));
+        let (trace_id, span_id) = (hex(&record.trace_id), hex(&record.span_id));
         for (name, value) in [
             (
                 "trace_id",
-                hex(&record.trace_id).or(parsed.trace_id.clone()),
+                trace_id.as_deref().or(parsed.trace_id.as_deref()),
             ),
-            ("span_id", hex(&record.span_id).or(parsed.span_id.clone())),
-            ("request_id", parsed.request_id.clone()),
-            ("correlation_id", parsed.correlation_id.clone()),
-            ("user_id", parsed.user_id.clone()),
-            ("environment", self.environment.clone()),
-            ("service_version", self.service_version.clone()),
+            ("span_id", span_id.as_deref().or(parsed.span_id.as_deref())),
+            ("request_id", parsed.request_id.as_deref()),
+            ("correlation_id", parsed.correlation_id.as_deref()),
+            ("user_id", parsed.user_id.as_deref()),
+            ("environment", self.environment.as_deref()),
+            ("service_version", self.service_version.as_deref()),
         ] {
             if let Some(value) = value {
-                entry.insert(name.into(), Value::String(value));
+                out.push_str(",\"");
+                out.push_str(name);
+                out.push_str("\":");
+                push_json(&mut out, value);
             }
         }
-        let mut context: Map<String, Value> = Map::new();
+        // The context: the body's own fields, then resource and scope attributes, then the
+        // record's (each later one wins), as JSON text by key.
+        let mut context: BTreeMap<&str, std::borrow::Cow<'_, str>> = BTreeMap::new();
         for (key, json) in &parsed.context {
-            if let Ok(value) = serde_json::from_str::<Value>(json) {
-                context.insert(key.clone(), value);
-            }
+            context.insert(key, json.as_str().into());
         }
-        for (key, value) in &self.attributes {
-            context.insert(key.clone(), value.clone());
+        for (key, json) in &self.attributes {
+            context.insert(key, json.as_str().into());
         }
         for kv in &record.attributes {
             if depth_of(kv.value.as_ref(), 0) > MAX_VALUE_DEPTH {
@@ -555,27 +573,35 @@ impl Shared {
                     kv.key
                 ));
             }
-            context.insert(kv.key.clone(), json_of(kv.value.as_ref(), 0));
+            context.insert(&kv.key, json_of(kv.value.as_ref(), 0).to_string().into());
         }
+        let event_name;
         if !record.event_name.is_empty() {
-            context.insert(
-                "event.name".into(),
-                Value::String(record.event_name.clone()),
-            );
+            event_name = Value::String(record.event_name.clone()).to_string();
+            context.insert("event.name", event_name.as_str().into());
         }
-        if !self.kubernetes.is_empty() {
-            let kubernetes: Map<String, Value> = self
-                .kubernetes
-                .iter()
-                .map(|(k, v)| (k.to_string(), Value::String(v.clone())))
-                .collect();
-            context.insert("kubernetes".into(), Value::Object(kubernetes));
+        if let Some(kubernetes) = &self.kubernetes {
+            context.insert("kubernetes", kubernetes.as_str().into());
         }
         if !context.is_empty() {
-            entry.insert("context".into(), Value::Object(context));
+            out.push_str(",\"context\":{");
+            for (i, (key, json)) in context.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_json(&mut out, key);
+                out.push(':');
+                out.push_str(json);
+            }
+            out.push('}');
         }
-        Ok(Value::Object(entry).to_string())
+        out.push('}');
+        Ok(out)
     }
+}
+
+fn push_json(out: &mut String, text: &str) {
+    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }
 
 /// Lower-case hex of an id, unless it is empty or all zeros (unset).
@@ -840,4 +866,146 @@ fn any_json(value: &Value, depth: usize) -> AnyValue {
         })
     };
     AnyValue { value: kind }
+}
+
+/// The gRPC method OTLP exporters call.
+pub const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+
+/// The OTLP/gRPC listener's routes (`OTLP_GRPC_PORT`): the logs service's one method. (Not
+/// the operator API: the OpenAPI document does not describe it.)
+pub fn grpc_router(state: SharedState) -> axum::Router {
+    let max_body = state.config.max_request_bytes;
+    axum::Router::new()
+        .route(GRPC_EXPORT, axum::routing::post(export_grpc))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// `LogsService/Export` over gRPC (`OTLP_GRPC_PORT`): the writer's token in the
+/// `authorization` metadata; answers with a length-prefixed `ExportLogsServiceResponse` and
+/// `grpc-status` 0, or a trailers-only error (`UNAVAILABLE` under backpressure, which
+/// exporters retry; `INVALID_ARGUMENT`, `UNAUTHENTICATED`, `PERMISSION_DENIED`).
+pub async fn export_grpc(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    if let Err(error) = super::caller_from(&state, &headers, crate::auth::Permission::Write) {
+        return grpc_error(grpc_code(error.status), &error.detail);
+    }
+    let message = match grpc_message(&headers, &body, state.config.max_request_bytes) {
+        Ok(message) => message,
+        Err((code, reason)) => return grpc_error(code, &reason),
+    };
+    let request = match ExportLogsServiceRequest::decode(&message[..]) {
+        Ok(request) => request,
+        Err(e) => {
+            return grpc_error(3, &format!("not an OTLP ExportLogsServiceRequest: {e}"));
+        }
+    };
+    match ingest(&state, &request, None).await {
+        Ok(response) => {
+            let encoded = response.encode_to_vec();
+            let mut framed = Vec::with_capacity(encoded.len() + 5);
+            framed.push(0);
+            framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&encoded);
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let body = GrpcBody {
+                data: Some(bytes::Bytes::from(framed)),
+                trailers: Some(trailers),
+            };
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/grpc")],
+                axum::body::Body::new(body),
+            )
+                .into_response()
+        }
+        Err(error) => grpc_error(grpc_code(error.status), &error.detail),
+    }
+}
+
+/// The one message of a unary call: the 5-byte prefix (compressed flag, length) read, a
+/// gzip message (`grpc-encoding: gzip`) inflated within `limit`.
+fn grpc_message(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Vec<u8>, (i32, String)> {
+    let Some((prefix, rest)) = body.split_first_chunk::<5>() else {
+        return Err((
+            3,
+            "the request is not a gRPC message (no 5-byte prefix)".into(),
+        ));
+    };
+    let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if rest.len() != length {
+        return Err((
+            3,
+            format!(
+                "the gRPC message says {length} bytes and {} came (one message per call)",
+                rest.len()
+            ),
+        ));
+    }
+    match prefix[0] {
+        0 => Ok(rest.to_vec()),
+        1 => match headers.get("grpc-encoding").and_then(|v| v.to_str().ok()) {
+            Some("gzip") => super::gunzip(rest, limit, "export").map_err(|e| (8, e.detail)),
+            other => Err((
+                12,
+                format!("grpc-encoding {other:?} is not supported; use gzip or none"),
+            )),
+        },
+        flag => Err((3, format!("gRPC compressed flag {flag} is not 0 or 1"))),
+    }
+}
+
+/// A trailers-only gRPC error.
+fn grpc_error(code: i32, message: &str) -> Response {
+    let encoded: String = message
+        .bytes()
+        .flat_map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                vec![b as char]
+            } else {
+                format!("%{b:02X}").chars().collect()
+            }
+        })
+        .collect();
+    let mut response =
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/grpc")]).into_response();
+    let headers = response.headers_mut();
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(value) = HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", value);
+    }
+    response
+}
+
+/// A response body of one data frame, then trailers.
+struct GrpcBody {
+    data: Option<bytes::Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl http_body::Body for GrpcBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        std::task::Poll::Ready(
+            self.trailers
+                .take()
+                .map(|t| Ok(http_body::Frame::trailers(t))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
 }

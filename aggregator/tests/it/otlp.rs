@@ -309,3 +309,64 @@ provider.shutdown()
     assert_eq!(declined["trace_id"], trace_id.as_str());
     app.stop().await;
 }
+
+/// OTLP over gRPC on `OTLP_GRPC_PORT`, from the OpenTelemetry Python SDK's gRPC exporter
+/// (opentelemetry-exporter-otlp-proto-grpc, installed by `.ci/run`): stored once although
+/// exported twice; a wrong token fails the export (`UNAUTHENTICATED`) and stores nothing.
+#[tokio::test]
+#[cfg_attr(not(python_clients), ignore = "TEST_PYTHON is not set")]
+async fn the_python_sdks_grpc_exporter_ships_over_http2() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = TestApp::start_with(Db::Sqlite, |c| c.otlp_grpc_port = port).await;
+    let script = r#"
+import logging, sys
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+results = []
+class Twice(LogRecordExporter):
+    def __init__(self, inner):
+        self.inner = inner
+    def export(self, batch):
+        results.append(self.inner.export(batch))
+        results.append(self.inner.export(batch))
+        return results[-1]
+    def shutdown(self):
+        self.inner.shutdown()
+    def force_flush(self, timeout_millis=30000):
+        return True
+
+def ship(token, message):
+    results.clear()
+    provider = LoggerProvider(resource=Resource.create({"service.name": "grpc-shop"}))
+    exporter = OTLPLogExporter(endpoint="127.0.0.1:" + sys.argv[1], insecure=True, timeout=5,
+                               headers={"authorization": "Bearer " + token})
+    provider.add_log_record_processor(SimpleLogRecordProcessor(Twice(exporter)))
+    log = logging.getLogger("grpc." + token[:4])
+    log.propagate = False
+    log.addHandler(LoggingHandler(level=logging.DEBUG, logger_provider=provider))
+    log.error(message)
+    provider.shutdown()
+    return list(results)
+
+ok = ship(sys.argv[2], "stock low for sku A-17")
+assert ok == [LogRecordExportResult.SUCCESS] * 2, ok
+refused = ship("not-a-token", "must not be stored")
+assert refused == [LogRecordExportResult.FAILURE] * 2, refused
+print("ok")
+"#;
+    let output = run_python(script, &[&port.to_string(), WRITER]).await;
+    assert_eq!(String::from_utf8_lossy(&output).trim(), "ok");
+    let entries = stored_entries(&app, 1).await;
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    assert_eq!(entries[0]["message"], "stock low for sku A-17");
+    assert_eq!(entries[0]["service"], "grpc-shop");
+    assert_eq!(entries[0]["level"], "error");
+    app.stop().await;
+}

@@ -1221,6 +1221,7 @@ fn the_dockerfile_builds_binaries_that_exist_and_exposes_their_ports() {
                 aggregator.service_port,
                 aggregator.ingest_port,
                 aggregator.prometheus_port,
+                aggregator.otlp_grpc_port,
             ],
         ),
         ("agent", "logging-agent", vec![agent.agent_metrics_port]),
