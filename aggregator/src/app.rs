@@ -130,6 +130,8 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     /// The OTLP/gRPC listener (`OTLP_GRPC_PORT`), when on.
     pub otlp_grpc_addr: Option<SocketAddr>,
+    /// The Fluent forward listener (`FORWARD_PORT`), when on.
+    pub forward_addr: Option<SocketAddr>,
     /// Where the agents' mTLS ingest listener listens.
     pub ingest_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -190,6 +192,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         api_addr: listening.api_addr,
         metrics_addr: listening.metrics_addr,
         otlp_grpc_addr: listening.otlp_grpc_addr,
+        forward_addr: listening.forward_addr,
         ingest_addr: listening.ingest_addr,
         shutdown,
         servers: listening.servers,
@@ -579,6 +582,7 @@ struct Listening {
     ingest_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     otlp_grpc_addr: Option<SocketAddr>,
+    forward_addr: Option<SocketAddr>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -652,6 +656,16 @@ impl Listening {
                 shutdown.subscribe(),
             ));
         }
+        let mut forward_addr = None;
+        if config.forward_port != 0 {
+            let listener = bind(config.forward_port, "FORWARD_PORT").await?;
+            forward_addr = Some(listener.local_addr()?);
+            servers.push(crate::forward::serve(
+                listener,
+                state.clone(),
+                shutdown.subscribe(),
+            ));
+        }
         let metrics = metrics_addr.map_or("none".to_string(), |a| a.to_string());
         tracing::info!(api = %api_addr, ingest = %ingest_addr, metrics = %metrics,
             data_dir = %config.data_dir.display(), database = state.db.engine().name(),
@@ -661,6 +675,7 @@ impl Listening {
             ingest_addr,
             metrics_addr,
             otlp_grpc_addr,
+            forward_addr,
             servers,
         })
     }

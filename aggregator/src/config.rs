@@ -107,6 +107,11 @@ pub struct Config {
     pub ingest_port: u16,
     /// Port of the OTLP/gRPC logs listener (`LogsService/Export`, HTTP/2 cleartext); 0 = off.
     pub otlp_grpc_port: u16,
+    /// Port of the Fluent forward listener (Fluent Bit, Fluentd, Docker's fluentd driver);
+    /// 0 = off.
+    pub forward_port: u16,
+    /// The forward protocol's `shared_key`: when set, clients must pass its handshake.
+    pub forward_shared_key: Option<String>,
     /// The ingest listener's certificate (PEM); development certificates when unset.
     pub tls_cert: Option<PathBuf>,
     /// The ingest listener's private key (PEM).
@@ -226,6 +231,8 @@ impl Default for Config {
             api_tokens: None,
             ingest_port: 8443,
             otlp_grpc_port: 4317,
+            forward_port: 24224,
+            forward_shared_key: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,

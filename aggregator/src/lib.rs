@@ -15,6 +15,7 @@ pub mod certs;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod forward;
 pub mod index;
 pub mod ingest;
 pub mod listeners;

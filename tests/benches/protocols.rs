@@ -5,13 +5,16 @@
 //! as Fluent Bit's `es` output does (`BENCH_PROTOCOL=bulk`: `POST /_bulk` NDJSON of `create`
 //! actions, the raw line in `log`, Fluent Bit's `kubernetes` fields), or as an OpenTelemetry
 //! Collector's `otlphttp` exporter does (`BENCH_PROTOCOL=otlp`: `POST /v1/logs` protobuf, the
-//! pod as the resource, the line as the body).
+//! pod as the resource, the line as the body), or as Fluent Bit's `forward` output does
+//! (`BENCH_PROTOCOL=forward`: Forward-mode MessagePack on `FORWARD_PORT`, 1,000 records a
+//! message, each acknowledged before the connection sends the next).
 //!
 //! ```text
 //! cargo build --release -p logging-aggregator
 //! BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! BENCH_PROTOCOL=bulk BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! BENCH_PROTOCOL=otlp BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
+//! BENCH_PROTOCOL=forward BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! ```
 //!
 //! Prints the aggregator's CPU seconds per million lines until the entries are at rest (the
@@ -126,6 +129,91 @@ fn exports(text: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Fluent Bit's `forward` output: Forward-mode messages of 1,000 records with EventTime, the
+/// line in `log`, Fluent Bit's `kubernetes` fields, and a chunk id to acknowledge.
+fn forwards(text: &str) -> Vec<Vec<u8>> {
+    use rmpv::Value;
+    let map = |pairs: Vec<(&str, Value)>| {
+        Value::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (Value::from(k), v))
+                .collect(),
+        )
+    };
+    let lines: Vec<(i64, &str, &str)> = text.lines().filter_map(read_cri).collect();
+    lines
+        .chunks(BATCH)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let entries = chunk
+                .iter()
+                .map(|(nanos, stream, line)| {
+                    let mut time = ((nanos / 1_000_000_000) as u32).to_be_bytes().to_vec();
+                    time.extend_from_slice(&((nanos % 1_000_000_000) as u32).to_be_bytes());
+                    Value::Array(vec![
+                        Value::Ext(0, time),
+                        map(vec![
+                            ("log", Value::from(*line)),
+                            ("stream", Value::from(*stream)),
+                            (
+                                "kubernetes",
+                                map(vec![
+                                    ("namespace_name", Value::from("shop")),
+                                    ("pod_name", Value::from("web-7d4b9c5f6-x2k9p")),
+                                    ("container_name", Value::from("web")),
+                                    ("host", Value::from("node-1")),
+                                ]),
+                            ),
+                        ]),
+                    ])
+                })
+                .collect();
+            let message = Value::Array(vec![
+                Value::from("kube.shop.web"),
+                Value::Array(entries),
+                map(vec![("chunk", Value::from(format!("chunk-{i}")))]),
+            ]);
+            let mut out = Vec::new();
+            rmpv::encode::write_value(&mut out, &message).unwrap();
+            out
+        })
+        .collect()
+}
+
+/// Sends the forward messages over `IN_FLIGHT` connections, each waiting for its chunk's ack.
+async fn send_forward(port: u16, bodies: Arc<Vec<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let (bodies, next) = (bodies.clone(), next.clone());
+        senders.push(tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { return };
+                tcp.write_all(body).await.unwrap();
+                let mut answer = Vec::new();
+                loop {
+                    if rmpv::decode::read_value(&mut &answer[..]).is_ok() {
+                        break;
+                    }
+                    let mut chunk = [0u8; 256];
+                    let n = tcp.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "chunk {i}: the aggregator closed the connection");
+                    answer.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+}
+
 /// The pushes, encoded before the clock starts.
 fn pushes(text: &str) -> Vec<Vec<u8>> {
     let lines: Vec<(i64, &str, &str)> = text.lines().filter_map(read_cri).collect();
@@ -175,6 +263,8 @@ async fn main() {
         (bulks(&text), "/_bulk", "application/x-ndjson", 200)
     } else if protocol == "otlp" {
         (exports(&text), "/v1/logs", "application/x-protobuf", 200)
+    } else if protocol == "forward" {
+        (forwards(&text), "FORWARD_PORT", "application/msgpack", 0)
     } else {
         (
             pushes(&text),
@@ -192,13 +282,20 @@ async fn main() {
         bodies.iter().map(Vec::len).sum::<usize>() as f64 / 1e6
     );
     let data_dir = root.path().join("aggregator");
-    let aggregator = AggregatorProcess::start(&data_dir, &[("LOG_LEVEL", "warn")]);
+    let forward_port = logging_tests::free_port().to_string();
+    let aggregator = AggregatorProcess::start(
+        &data_dir,
+        &[("LOG_LEVEL", "warn"), ("FORWARD_PORT", &forward_port)],
+    );
     let pid = aggregator.child.id();
     let cpu_before = proc::cpu_seconds(pid);
     let started = Instant::now();
+    if protocol == "forward" {
+        send_forward(forward_port.parse().unwrap(), bodies.clone()).await;
+    }
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
-    for _ in 0..IN_FLIGHT {
+    for _ in 0..if protocol == "forward" { 0 } else { IN_FLIGHT } {
         let (bodies, next, url) = (
             bodies.clone(),
             next.clone(),

@@ -188,6 +188,7 @@ fn spawn(
         .env("INGEST_PORT", ingest_port.to_string())
         .env("PROMETHEUS_PORT", "0")
         .env("OTLP_GRPC_PORT", "0")
+        .env("FORWARD_PORT", "0")
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("API_TOKENS", format!("admin:{ADMIN_TOKEN}"))
         .env("LOG_FORMAT", "json")

@@ -525,7 +525,7 @@ fn read_actions(
                 items.len()
             )));
         };
-        let entry = document_entry(document, &index, id.as_deref(), now);
+        let entry = document_entry(document, Origin::index(&index), id.as_deref(), now);
         items.push(Item {
             op,
             index,
@@ -536,16 +536,38 @@ fn read_actions(
     Ok(items)
 }
 
+/// Where a document came from: its protocol (part of its id), the `context` key that keeps
+/// its container's name, and that name (the service when the document names none).
+#[derive(Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    pub protocol: &'static str,
+    pub key: &'static str,
+    pub name: &'a str,
+}
+
+impl Origin<'_> {
+    /// An Elasticsearch index.
+    fn index(name: &str) -> Origin<'_> {
+        Origin {
+            protocol: "elasticsearch",
+            key: "_index",
+            name,
+        }
+    }
+}
+
 /// A document as the JSON of an entry, or why it cannot be one.
 ///
 /// The document is read as keys and raw values: only the fields the entry is made of are
 /// parsed (and the objects they nest in); every other value goes into `context` as it came.
-fn document_entry(
+/// `now` is the time of a document that carries none.
+pub(crate) fn document_entry(
     document: &[u8],
-    index: &str,
+    origin: Origin<'_>,
     id: Option<&str>,
     now: Timestamp,
 ) -> Result<String, String> {
+    let index = origin.name;
     let RawPairs(pairs) = serde_json::from_slice(document)
         .map_err(|e| format!("failed to parse the document: {e}"))?;
     let present = |keys: &[&str]| {
@@ -655,7 +677,8 @@ fn document_entry(
         }
     }
     let mut identity = Vec::with_capacity(index.len() + document.len() + 24);
-    identity.extend_from_slice(b"elasticsearch\0");
+    identity.extend_from_slice(origin.protocol.as_bytes());
+    identity.push(0);
     identity.extend_from_slice(index.as_bytes());
     match id {
         Some(id) => {
@@ -697,7 +720,7 @@ fn document_entry(
         push_str_json(out, key);
         out.push(':');
     };
-    let reserved = |name: &str| matches!(name, "kubernetes" | "_index");
+    let reserved = |name: &str| name == "kubernetes" || name == origin.key;
     for (name, json) in &parsed.context {
         let in_document = pairs.iter().any(|(k, _)| k == name);
         if !in_document && !reserved(name) {
@@ -719,7 +742,7 @@ fn document_entry(
         key(&mut out, "kubernetes");
         out.push_str(&kubernetes.json);
     }
-    key(&mut out, "_index");
+    key(&mut out, origin.key);
     push_str_json(&mut out, index);
     out.push_str("}}");
     Ok(out)

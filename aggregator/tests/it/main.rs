@@ -10,6 +10,7 @@ mod broker;
 mod elastic_bulk;
 mod elasticsearch;
 mod errors;
+mod forward;
 mod ingest;
 mod logs;
 mod loki;

@@ -138,6 +138,7 @@ pub fn test_config(data_dir: PathBuf) -> Config {
         ingest_port: 0,
         prometheus_port: 0,
         otlp_grpc_port: 0,
+        forward_port: 0,
         bind_address: "127.0.0.1".into(),
         index_refresh_interval_ms: 50,
         index_writer_memory_mb: 32,

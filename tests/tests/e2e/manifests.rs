@@ -1222,6 +1222,7 @@ fn the_dockerfile_builds_binaries_that_exist_and_exposes_their_ports() {
                 aggregator.ingest_port,
                 aggregator.prometheus_port,
                 aggregator.otlp_grpc_port,
+                aggregator.forward_port,
             ],
         ),
         ("agent", "logging-agent", vec![agent.agent_metrics_port]),

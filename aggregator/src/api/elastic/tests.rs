@@ -6,7 +6,10 @@ fn now() -> Timestamp {
 }
 
 fn entry(document: &str, index: &str, id: Option<&str>) -> Value {
-    serde_json::from_str(&document_entry(document.as_bytes(), index, id, now()).unwrap()).unwrap()
+    serde_json::from_str(
+        &document_entry(document.as_bytes(), Origin::index(index), id, now()).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -151,7 +154,7 @@ proptest! {
         value in "\\PC{0,20}",
     ) {
         let document = json!({"message": message, key: value}).to_string();
-        if let Ok(raw) = document_entry(document.as_bytes(), "logs", None, now()) {
+        if let Ok(raw) = document_entry(document.as_bytes(), Origin::index("logs"), None, now()) {
             let entry = logging_common::validate::validate_log_entry(
                 &raw,
                 logging_common::validate::EntryLimits { max_entry_bytes: 1 << 20 },

@@ -1,0 +1,401 @@
+//! The Fluent forward protocol on `FORWARD_PORT` (default 24224; 0 = off): what Fluent Bit's
+//! and Fluentd's `forward` outputs and Docker's `fluentd` log driver send.
+//!
+//! A connection carries MessagePack arrays, one after another:
+//! - Message: `[tag, time, record, option?]`;
+//! - Forward: `[tag, [[time, record], …], option?]`;
+//! - PackedForward: `[tag, <bytes of [time, record] entries>, option?]`, and
+//!   CompressedPackedForward: the same bytes gzipped, `option.compressed == "gzip"`.
+//!
+//! `time` is seconds, or the EventTime extension (seconds and nanoseconds). Each record is
+//! mapped as an Elasticsearch `_bulk` document is (`log`/`message`, level, Fluent Bit's and
+//! Fluentd's Kubernetes fields, the rest into `context`), the tag being the service unless the
+//! record names one and kept as `context.tag`; its id derives from the tag, time and record,
+//! so a chunk sent again stores nothing twice. With `option.chunk`, the answer `{"ack": chunk}`
+//! is written once every entry of the message is durable; a message whose entries cannot be
+//! stored is not acknowledged (the client sends it again). Records that are not maps, or
+//! whose entry is refused, are counted in `logging_aggregator_forward_refused_total` and
+//! logged with the reason (the protocol has no way to answer per record).
+//!
+//! With `FORWARD_SHARED_KEY` set, a connection must first pass the handshake: the server
+//! sends `HELO` with a nonce, the client answers `PING` with
+//! `sha512_hex(salt + hostname + nonce + shared_key)`, the server `PONG` with its own digest.
+//! User authentication (`username`/`password` in `PING`) is not supported: a `HELO` asks for
+//! none.
+//!
+//! Everything the client sends is bounded: a message at most `MAX_REQUEST_BYTES` (also once
+//! inflated) and 32 levels deep; the handshake within `HTTP_HEADER_TIMEOUT`; an idle
+//! connection closes after five minutes; at most `MAX_CONNECTIONS` connections.
+
+use std::io::{Cursor, Read};
+use std::sync::Arc;
+use std::time::Duration;
+
+use logging_common::Timestamp;
+use rmpv::Value;
+use serde_json::Value as Json;
+use sha2::{Digest, Sha512};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::SharedState;
+use crate::api::elastic::{Origin, document_entry};
+use crate::ingest::IngestError;
+
+/// Deepest MessagePack a message may nest.
+const MAX_DEPTH: usize = 32;
+/// An idle connection closes after this long.
+const IDLE: Duration = Duration::from_secs(300);
+
+/// Serves the forward protocol until `stop`.
+pub fn serve(
+    listener: TcpListener,
+    state: SharedState,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(state.config.max_connections));
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let Ok((tcp, _)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics::counter!("logging_aggregator_connections_refused_total", "listener" => "forward")
+                    .increment(1);
+                continue;
+            };
+            let (state, stop) = (state.clone(), stop.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                if let Err(reason) = connection(tcp, &state, stop).await {
+                    tracing::warn!(%reason, "forward connection closed");
+                }
+            });
+        }
+    })
+}
+
+async fn connection(
+    mut tcp: TcpStream,
+    state: &SharedState,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let limit = state.config.max_request_bytes;
+    let mut buffer: Vec<u8> = Vec::new();
+    if let Some(key) = &state.config.forward_shared_key {
+        let handshake = Duration::from_secs(state.config.http_header_timeout);
+        tokio::time::timeout(handshake, authenticate(&mut tcp, &mut buffer, key, limit))
+            .await
+            .map_err(|_| "the handshake did not finish within HTTP_HEADER_TIMEOUT".to_string())??;
+    }
+    loop {
+        // Every complete message in the buffer, then more bytes.
+        while let Some(message) = next_message(&mut buffer)? {
+            let ack = handle(state, message).await?;
+            if let Some(chunk) = ack {
+                let mut out = Vec::new();
+                let answer = Value::Map(vec![(Value::from("ack"), Value::from(chunk))]);
+                rmpv::encode::write_value(&mut out, &answer).map_err(|e| e.to_string())?;
+                tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+            }
+        }
+        if buffer.len() > limit {
+            return Err(format!(
+                "a message is larger than MAX_REQUEST_BYTES ({limit})"
+            ));
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        let read = tokio::select! {
+            read = tokio::time::timeout(IDLE, tcp.read(&mut chunk)) => read,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        match read {
+            Err(_) => return Ok(()),
+            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(n)) => buffer.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// The first complete MessagePack value of `buffer` (removed from it), `None` when it needs
+/// more bytes, an error when the bytes are not MessagePack.
+fn next_message(buffer: &mut Vec<u8>) -> Result<Option<Value>, String> {
+    if buffer.is_empty() {
+        return Ok(None);
+    }
+    let mut cursor = Cursor::new(&buffer[..]);
+    match rmpv::decode::read_value_with_max_depth(&mut cursor, MAX_DEPTH) {
+        Ok(value) => {
+            let used = cursor.position() as usize;
+            buffer.drain(..used);
+            Ok(Some(value))
+        }
+        Err(error) if incomplete(&error) => Ok(None),
+        Err(error) => Err(format!("not a forward message (MessagePack): {error}")),
+    }
+}
+
+fn incomplete(error: &rmpv::decode::Error) -> bool {
+    use rmpv::decode::Error;
+    match error {
+        Error::InvalidMarkerRead(e) | Error::InvalidDataRead(e) => {
+            e.kind() == std::io::ErrorKind::UnexpectedEof
+        }
+        _ => false,
+    }
+}
+
+/// The handshake of a shared key: `HELO`, `PING`, `PONG`.
+async fn authenticate(
+    tcp: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    key: &str,
+    limit: usize,
+) -> Result<(), String> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|e| e.to_string())?;
+    let helo = Value::Array(vec![
+        Value::from("HELO"),
+        Value::Map(vec![
+            (Value::from("nonce"), Value::Binary(nonce.to_vec())),
+            (Value::from("auth"), Value::from("")),
+            (Value::from("keepalive"), Value::Boolean(true)),
+        ]),
+    ]);
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &helo).map_err(|e| e.to_string())?;
+    tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+    let ping = loop {
+        if let Some(message) = next_message(buffer)? {
+            break message;
+        }
+        if buffer.len() > limit {
+            return Err("the PING is too large".into());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the client left during the handshake".into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let fields = match &ping {
+        Value::Array(fields) if fields.first().and_then(text) == Some("PING".into()) => fields,
+        _ => return Err("expected PING after HELO".into()),
+    };
+    let part = |i: usize| fields.get(i).and_then(text).unwrap_or_default();
+    let (hostname, salt, digest) = (part(1), part(2), part(3));
+    let expected = sha512_hex(&[salt.as_bytes(), hostname.as_bytes(), &nonce, key.as_bytes()]);
+    let ok = digest.eq_ignore_ascii_case(&expected);
+    let server = "logging-aggregator";
+    let pong = Value::Array(vec![
+        Value::from("PONG"),
+        Value::Boolean(ok),
+        Value::from(if ok { "" } else { "shared_key mismatch" }),
+        Value::from(server),
+        Value::from(sha512_hex(&[
+            salt.as_bytes(),
+            server.as_bytes(),
+            &nonce,
+            key.as_bytes(),
+        ])),
+    ]);
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &pong).map_err(|e| e.to_string())?;
+    tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("shared_key mismatch from {hostname:?}"))
+    }
+}
+
+/// SHA-512 of the parts, as lower-case hex.
+pub fn sha512_hex(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha512::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A string or binary value as text.
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => s.as_str().map(str::to_string),
+        Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+/// Stores one message's entries; the chunk to acknowledge, if it asked for one.
+async fn handle(state: &SharedState, message: Value) -> Result<Option<String>, String> {
+    let Value::Array(parts) = message else {
+        return Err("a forward message is an array [tag, …]".into());
+    };
+    if parts.len() < 2 {
+        return Err("a forward message has a tag and entries".into());
+    }
+    let tag = text(&parts[0]).ok_or("the tag is not a string")?;
+    // Message mode has the option fourth; the others third.
+    let packed_or_forward = matches!(
+        parts[1],
+        Value::Array(_) | Value::String(_) | Value::Binary(_)
+    );
+    let option = parts.get(if packed_or_forward { 2 } else { 3 });
+    let option_text = |name: &str| match option {
+        Some(Value::Map(pairs)) => pairs
+            .iter()
+            .find(|(k, _)| text(k).as_deref() == Some(name))
+            .and_then(|(_, v)| text(v)),
+        _ => None,
+    };
+    let chunk = option_text("chunk");
+    let limit = state.config.max_request_bytes;
+    let pair = |e: &Value| match e {
+        Value::Array(pair) if pair.len() >= 2 => (pair[0].clone(), pair[1].clone()),
+        other => (Value::Nil, other.clone()),
+    };
+    let events: Vec<(Value, Value)> = match &parts[1] {
+        Value::Array(entries) => entries.iter().map(pair).collect(),
+        Value::String(_) | Value::Binary(_) => {
+            let packed = match &parts[1] {
+                Value::Binary(b) => b.clone(),
+                Value::String(s) => s.as_bytes().to_vec(),
+                _ => Vec::new(),
+            };
+            let mut buffer = match option_text("compressed").as_deref() {
+                Some("gzip") => {
+                    let mut out = Vec::new();
+                    flate2::read::MultiGzDecoder::new(&packed[..])
+                        .take(limit as u64 + 1)
+                        .read_to_end(&mut out)
+                        .map_err(|e| format!("the packed entries are not gzip: {e}"))?;
+                    if out.len() > limit {
+                        return Err("the packed entries inflate past MAX_REQUEST_BYTES".into());
+                    }
+                    out
+                }
+                Some(other) => {
+                    return Err(format!("compressed {other:?} is not supported (gzip)"));
+                }
+                None => packed,
+            };
+            let mut events = Vec::new();
+            while let Some(entry) = next_message(&mut buffer)? {
+                events.push(pair(&entry));
+            }
+            if !buffer.is_empty() {
+                return Err("the packed entries end in the middle of one".into());
+            }
+            events
+        }
+        time => vec![(time.clone(), parts.get(2).cloned().unwrap_or(Value::Nil))],
+    };
+    let now = Timestamp::now();
+    let mut raws = Vec::with_capacity(events.len());
+    let mut refused = 0usize;
+    for (time, record) in &events {
+        match entry(&tag, time, record, now) {
+            Ok(raw) => raws.push(raw),
+            Err(reason) => {
+                refused += 1;
+                tracing::warn!(tag, %reason, "forward record refused");
+            }
+        }
+    }
+    if !raws.is_empty() {
+        let refs: Vec<&str> = raws.iter().map(String::as_str).collect();
+        let outcome = loop {
+            match state.ingest.ingest(&refs, None).await {
+                Ok(outcome) => break outcome,
+                // Behind: hold the connection (the client's buffer fills) and try again.
+                Err(IngestError::Backpressure { .. }) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(format!("the entries cannot be stored: {error}")),
+            }
+        };
+        for rejection in &outcome.rejected.listed {
+            tracing::warn!(tag, reason = %rejection.error, "forward record refused");
+        }
+        refused += outcome.rejected.count;
+        metrics::counter!("logging_aggregator_ingest_entries_total", "protocol" => "forward")
+            .increment((outcome.accepted + outcome.duplicates) as u64);
+    }
+    if refused > 0 {
+        metrics::counter!("logging_aggregator_forward_refused_total").increment(refused as u64);
+    }
+    Ok(chunk)
+}
+
+/// An event as the JSON of an entry.
+fn entry(tag: &str, time: &Value, record: &Value, now: Timestamp) -> Result<String, String> {
+    let at = match time {
+        Value::Integer(i) => i
+            .as_i64()
+            .and_then(|s| s.checked_mul(1_000_000_000))
+            .map(Timestamp::from_nanos),
+        Value::F64(f) => Timestamp::from_epoch_number(*f).ok(),
+        Value::F32(f) => Timestamp::from_epoch_number(f64::from(*f)).ok(),
+        Value::Ext(0, bytes) if bytes.len() == 8 => {
+            let seconds = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let nanos = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+            Some(Timestamp::from_nanos(
+                i64::from(seconds) * 1_000_000_000 + i64::from(nanos),
+            ))
+        }
+        Value::Nil => Some(now),
+        _ => None,
+    }
+    .ok_or_else(|| format!("time {time} is not seconds or an EventTime"))?;
+    if !matches!(record, Value::Map(_)) {
+        return Err("the record is not a map".into());
+    }
+    let document = serde_json::to_vec(&json_of(record)).map_err(|e| e.to_string())?;
+    let origin = Origin {
+        protocol: "forward",
+        key: "tag",
+        name: tag,
+    };
+    document_entry(&document, origin, None, at)
+}
+
+/// A MessagePack value as JSON: binary as (lossy) text, extensions as null.
+fn json_of(value: &Value) -> Json {
+    match value {
+        Value::Nil => Json::Null,
+        Value::Boolean(b) => Json::Bool(*b),
+        Value::Integer(i) => i
+            .as_i64()
+            .map(Json::from)
+            .or_else(|| i.as_u64().map(Json::from))
+            .unwrap_or(Json::Null),
+        Value::F32(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Json::Null, Json::Number)
+        }
+        Value::F64(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        Value::String(_) | Value::Binary(_) => text(value).map_or(Json::Null, Json::String),
+        Value::Array(items) => Json::Array(items.iter().map(json_of).collect()),
+        Value::Map(pairs) => Json::Object(
+            pairs
+                .iter()
+                .map(|(k, v)| (text(k).unwrap_or_else(|| k.to_string()), json_of(v)))
+                .collect(),
+        ),
+        Value::Ext(_, _) => Json::Null,
+    }
+}
