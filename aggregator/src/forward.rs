@@ -123,6 +123,16 @@ async fn connection(
             Ok(Ok(n)) => buffer.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e.to_string()),
         }
+        // Whatever else has arrived, before decoding: a MessagePack value does not say its
+        // length, so each attempt on a partial message reads it again from its start.
+        while buffer.len() <= limit {
+            match tcp.try_read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 }
 
