@@ -529,8 +529,13 @@ fn label_sets(
         Selection::new(&state.index, log, start, end, deadline).map_err(|e| bad(e.to_string()))?;
     let mut sets: BTreeMap<Labels, (u64, u64)> = BTreeMap::new();
     let mut seen: BTreeMap<Labels, u64> = BTreeMap::new();
+    let mut over = false;
     selection.for_each(Order::Desc, |row| {
         let bytes = row.line.len() as u64;
+        if !sets.contains_key(&row.labels) && sets.len() >= crate::logql::store::MAX_SERIES {
+            over = true;
+            return std::ops::ControlFlow::Break(());
+        }
         let slot = sets.entry(row.labels.clone()).or_default();
         slot.0 += 1;
         slot.1 += bytes;
@@ -542,6 +547,12 @@ fn label_sets(
         }
         std::ops::ControlFlow::Continue(())
     })?;
+    if over {
+        return Err(bad(format!(
+            "maximum of series ({}) reached for a single query; narrow the selector or the time range",
+            crate::logql::store::MAX_SERIES
+        )));
+    }
     Ok(sets)
 }
 
@@ -990,6 +1001,14 @@ async fn run_tail(
         }
         Err(_) => return,
     };
+    // Lines that became searchable while the first query ran are in its answer and will be
+    // in the next looks too: remembered until the looks have passed them, and not sent twice.
+    let first_upto = index.searchable_lsn();
+    let mut sent: std::collections::HashSet<(i64, Labels, String)> = if first_upto > seen_upto {
+        rows.iter().cloned().collect()
+    } else {
+        Default::default()
+    };
     if socket
         .send(Message::Text(tail_message(rows).into()))
         .await
@@ -1044,6 +1063,13 @@ async fn run_tail(
             Err(_) => return,
         };
         seen_upto = upto;
+        let mut rows = rows;
+        if !sent.is_empty() {
+            rows.retain(|row| !sent.contains(row));
+            if seen_upto >= first_upto {
+                sent.clear();
+            }
+        }
         if rows.is_empty() {
             continue;
         }

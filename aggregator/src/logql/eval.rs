@@ -11,6 +11,8 @@ use super::syntax::{
 
 /// The most points one series may have, as Loki bounds a range query.
 pub const MAX_POINTS: i64 = 11_000;
+/// The most points (series × steps) one range aggregation may hold.
+pub const MAX_TOTAL_POINTS: usize = 20_000_000;
 
 /// The instants a query is evaluated at: `start`, `start + step`, … up to `end`.
 #[derive(Debug, Clone, Copy)]
@@ -222,6 +224,13 @@ fn range_aggregation(
                 Series { labels, samples }
             })
             .collect();
+    }
+    if series.len().saturating_mul(steps.count()) > MAX_TOTAL_POINTS {
+        return Err(EvalError::Invalid(format!(
+            "the query would make {} series of {} points, more than {MAX_TOTAL_POINTS} points; aggregate with sum by (…), a larger step or a shorter range",
+            series.len(),
+            steps.count()
+        )));
     }
     let seconds = range.range as f64 / 1e9;
     let mut matrix = Matrix::new();

@@ -70,6 +70,11 @@ const MAX_BUCKETS: i64 = 100_000;
 /// Entries read per page of the store.
 const PAGE: usize = 2000;
 
+/// The most series one query may make (Loki bounds them too: `max_query_series`).
+pub const MAX_SERIES: usize = 10_000;
+/// The most samples a metric query may hold (about 16 bytes each).
+pub const MAX_SAMPLES: usize = 20_000_000;
+
 /// How long one query may read before it is refused (Loki's default `query_timeout`).
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -579,6 +584,8 @@ impl Source for IndexSource<'_> {
             return Ok(series);
         }
         let mut by_labels: HashMap<Labels, Vec<(i64, f64)>> = HashMap::new();
+        let mut samples = 0usize;
+        let mut over: Option<String> = None;
         selection.for_each(Order::Asc, |mut row| {
             let value = match &range.unwrap {
                 None => match op {
@@ -621,9 +628,25 @@ impl Source for IndexSource<'_> {
                 Some(g) => grouped(&row.labels, g),
                 None => row.labels,
             };
+            if !by_labels.contains_key(&labels) && by_labels.len() >= MAX_SERIES {
+                over = Some(format!(
+                    "maximum of series ({MAX_SERIES}) reached for a single query; aggregate with sum by (…) or narrow the selector"
+                ));
+                return ControlFlow::Break(());
+            }
+            samples += 1;
+            if samples > MAX_SAMPLES {
+                over = Some(format!(
+                    "the query would hold more than {MAX_SAMPLES} samples; narrow the time range or the selector"
+                ));
+                return ControlFlow::Break(());
+            }
             by_labels.entry(labels).or_default().push((row.ts, value));
             ControlFlow::Continue(())
         })?;
+        if let Some(reason) = over {
+            return Err(EvalError::Invalid(reason));
+        }
         self.stats.entries_scanned += selection.stats.entries_scanned;
         self.stats.bytes_scanned += selection.stats.bytes_scanned;
         Ok(by_labels
