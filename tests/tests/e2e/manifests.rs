@@ -1006,6 +1006,14 @@ fn the_aggregator_manifests_agree_with_its_configuration() {
         i32::from(config.prometheus_port)
     );
     assert_eq!(
+        port_named(aggregator, "otlp-grpc"),
+        i32::from(config.otlp_grpc_port)
+    );
+    assert_eq!(
+        port_named(aggregator, "forward"),
+        i32::from(config.forward_port)
+    );
+    assert_eq!(
         http_probe(aggregator.liveness_probe.as_ref()),
         ("/health".into(), "api".into())
     );
@@ -1109,6 +1117,8 @@ fn the_aggregator_manifests_agree_with_its_configuration() {
     assert!(!open_ports.contains(&i32::from(config.ingest_port)));
     assert!(open_ports.contains(&i32::from(config.service_port)));
     assert!(open_ports.contains(&i32::from(config.prometheus_port)));
+    assert!(open_ports.contains(&i32::from(config.otlp_grpc_port)));
+    assert!(open_ports.contains(&i32::from(config.forward_port)));
 }
 
 /// The probe paths answer 200 on the real binaries, and the admin token the StatefulSet's
