@@ -48,6 +48,10 @@ use crate::ingest::IngestError;
 const MAX_DEPTH: usize = 32;
 /// An idle connection closes after this long.
 const IDLE: Duration = Duration::from_secs(300);
+/// How long a partial message waits for more bytes before it is decoded anyway, at first
+/// and at most (the wait doubles while the message stays partial).
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// Serves the forward protocol until `stop`.
 pub fn serve(
@@ -96,35 +100,67 @@ async fn connection(
             .await
             .map_err(|_| "the handshake did not finish within HTTP_HEADER_TIMEOUT".to_string())??;
     }
+    // A MessagePack value does not say its length, so each attempt on a partial message
+    // reads it again from its start: the next attempt waits until the buffer has grown by a
+    // quarter (at least 64 KiB), or until the client has paused — a pause that doubles while
+    // the message stays partial, so a client sending a byte at a time cannot make the
+    // attempts cost more than the message's size a few times over.
+    let mut tried_at = 0usize;
+    let mut patience = FIRST_PAUSE;
+    let mut last_data = tokio::time::Instant::now();
+    let mut force = false;
+    // The client has finished sending: what it sent is decoded once more, then the
+    // connection ends.
+    let mut closing = false;
     loop {
-        // Every complete message in the buffer, then more bytes.
-        while let Some(message) = next_message(&mut buffer)? {
-            let ack = handle(state, message).await?;
-            if let Some(chunk) = ack {
-                let mut out = Vec::new();
-                let answer = Value::Map(vec![(Value::from("ack"), Value::from(chunk))]);
-                rmpv::encode::write_value(&mut out, &answer).map_err(|e| e.to_string())?;
-                tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+        let grown = buffer.len() >= tried_at + (tried_at / 4).max(64 * 1024);
+        if force || grown {
+            force = false;
+            while let Some(message) = next_message(&mut buffer)? {
+                patience = FIRST_PAUSE;
+                let ack = handle(state, message).await?;
+                if let Some(chunk) = ack {
+                    let mut out = Vec::new();
+                    let answer = Value::Map(vec![(Value::from("ack"), Value::from(chunk))]);
+                    rmpv::encode::write_value(&mut out, &answer).map_err(|e| e.to_string())?;
+                    tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+                }
             }
+            tried_at = buffer.len();
+        }
+        if closing {
+            return Ok(());
         }
         if buffer.len() > limit {
             return Err(format!(
                 "a message is larger than MAX_REQUEST_BYTES ({limit})"
             ));
         }
+        let pending = !buffer.is_empty();
+        let wait = if pending { patience } else { IDLE };
         let mut chunk = [0u8; 64 * 1024];
         let read = tokio::select! {
-            read = tokio::time::timeout(IDLE, tcp.read(&mut chunk)) => read,
+            read = tokio::time::timeout(wait, tcp.read(&mut chunk)) => read,
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
         match read {
+            Err(_) if pending && last_data.elapsed() < IDLE => {
+                // The client paused in the middle of a message (or has sent it whole).
+                force = tried_at < buffer.len();
+                patience = (patience * 2).min(MAX_PAUSE);
+                continue;
+            }
             Err(_) => return Ok(()),
-            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(0)) => {
+                closing = true;
+                force = true;
+                continue;
+            }
             Ok(Ok(n)) => buffer.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => return Err(e.to_string()),
         }
-        // Whatever else has arrived, before decoding: a MessagePack value does not say its
-        // length, so each attempt on a partial message reads it again from its start.
+        last_data = tokio::time::Instant::now();
+        // Whatever else has arrived, before deciding.
         while buffer.len() <= limit {
             match tcp.try_read(&mut chunk) {
                 Ok(0) => break,

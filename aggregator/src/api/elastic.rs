@@ -30,6 +30,7 @@ use logging_common::{LogLevel, Timestamp};
 use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
 
+use super::push_json;
 use super::{Body, SharedState, caller_from};
 use crate::auth::Permission;
 use crate::error::ApiError;
@@ -445,10 +446,10 @@ async fn run_bulk(
         out.push_str("{\"");
         out.push_str(item.op);
         out.push_str("\":{\"_index\":");
-        push_str_json(&mut out, &item.index);
+        push_json(&mut out, &item.index);
         if let Some(id) = &id {
             out.push_str(",\"_id\":");
-            push_str_json(&mut out, id);
+            push_json(&mut out, id);
         }
         out.push_str(",\"_version\":1,\"_primary_term\":1,\"_seq_no\":0");
         if let Some(result) = result {
@@ -460,7 +461,7 @@ async fn run_bulk(
             out.push_str(",\"error\":{\"type\":\"");
             out.push_str(kind);
             out.push_str("\",\"reason\":");
-            push_str_json(&mut out, &reason);
+            push_json(&mut out, &reason);
             out.push('}');
         }
         out.push_str(",\"status\":");
@@ -724,14 +725,14 @@ pub(crate) fn document_entry(
     out.push_str("\",\"level\":\"");
     out.push_str(level.as_str());
     out.push_str("\",\"service\":");
-    push_str_json(&mut out, &service);
+    push_json(&mut out, &service);
     out.push_str(",\"message\":");
-    push_str_json(&mut out, parsed.message.as_deref().unwrap_or(&message));
+    push_json(&mut out, parsed.message.as_deref().unwrap_or(&message));
     for (field, value) in &ids {
         out.push_str(",\"");
         out.push_str(field);
         out.push_str("\":");
-        push_str_json(&mut out, value);
+        push_json(&mut out, value);
     }
     out.push_str(",\"context\":{");
     let mut first = true;
@@ -739,7 +740,7 @@ pub(crate) fn document_entry(
         if !std::mem::take(&mut first) {
             out.push(',');
         }
-        push_str_json(out, key);
+        push_json(out, key);
         out.push(':');
     };
     let reserved = |name: &str| name == "kubernetes" || name == origin.key;
@@ -765,7 +766,7 @@ pub(crate) fn document_entry(
         out.push_str(&kubernetes.json);
     }
     key(&mut out, origin.key);
-    push_str_json(&mut out, index);
+    push_json(&mut out, index);
     out.push_str("}}");
     Ok(out)
 }
@@ -798,10 +799,6 @@ const NESTED: [(&str, &str, Role); 5] = [
     ("span", "id", Role::Id("span_id")),
     ("user", "id", Role::Id("user_id")),
 ];
-
-fn push_str_json(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
-}
 
 fn text_of(raw: &str) -> Option<String> {
     match serde_json::from_str::<Value>(raw).ok()? {
@@ -891,7 +888,7 @@ fn kubernetes_context(raw: &str) -> Option<Kubernetes> {
         if i > 0 {
             json.push(',');
         }
-        push_str_json(&mut json, key);
+        push_json(&mut json, key);
         json.push(':');
         json.push_str(value);
     }

@@ -30,6 +30,7 @@ use logging_common::{LogLevel, Timestamp};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
+use super::push_json;
 use super::{Body, SharedState, Writer};
 use crate::error::ApiError;
 use crate::ingest::listener::AgentPeer;
@@ -323,10 +324,6 @@ enum Field<'a> {
     /// JSON text, as the line parser keeps values.
     Json(&'a str),
     Text(&'a str),
-}
-
-fn push_json(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }
 
 /// The streams of a push body: protobuf (snappy) or JSON (optionally gzip).

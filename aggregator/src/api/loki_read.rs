@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use logging_common::Timestamp;
 
+use super::push_json;
 use super::{Body, Reader, SharedState};
 use crate::error::ApiError;
 use crate::index::query::Order;
@@ -174,6 +175,21 @@ impl Params {
         }
     }
 
+    /// `step` for a range of `[start, end]`: as given, else Loki's default (a 250th of the
+    /// range, at least a second); at most 11,000 points.
+    fn step(&self, start: i64, end: i64) -> Result<i64, LokiError> {
+        let step = match self.duration("step")? {
+            Some(step) => step,
+            None => ((end - start) / 250 / 1_000_000_000).max(1) * 1_000_000_000,
+        };
+        if (end - start) / step > MAX_POINTS {
+            return Err(bad(
+                "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
+            ));
+        }
+        Ok(step)
+    }
+
     fn query(&self) -> Result<Expr, LokiError> {
         let text = self
             .get("query")
@@ -230,22 +246,24 @@ pub async fn query_range(
         let (start, end) = params.range(DEFAULT_RANGE)?;
         let limit = limit(&params)?;
         let order = direction(&params)?;
-        let step = match params.duration("step")? {
-            Some(step) => step,
-            None => ((end - start) / 250 / 1_000_000_000).max(1) * 1_000_000_000,
-        };
-        if (end - start) / step > MAX_POINTS {
-            return Err(bad(
-                "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
-            ));
-        }
+        let step = params.step(start, end)?;
         let interval = params.duration("interval")?;
         let index = state.index.clone();
         let started = Instant::now();
         blocking(move || {
             let mut stats = Stats::default();
             let steps = Steps { start, end, step };
-            let answer = logql::query_range(&index, &expr, steps, LineOptions { limit, order, interval }, &mut stats)?;
+            let answer = logql::query_range(
+                &index,
+                &expr,
+                steps,
+                LineOptions {
+                    limit,
+                    order,
+                    interval,
+                },
+                &mut stats,
+            )?;
             Ok(render(&answer, &steps, false, &stats, started))
         })
         .await
@@ -408,10 +426,6 @@ fn write_labels(out: &mut String, labels: &Labels) {
         push_json(out, v);
     }
     out.push('}');
-}
-
-fn push_json(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }
 
 fn write_stream(out: &mut String, stream: &Stream) {
@@ -789,15 +803,7 @@ pub async fn volume_range(
 ) -> Response {
     answer(async move {
         let (start, end) = params.range(DEFAULT_RANGE)?;
-        let step = match params.duration("step")? {
-            Some(step) => step,
-            None => ((end - start) / 250 / 1_000_000_000).max(1) * 1_000_000_000,
-        };
-        if (end - start) / step > MAX_POINTS {
-            return Err(bad(
-                "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
-            ));
-        }
+        let step = params.step(start, end)?;
         let expr = volume_query(&params, step)?;
         let index = state.index.clone();
         let started = Instant::now();

@@ -358,6 +358,12 @@ pub(super) fn decompressed_too_large(what: &str) -> ApiError {
     )
 }
 
+/// Appends `text` as a JSON string (quoted and escaped): how the handlers that write JSON out
+/// directly (the Loki, OTLP and Elasticsearch wire forms) put text into it.
+pub(crate) fn push_json(out: &mut String, text: &str) {
+    out.push_str(&serde_json::to_string(text).unwrap_or_default());
+}
+
 /// A JSON response from bytes we already hold as JSON.
 pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()

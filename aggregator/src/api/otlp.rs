@@ -32,6 +32,7 @@ use logging_common::{LogLevel, Timestamp};
 use prost::Message as _;
 use serde_json::Value;
 
+use super::push_json;
 use super::{Body, SharedState, Writer};
 use crate::error::ApiError;
 use crate::ingest::listener::AgentPeer;
@@ -598,10 +599,6 @@ impl Shared {
         out.push('}');
         Ok(out)
     }
-}
-
-fn push_json(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }
 
 /// Lower-case hex of an id, unless it is empty or all zeros (unset).

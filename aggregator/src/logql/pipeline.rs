@@ -27,17 +27,17 @@ pub struct Row {
     pub line: String,
     pub labels: Labels,
     /// The stream's own label names: a parsed label of the same name gets `_extracted`.
-    pub stream: Vec<String>,
+    /// Taken when a pipeline with a parser starts (most lines never meet one).
+    stream: Vec<String>,
 }
 
 impl Row {
     pub fn new(ts: i64, line: String, labels: Labels) -> Row {
-        let stream = labels.keys().cloned().collect();
         Row {
             ts,
             line,
             labels,
-            stream,
+            stream: Vec::new(),
         }
     }
 
@@ -86,6 +86,19 @@ fn sanitize(name: &str) -> String {
 
 /// Runs `stages` on `row`; `false` when a stage drops the line.
 pub fn run(stages: &[Stage], row: &mut Row) -> bool {
+    let parses = stages.iter().any(|stage| {
+        matches!(
+            stage,
+            Stage::Json(_)
+                | Stage::Logfmt { .. }
+                | Stage::Regexp(_)
+                | Stage::Pattern(_)
+                | Stage::Unpack
+        )
+    });
+    if parses && row.stream.is_empty() {
+        row.stream = row.labels.keys().cloned().collect();
+    }
     stages.iter().all(|stage| run_stage(stage, row))
 }
 

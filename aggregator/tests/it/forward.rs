@@ -160,6 +160,32 @@ async fn every_mode_is_stored_once_and_chunks_are_acknowledged_when_durable() {
         "{metrics}"
     );
 
+    // A message sent a few bytes at a time (as a slow or hostile client may) is read whole
+    // and acknowledged once.
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let dripped = encode(&Value::Array(vec![
+        Value::from("slow.app"),
+        Value::from(now / 1_000_000_000),
+        record(&[("message", Value::from("sent in pieces"))]),
+        record(&[("chunk", Value::from("chunk-3"))]),
+    ]));
+    for piece in dripped.chunks(7) {
+        slow.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(ack_of(&read_value(&mut slow).await), "chunk-3");
+    stored_entries(&app, 4).await;
+
+    // Nested past the bound: refused by the decoder (no deep recursion), the connection
+    // closed, the listener still serving.
+    let mut deep = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut nested = vec![0x91u8; 100_000];
+    nested.push(0xc0);
+    deep.write_all(&nested).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), deep.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+
     // Not MessagePack: the connection is closed, the listener keeps serving.
     let mut bad = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     bad.write_all(&[0xc1, 0xc1, 0xc1]).await.unwrap();
