@@ -1,12 +1,10 @@
 //! `logging-agent`: reads the configuration and runs the agent until SIGTERM/SIGINT.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Parser;
 use logging_agent::app;
 use logging_agent::config::Config;
-use tracing_subscriber::EnvFilter;
 
 /// The node agent: tails container logs, ships them to the aggregator over mTLS.
 ///
@@ -17,23 +15,6 @@ struct Cli {
     /// YAML configuration file; environment variables override it.
     #[arg(long, short, env = "CONFIG_FILE")]
     config: Option<PathBuf>,
-}
-
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match config.log_format.as_str() {
-        "json" => true,
-        "text" => false,
-        _ => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn wait_for_signal() {
@@ -59,7 +40,17 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    init_logging(&config);
+    let _telemetry = match logging_common::telemetry::init(
+        "logging-agent",
+        &config.log_level,
+        &config.log_format,
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("logging-agent: configuration error: {error}");
+            std::process::exit(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,12 +1,10 @@
 //! `logging-aggregator`: reads the configuration and runs the service until SIGTERM/SIGINT.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Parser;
 use logging_aggregator::app;
 use logging_aggregator::config::Config;
-use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -44,23 +42,6 @@ enum Command {
     /// API_TOKENS is unset), for containers without a shell:
     /// `kubectl exec logging-aggregator-0 -- logging-aggregator admin-token`.
     AdminToken,
-}
-
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match config.log_format.as_str() {
-        "json" => true,
-        "text" => false,
-        _ => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn wait_for_signal() {
@@ -127,7 +108,17 @@ async fn run() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    init_logging(&config);
+    let _telemetry = match logging_common::telemetry::init(
+        "logging-aggregator",
+        &config.log_level,
+        &config.log_format,
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("logging-aggregator: configuration error: {error}");
+            std::process::exit(2);
+        }
+    };
     let running = match app::start(config).await {
         Ok(running) => running,
         Err(app::StartError::Config(error)) => {

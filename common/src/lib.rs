@@ -8,6 +8,7 @@ pub mod id;
 pub mod level;
 pub mod model;
 pub mod parse;
+pub mod telemetry;
 pub mod timestamp;
 pub mod tls;
 pub mod validate;
