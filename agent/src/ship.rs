@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::checkpoint::{Checkpoints, Mark};
 
@@ -32,6 +33,48 @@ pub struct Batch {
     pub raw_bytes: usize,
     /// Positions to checkpoint once acknowledged.
     pub marks: Vec<Mark>,
+    /// The batch's trace span: from the cut to the checkpoint (see [`Batch::span`]).
+    pub span: tracing::Span,
+}
+
+/// At most this many positions are named on a batch's span (a batch can cover every file).
+const SPAN_MARKS: usize = 16;
+
+impl Batch {
+    /// The span of one shipped batch (cut → compress → send → acknowledge), with the files
+    /// and offsets (or socket sequences) it covers. A `debug` span: it exists only when
+    /// traces are exported (see `logging_common::telemetry`).
+    pub fn span(sequence: u64, entries: usize, raw_bytes: usize, marks: &[Mark]) -> tracing::Span {
+        let span = tracing::debug_span!(
+            "ship batch",
+            batch = sequence,
+            entries,
+            bytes.uncompressed = raw_bytes,
+            log.positions = tracing::field::Empty,
+            log.positions.count = marks.len(),
+        );
+        if !span.is_disabled() && !marks.is_empty() {
+            let mut positions = String::new();
+            for mark in marks.iter().take(SPAN_MARKS) {
+                if !positions.is_empty() {
+                    positions.push_str(", ");
+                }
+                match mark {
+                    Mark::File(file) => {
+                        positions.push_str(&format!("{}@{}", file.path.display(), file.offset))
+                    }
+                    Mark::Socket { name, sequence } => {
+                        positions.push_str(&format!("{name}#{sequence}"))
+                    }
+                }
+            }
+            if marks.len() > SPAN_MARKS {
+                positions.push_str(&format!(", … {} more", marks.len() - SPAN_MARKS));
+            }
+            span.record("log.positions", positions);
+        }
+        span
+    }
 }
 
 /// Compresses NDJSON for the wire.
@@ -81,7 +124,7 @@ impl Shipper {
     /// Sends batches as they come, until the channel closes and all are acknowledged.
     pub async fn run(self: Arc<Self>, mut batches: mpsc::Receiver<Batch>) {
         let mut sending = JoinSet::new();
-        let mut done: BTreeMap<u64, (Vec<Mark>, usize)> = BTreeMap::new();
+        let mut done: BTreeMap<u64, (Vec<Mark>, usize, tracing::Span)> = BTreeMap::new();
         let mut next_to_record = None::<u64>;
         let mut open = true;
         while open || !sending.is_empty() {
@@ -90,23 +133,30 @@ impl Shipper {
                     Some(batch) => {
                         next_to_record.get_or_insert(batch.sequence);
                         let this = self.clone();
+                        let span = batch.span.clone();
                         sending.spawn(async move {
                             let sequence = batch.sequence;
                             let marks = batch.marks.clone();
                             let raw = batch.raw_bytes;
+                            let span = batch.span.clone();
                             this.deliver(batch).await;
-                            (sequence, marks, raw)
-                        });
+                            (sequence, marks, raw, span)
+                        }.instrument(span));
                     }
                     None => open = false,
                 },
                 Some(finished) = sending.join_next(), if !sending.is_empty() => {
-                    let Ok((sequence, marks, raw)) = finished else { continue };
-                    done.insert(sequence, (marks, raw));
+                    let Ok((sequence, marks, raw, span)) = finished else { continue };
+                    done.insert(sequence, (marks, raw, span));
                     // Record positions in order: only a prefix of acknowledged batches.
                     while let Some(next) = next_to_record {
-                        let Some((marks, raw)) = done.remove(&next) else { break };
-                        self.checkpoints.acknowledge(&marks);
+                        let Some((marks, raw, span)) = done.remove(&next) else { break };
+                        span.in_scope(|| {
+                            let _acknowledge = tracing::debug_span!("acknowledge", positions = marks.len()).entered();
+                            self.checkpoints.acknowledge(&marks);
+                        });
+                        // The batch span ends here, with its last clone.
+                        drop(span);
                         self.state.in_flight_bytes.fetch_sub(raw, Ordering::AcqRel);
                         next_to_record = Some(next + 1);
                     }
@@ -135,6 +185,12 @@ impl Shipper {
                 if rejected > 0 {
                     metrics::counter!("logging_agent_entries_rejected_total").increment(rejected);
                 }
+                tracing::debug!(
+                    batch = batch.sequence,
+                    accepted,
+                    duplicates,
+                    "the aggregator acknowledged a batch"
+                );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -153,17 +209,44 @@ impl Shipper {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
         Box::pin(async move {
             let mut backoff = BACKOFF_START;
+            let mut attempt = 0u32;
             loop {
                 let started = Instant::now();
-                let sent = self
+                let sending = tracing::debug_span!(
+                    "send",
+                    otel.kind = "client",
+                    http.request.method = "POST",
+                    url.full = %self.url,
+                    bytes.compressed = body.len(),
+                    retry = attempt,
+                    http.response.status_code = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                );
+                let mut request = self
                     .client
                     .post(&self.url)
                     .header("content-type", "application/x-ndjson")
                     .header("content-encoding", "zstd")
-                    .header("x-batch-id", sequence.to_string())
+                    .header("x-batch-id", sequence.to_string());
+                // W3C Trace Context: the aggregator's ingest span joins this trace.
+                for (name, value) in logging_common::telemetry::trace_headers(&sending) {
+                    request = request.header(name, value);
+                }
+                attempt += 1;
+                let sent = request
                     .body(body.to_vec())
                     .send()
+                    .instrument(sending.clone())
                     .await;
+                match &sent {
+                    Ok(response) => {
+                        sending.record("http.response.status_code", response.status().as_u16());
+                    }
+                    Err(error) => {
+                        sending.record("error.type", tracing::field::display(error));
+                    }
+                }
+                drop(sending);
                 let wait = match sent {
                     Ok(response) if response.status() == StatusCode::OK => {
                         metrics::histogram!("logging_agent_batch_seconds")

@@ -511,12 +511,25 @@ impl Tailer {
             return;
         }
         let ndjson = std::mem::take(&mut self.batch);
+        let span = Batch::span(self.next_sequence, self.batch_entries, ndjson.len(), &marks);
+        let body = span.in_scope(|| {
+            let compressing = tracing::debug_span!(
+                "compress",
+                bytes.uncompressed = ndjson.len(),
+                bytes.compressed = tracing::field::Empty
+            );
+            let _entered = compressing.enter();
+            let body = compress(&ndjson);
+            compressing.record("bytes.compressed", body.len());
+            body
+        });
         let batch = Batch {
             sequence: self.next_sequence,
-            body: compress(&ndjson),
+            body,
             entries: self.batch_entries,
             raw_bytes: ndjson.len(),
             marks,
+            span,
         };
         self.next_sequence += 1;
         self.batch_entries = 0;

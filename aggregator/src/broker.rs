@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::db::AuditFilter;
 use crate::db::Database;
@@ -285,7 +286,28 @@ impl Publisher {
     pub async fn publish(&self, event: &str, id: &str, payload: Bytes) -> Result<(), String> {
         let mut last = String::new();
         for attempt in 1..=self.settings.attempts {
-            match self.try_publish(event, id, payload.clone()).await {
+            let publishing = tracing::debug_span!(
+                "broker publish",
+                otel.kind = "producer",
+                messaging.system = match self.settings.kind {
+                    Kind::Nats => "nats",
+                    Kind::Amqp => "rabbitmq",
+                },
+                event,
+                id,
+                bytes = payload.len(),
+                retry = attempt - 1,
+                error.type = tracing::field::Empty,
+            );
+            let published = self
+                .try_publish(event, id, payload.clone())
+                .instrument(publishing.clone())
+                .await;
+            if let Err(error) = &published {
+                publishing.record("error.type", error.as_str());
+            }
+            drop(publishing);
+            match published {
                 Ok(()) => {
                     metrics::counter!("logging_aggregator_broker_events_total", "event" => event.to_string())
                         .increment(1);

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use logging_common::{Alert, AlertSeverity, AlertStatus, Timestamp};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::evaluator::{Evaluation, ForgetList, GroupResult};
@@ -64,6 +65,9 @@ pub struct Manager {
     wake_dispatcher: Arc<Notify>,
     forget: ForgetList,
     gauges: HashSet<(String, &'static str)>,
+    round: Round,
+    /// The current round's span, once it changed something; and its transitions so far.
+    round_span: Option<(tracing::Span, usize)>,
 }
 
 fn severity_name(severity: AlertSeverity) -> &'static str {
@@ -166,7 +170,17 @@ fn new_record(rule: &Rule, group: &GroupResult, now: Timestamp) -> AlertRecord {
         resolved_by: None,
         evaluated_at: now,
         group_key: group.key.clone(),
+        trace_id: None,
+        span_id: None,
     }
+}
+
+/// What a round of changes to alerts is, for its trace span; the span is made only once the
+/// round changes something, so quiet evaluation rounds leave no trace.
+#[derive(Clone, Copy)]
+enum Round {
+    Evaluation { rules: usize },
+    Command(&'static str),
 }
 
 impl Manager {
@@ -206,6 +220,8 @@ impl Manager {
             wake_dispatcher,
             forget,
             gauges: HashSet::new(),
+            round: Round::Command("start"),
+            round_span: None,
         };
         manager.update_gauges();
         Ok(manager)
@@ -233,8 +249,57 @@ impl Manager {
         }
     }
 
-    /// Writes an alert and the notifications of `event` (none when `event` is `None`).
-    async fn save(&self, record: &AlertRecord, event: Option<&str>) -> Result<(), DbError> {
+    /// The span of the current round, made at its first change.
+    fn round_span(&mut self) -> tracing::Span {
+        let round = self.round;
+        let (span, transitions) = self.round_span.get_or_insert_with(|| {
+            let span = match round {
+                Round::Evaluation { rules } => tracing::debug_span!(
+                    parent: None,
+                    "alert evaluation",
+                    alert.rules = rules,
+                    alert.transitions = tracing::field::Empty,
+                ),
+                Round::Command(command) => tracing::debug_span!(
+                    parent: None,
+                    "alert command",
+                    command,
+                    alert.transitions = tracing::field::Empty,
+                ),
+            };
+            (span, 0)
+        });
+        *transitions += 1;
+        span.record("alert.transitions", *transitions);
+        span.clone()
+    }
+
+    /// Starts a round of changes of the kind `round`.
+    fn begin_round(&mut self, round: Round) {
+        self.round = round;
+        self.round_span = None;
+    }
+
+    /// Writes an alert and the notifications of `event` (none when `event` is `None`); a
+    /// notified transition records its trace on the alert, which the notifications carry.
+    async fn save(&mut self, record: &mut AlertRecord, event: Option<&str>) -> Result<(), DbError> {
+        let round = self.round_span();
+        let transition = tracing::debug_span!(
+            parent: &round,
+            "alert transition",
+            alert.id = %record.alert.id,
+            alert.rule = %record.rule,
+            alert.status = status_name(record.alert.status),
+            alert.value = record.alert.current_value,
+            event = event.unwrap_or("update"),
+            notifications = if event.is_some() { self.channels.len() } else { 0 },
+        );
+        if event.is_some() {
+            let ids = logging_common::telemetry::sampled_ids(&transition);
+            record.trace_id = ids.as_ref().map(|(trace, _)| trace.clone());
+            record.span_id = ids.map(|(_, span)| span);
+        }
+        let record = &*record;
         let payload = serde_json::to_string(record).unwrap_or_default();
         let notifications: Vec<NewNotification> = match event {
             Some(event) => self
@@ -251,7 +316,10 @@ impl Manager {
                 .collect(),
             None => Vec::new(),
         };
-        self.db.save_alert(&row_of(record), &notifications).await?;
+        self.db
+            .save_alert(&row_of(record), &notifications)
+            .instrument(transition)
+            .await?;
         if !notifications.is_empty() {
             self.wake_dispatcher.notify_one();
         }
@@ -289,7 +357,7 @@ impl Manager {
         record.alert.updated_at = now;
         record.resolution = Some(resolution);
         record.resolved_by = by;
-        if let Err(error) = self.save(&record, Some(RESOLVED)).await {
+        if let Err(error) = self.save(&mut record, Some(RESOLVED)).await {
             self.open.insert(key.clone(), record);
             return Err(error);
         }
@@ -301,6 +369,9 @@ impl Manager {
     /// One round of readings.
     pub async fn apply(&mut self, evaluation: Evaluation) {
         let now = evaluation.at;
+        self.begin_round(Round::Evaluation {
+            rules: evaluation.rules.len(),
+        });
         metrics::counter!("logging_aggregator_alert_evaluations_total").increment(1);
         let mut seen: HashSet<Key> = HashSet::new();
         let mut evaluated: HashSet<Uuid> = HashSet::new();
@@ -337,6 +408,8 @@ impl Manager {
             }
         }
         self.update_gauges();
+        // The round's span (if it changed anything) ends here.
+        self.round_span = None;
     }
 
     async fn reading(
@@ -371,7 +444,7 @@ impl Manager {
                 } else {
                     None
                 };
-                self.save(&record, event).await?;
+                self.save(&mut record, event).await?;
                 self.open.insert(key, record);
             }
             Some(mut record) => {
@@ -387,7 +460,7 @@ impl Manager {
                 }
                 if changed || event.is_some() {
                     record.alert.updated_at = now;
-                    self.save(&record, event).await?;
+                    self.save(&mut record, event).await?;
                 }
                 self.open.insert(key, record);
             }
@@ -398,9 +471,11 @@ impl Manager {
     async fn handle(&mut self, command: Command) {
         match command {
             Command::Acknowledge { id, by, reply } => {
+                self.begin_round(Round::Command("acknowledge"));
                 let _ = reply.send(self.acknowledge(id, by).await);
             }
             Command::Resolve { id, by, reply } => {
+                self.begin_round(Round::Command("resolve"));
                 let _ = reply.send(self.resolve_by_hand(id, by).await);
             }
             Command::Delivered { alert_id, event } => {
@@ -411,6 +486,7 @@ impl Manager {
                 }
             }
         }
+        self.round_span = None;
     }
 
     fn key_of(&self, id: Uuid) -> Option<Key> {
@@ -452,8 +528,8 @@ impl Manager {
         record.acknowledged_at = Some(now);
         record.acknowledged_by = Some(by);
         record.alert.updated_at = now;
-        let record = record.clone();
-        self.save(&record, None).await?;
+        let mut record = record.clone();
+        self.save(&mut record, None).await?;
         self.update_gauges();
         Ok(record)
     }

@@ -227,6 +227,14 @@ pub struct AlertRecord {
     pub evaluated_at: Timestamp,
     /// The group's key, as the evaluator names it.
     pub group_key: String,
+    /// The trace of the evaluation (or command) that made its last notified transition, when
+    /// traces are exported and it was sampled: notifications carry it, so an alert leads to
+    /// the trace that fired it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// That transition's span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 impl AlertRecord {

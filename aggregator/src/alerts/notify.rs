@@ -21,6 +21,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use logging_common::{AlertStatus, Timestamp};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, watch};
+use tracing::Instrument;
 
 use super::AlertRecord;
 use super::manager::{Command, RESOLVED};
@@ -273,8 +274,12 @@ impl Channels {
         } else {
             format!(" [{group}]")
         };
+        let trace = alert
+            .trace_id
+            .as_ref()
+            .map_or(String::new(), |id| format!(" (trace {id})"));
         format!(
-            "[{state}] {} ({:?}){group}: {} — value {}, threshold {}",
+            "[{state}] {} ({:?}){group}: {} — value {}, threshold {}{trace}",
             alert.rule,
             alert.alert.severity,
             alert.alert.condition,
@@ -298,6 +303,9 @@ impl Channels {
         annotations.insert("description".into(), json!(alert.alert.description));
         annotations.insert("condition".into(), json!(alert.alert.condition));
         annotations.insert("value".into(), json!(alert.alert.current_value.to_string()));
+        if let Some(trace_id) = &alert.trace_id {
+            annotations.insert("trace_id".into(), json!(trace_id));
+        }
         for (k, v) in &alert.annotations {
             annotations.insert(k.clone(), json!(v));
         }
@@ -374,7 +382,7 @@ impl Channels {
             } => {
                 let subject = Self::one_line(&row.event, &alert);
                 let text = format!(
-                    "{subject}\n\nRule: {}\nDescription: {}\nCondition: {}\nValue: {}\nThreshold: {}\nGroup: {:?}\nSeverity: {:?}\nTriggered at: {}\nResolved at: {}\nAlert: {}/api/alerts/{}\nNotification: {key}\n",
+                    "{subject}\n\nRule: {}\nDescription: {}\nCondition: {}\nValue: {}\nThreshold: {}\nGroup: {:?}\nSeverity: {:?}\nTriggered at: {}\nResolved at: {}\nAlert: {}/api/alerts/{}\nNotification: {key}\n{}",
                     alert.rule,
                     alert.alert.description,
                     alert.alert.condition,
@@ -392,6 +400,10 @@ impl Channels {
                         .map_or("-".into(), |t| t.to_rfc3339()),
                     self.external_url,
                     alert.alert.id,
+                    alert
+                        .trace_id
+                        .as_ref()
+                        .map_or(String::new(), |id| format!("Trace: {id}\n")),
                 );
                 let mut message = Message::builder()
                     .from(from.clone())
@@ -432,6 +444,36 @@ impl Channels {
             }
         }
     }
+}
+
+/// The span of one notification attempt, in the trace of the transition that caused it (the
+/// alert's `trace_id`/`span_id`, kept in the notification's payload).
+fn notification_span(row: &NotificationRow) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "alert notification",
+        otel.kind = "client",
+        alert.id = %row.alert_id,
+        channel = %row.channel,
+        event = %row.event,
+        retry = row.attempts,
+        error.type = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    #[derive(serde::Deserialize)]
+    struct Traced {
+        trace_id: Option<String>,
+        span_id: Option<String>,
+    }
+    if let Ok(Traced {
+        trace_id: Some(trace),
+        span_id: Some(parent),
+    }) = serde_json::from_str::<Traced>(&row.payload)
+    {
+        logging_common::telemetry::continue_trace(&span, &format!("00-{trace}-{parent}-01"), None);
+    }
+    span
 }
 
 async fn accepted(url: &str, response: reqwest::Response) -> Result<(), String> {
@@ -534,10 +576,17 @@ impl Dispatcher {
             let mut sends = tokio::task::JoinSet::new();
             for row in due {
                 let channels = self.channels.clone();
-                sends.spawn(async move {
-                    let result = channels.send(&row).await;
-                    (row, result)
-                });
+                let span = notification_span(&row);
+                sends.spawn(
+                    async move {
+                        let result = channels.send(&row).await;
+                        if let Err(error) = &result {
+                            tracing::Span::current().record("error.type", error.as_str());
+                        }
+                        (row, result)
+                    }
+                    .instrument(span),
+                );
             }
             let mut delivered = Vec::new();
             let mut failed_any = false;

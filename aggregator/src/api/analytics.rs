@@ -76,6 +76,7 @@ pub async fn analytics(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    tracing::Span::current().record("query.kind", "analytics");
     let mut params = Params::parse(query.as_deref());
     let mut filter = log_filter(&mut params, true)?;
     let end = filter.end.unwrap_or_else(Timestamp::now);

@@ -294,6 +294,7 @@ async fn run_search(
     with_text: bool,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    tracing::Span::current().record("query.kind", if with_text { "search" } else { "list" });
     let mut params = Params::parse(query.as_deref());
     let filter = log_filter(&mut params, with_text)?;
     let limit = params.take_limit()?;

@@ -243,6 +243,7 @@ pub async fn query_range(
 ) -> Response {
     answer(async move {
         let expr = params.query()?;
+        record_query_kind(&expr);
         let (start, end) = params.range(DEFAULT_RANGE)?;
         let limit = limit(&params)?;
         let order = direction(&params)?;
@@ -271,6 +272,16 @@ pub async fn query_range(
     .await
 }
 
+/// Names the LogQL query's kind on the request's trace span.
+fn record_query_kind(expr: &Expr) {
+    let kind = if matches!(expr, Expr::Log(_)) {
+        "logql_log"
+    } else {
+        "logql_metric"
+    };
+    tracing::Span::current().record("query.kind", kind);
+}
+
 /// `GET|POST /loki/api/v1/query`: a metric query at one instant.
 pub async fn query_instant(
     State(state): State<SharedState>,
@@ -279,6 +290,7 @@ pub async fn query_instant(
 ) -> Response {
     answer(async move {
         let expr = params.query()?;
+        record_query_kind(&expr);
         let time = params.time("time", Timestamp::now().as_nanos())?;
         if matches!(expr, Expr::Log(_)) {
             return Err(bad(

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -204,7 +206,13 @@ async fn track_requests(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or("unmatched".to_string(), |p| p.as_str().to_string());
     let method = request.method().as_str().to_string();
-    let response = next.run(request).await;
+    let span = request_span(&request, &method, &route);
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    drop(span);
     let status = response.status().as_u16().to_string();
     metrics::counter!("logging_aggregator_http_requests_total",
         "method" => method.clone(), "route" => route.clone(), "status" => status)
@@ -213,6 +221,31 @@ async fn track_requests(request: Request, next: Next) -> Response {
         "method" => method, "route" => route)
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The trace span of one API request (a `debug` span: only when traces are exported). A
+/// caller's W3C `traceparent` makes it a child of the caller's span. Handlers record
+/// `query.kind` on it (`tracing::Span::current()`).
+fn request_span(request: &Request, method: &str, route: &str) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "request",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        query.kind = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    span.record("otel.name", format!("{method} {route}"));
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(traceparent) = header("traceparent") {
+        logging_common::telemetry::continue_trace(&span, traceparent, header("tracestate"));
+    }
+    span
 }
 
 fn caller_from(

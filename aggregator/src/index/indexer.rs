@@ -291,8 +291,17 @@ impl Indexer {
             let writer = self.writer(day)?;
             let from = writer.memory_from.unwrap_or(writer.committed);
             let partition = writer.partition.clone();
+            let refreshing = tracing::debug_span!(
+                "index refresh",
+                day = %super::day_name(day),
+                entries = writer.rows,
+                bytes = writer.bytes,
+                wal.from = from,
+                wal.to = position,
+            );
             let started = Instant::now();
-            flush(&partition, from, position, self.options.write)?;
+            refreshing.in_scope(|| flush(&partition, from, position, self.options.write))?;
+            drop(refreshing);
             let writer = self.writer(day)?;
             tracing::debug!(day = %super::day_name(day), rows = writer.rows, seconds = started.elapsed().as_secs_f64(), "flushed a part");
             metrics::histogram!("logging_aggregator_index_refresh_seconds")

@@ -9,6 +9,7 @@ pub mod listener;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log_entry};
 use logging_common::{Context, LogEntry, LogLevel, Timestamp};
@@ -306,21 +307,30 @@ impl Ingest {
         let mut entries = Vec::with_capacity(raws.len());
         let mut splice = Vec::with_capacity(raws.len());
         let mut positions = Vec::with_capacity(raws.len());
-        for (i, raw) in raws.iter().enumerate() {
-            match self.prepare(raw, now, agent) {
-                Ok((entry, needs_agent)) => {
-                    positions.push(i);
-                    entries.push(entry);
-                    splice.push(needs_agent);
+        let validating = tracing::debug_span!(
+            "validate",
+            entries = raws.len(),
+            rejected = tracing::field::Empty
+        );
+        validating.in_scope(|| {
+            for (i, raw) in raws.iter().enumerate() {
+                match self.prepare(raw, now, agent) {
+                    Ok((entry, needs_agent)) => {
+                        positions.push(i);
+                        entries.push(entry);
+                        splice.push(needs_agent);
+                    }
+                    Err(error) => rejected.push(Rejection {
+                        index: i,
+                        error: error.to_string(),
+                        errors: error.errors,
+                        too_large: error.too_large,
+                    }),
                 }
-                Err(error) => rejected.push(Rejection {
-                    index: i,
-                    error: error.to_string(),
-                    errors: error.errors,
-                    too_large: error.too_large,
-                }),
             }
-        }
+        });
+        validating.record("rejected", rejected.count);
+        drop(validating);
         if rejected.count > 0 {
             metrics::counter!("logging_aggregator_rejected_entries_total")
                 .increment(rejected.count as u64);
@@ -339,8 +349,22 @@ impl Ingest {
         let volume = VolumeCounts::of(&entries);
         drop(entries);
         let entry_ids = batch.ids.clone();
-        let appended = self.wal.append(batch).await?;
+        let appending = tracing::debug_span!(
+            "wal append",
+            entries = entry_ids.len(),
+            bytes = batch.json.len(),
+            duplicates = tracing::field::Empty,
+            wal.group.requests = tracing::field::Empty,
+            wal.group.bytes = tracing::field::Empty,
+            wal.group.seconds = tracing::field::Empty,
+        );
+        let appended = self.wal.append(batch).instrument(appending.clone()).await?;
         let duplicates = appended.duplicates.iter().filter(|d| d.is_some()).count();
+        appending.record("duplicates", duplicates);
+        appending.record("wal.group.requests", appended.group.requests);
+        appending.record("wal.group.bytes", appended.group.bytes);
+        appending.record("wal.group.seconds", appended.group.seconds);
+        drop(appending);
         let accepted = entry_ids.len() - duplicates;
         let mut already_stored = vec![false; raws.len()];
         for ((position, id), duplicate) in positions

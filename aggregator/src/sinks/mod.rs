@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::wal::{Wal, WalReader};
 
@@ -181,7 +182,9 @@ impl<S: Sink> Runner<S> {
                 continue;
             }
             // A record is never split: a batch may exceed BATCH_ENTRIES by one record's worth.
-            if !self.deliver(&lines).await {
+            let delivery =
+                tracing::debug_span!("sink delivery", sink = name, entries = lines.len(), bytes,);
+            if !self.deliver(&lines).instrument(delivery).await {
                 return; // stopping: the cursor stays before this batch
             }
             if let Err(error) = self.reader.commit(end) {
@@ -197,14 +200,34 @@ impl<S: Sink> Runner<S> {
         let name = self.sink.name();
         let mut pending: Vec<usize> = (0..lines.len()).collect();
         let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 0u32;
         while !pending.is_empty() {
             let batch: Vec<Bytes> = pending.iter().map(|&i| lines[i].clone()).collect();
+            let sending = tracing::debug_span!(
+                "sink send",
+                otel.kind = "client",
+                sink = name,
+                entries = batch.len(),
+                retry = attempt,
+                outcome = tracing::field::Empty,
+            );
+            attempt += 1;
             // A stop does not wait out a slow engine: the request is dropped, the cursor
             // stays before the batch, and it is sent again after the restart.
             let outcome = tokio::select! {
-                outcome = self.sink.send(&batch) => outcome,
+                outcome = self.sink.send(&batch).instrument(sending.clone()) => outcome,
                 () = stopped(self.stop.clone()) => return false,
             };
+            sending.record(
+                "outcome",
+                match &outcome {
+                    Outcome::Delivered => "delivered",
+                    Outcome::Retry(_) => "retry",
+                    Outcome::Rejected(_) => "rejected",
+                    Outcome::Partial { .. } => "partial",
+                },
+            );
+            drop(sending);
             let error = match outcome {
                 Outcome::Delivered => {
                     self.delivered(batch.len());
@@ -279,6 +302,13 @@ impl<S: Sink> Runner<S> {
             return;
         }
         let name = self.sink.name();
+        let _dead_letters = tracing::debug_span!(
+            "dead letter",
+            sink = name,
+            entries = rejected.len(),
+            file = %self.dead_letter.display(),
+        )
+        .entered();
         let mut out = Vec::new();
         for (i, reason) in rejected {
             let Some(line) = batch.get(*i) else { continue };

@@ -149,6 +149,19 @@ pub struct Appended {
     pub duplicates: Vec<Option<u64>>,
     /// The highest LSN a reader must pass to see every entry of the batch (new or duplicate).
     pub visible_after: u64,
+    /// The group commit that made it durable.
+    pub group: GroupCommit,
+}
+
+/// One group commit, as a request that waited for it sees it (for its trace span).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupCommit {
+    /// Requests that shared the write and its fsync.
+    pub requests: usize,
+    /// Bytes written.
+    pub bytes: usize,
+    /// From the group's start to its replies (write and fsync).
+    pub seconds: f64,
 }
 
 enum Job {
@@ -709,6 +722,11 @@ impl Writer {
         }
 
         let end = self.active_start + self.active_len;
+        let group = GroupCommit {
+            requests: prepared.len(),
+            bytes: buf.len(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
         let mut replies = Vec::with_capacity(prepared.len());
         {
             let mut state = self.shared.lock();
@@ -727,6 +745,7 @@ impl Writer {
                     Appended {
                         duplicates: p.duplicates,
                         visible_after,
+                        group,
                     },
                 ));
             }
