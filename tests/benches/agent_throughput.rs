@@ -115,19 +115,6 @@ fn write_pod_bodies(root: &Path, files: usize, lines: usize, bodies: Bodies) -> 
     bytes
 }
 
-async fn stored(aggregator: &AggregatorProcess) -> u64 {
-    let Ok(response) = http_client()
-        .get(format!("{}/api/logs/stats", aggregator.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-    else {
-        return 0;
-    };
-    let stats: Value = response.json().await.unwrap_or_default();
-    stats["entries"].as_u64().unwrap_or(0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let lines: usize = std::env::var("BENCH_LINES")
@@ -204,7 +191,7 @@ async fn main() {
         let uncompressed = agent
             .metric("logging_agent_sent_uncompressed_bytes_total")
             .await;
-        while stored(&aggregator).await < lines as u64 {
+        while aggregator.stored_entries().await < lines as u64 {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         println!();

@@ -121,6 +121,28 @@ impl AggregatorProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The sum of a metric's samples (over all label sets) on the aggregator's `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let request = http_client()
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        metric_sum(request, name).await
+    }
+
+    /// The entries the store holds (`/api/logs/stats`), 0 while it does not answer.
+    pub async fn stored_entries(&self) -> u64 {
+        let Ok(response) = http_client()
+            .get(format!("{}/api/logs/stats", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+        else {
+            return 0;
+        };
+        let stats: serde_json::Value = response.json().await.unwrap_or_default();
+        stats["entries"].as_u64().unwrap_or(0)
+    }
+
     /// The development certificates it generated, for an agent.
     pub fn certs_dir(&self) -> PathBuf {
         self.data_dir.join("certs")
@@ -205,6 +227,18 @@ fn spawn(
     }
     adjust(&mut command);
     command.spawn().expect("start logging-aggregator")
+}
+
+/// The sum of a metric's samples in the Prometheus text `request` answers (0 if it fails).
+async fn metric_sum(request: reqwest::RequestBuilder, name: &str) -> f64 {
+    let Ok(response) = request.send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// An agent process.
@@ -296,18 +330,8 @@ impl AgentProcess {
 
     /// The sum of a metric's samples (over all label sets) on the agent's `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let Ok(response) = http_client()
-            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .send()
-            .await
-        else {
-            return 0.0;
-        };
-        let text = response.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        metric_sum(http_client().get(url), name).await
     }
 
     /// Resident memory, in KiB, from /proc.

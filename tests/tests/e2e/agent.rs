@@ -16,7 +16,7 @@ fn now_rfc3339() -> String {
 }
 
 /// Appends CRI lines whose bodies are JSON carrying a sequence number.
-fn write_cri(path: &Path, from: u64, to: u64) {
+pub(crate) fn write_cri(path: &Path, from: u64, to: u64) {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -32,7 +32,7 @@ fn write_cri(path: &Path, from: u64, to: u64) {
     file.write_all(text.as_bytes()).unwrap();
 }
 
-fn pod_log(root: &Path, container: &str, restart: u32) -> PathBuf {
+pub(crate) fn pod_log(root: &Path, container: &str, restart: u32) -> PathBuf {
     let dir = root.join("var/log/pods").join(POD).join(container);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(format!("{restart}.log"))

@@ -5,3 +5,4 @@ mod config;
 mod durability;
 mod hostile;
 mod manifests;
+mod tracing;
