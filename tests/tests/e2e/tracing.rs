@@ -296,10 +296,14 @@ async fn one_trace_joins_the_agents_batch_the_ingest_and_the_alert_it_fired() {
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
     let mut env = otel.to_vec();
-    // A Loki sink that is not there: its delivery attempts are spans too.
+    // A Loki sink that is not there, and NATS JetStream (on this machine and in CI) on a
+    // topic of this run's own: their delivery attempts and publishes are spans too.
     let dead_loki = format!("http://127.0.0.1:{}", logging_tests::free_port());
+    let topic = format!("tracing_e2e_{}", std::process::id());
     env.extend([
         ("LOKI_URL", dead_loki.as_str()),
+        ("BROKER_URL", "nats://127.0.0.1:4222"),
+        ("BROKER_TOPIC", topic.as_str()),
         ("CONFIG_FILE", config.as_str()),
         ("INDEX_REFRESH_INTERVAL_MS", "100"),
         ("LOG_LEVEL", "info,logging_aggregator=debug"),
@@ -394,6 +398,31 @@ async fn one_trace_joins_the_agents_batch_the_ingest_and_the_alert_it_fired() {
         .await;
     assert_eq!(attr(&retried, "sink").as_deref(), Some("loki"));
     assert_eq!(attr(&retried, "outcome").as_deref(), Some("retry"));
+    let (publish, delivered) = collector
+        .wait_for(
+            "a log.ingested publish under the broker sink's send",
+            |spans| {
+                let publish = find(spans, "logging-aggregator", "broker publish")
+                    .into_iter()
+                    .find(|s| attr(s, "event").as_deref() == Some("log.ingested"))?
+                    .clone();
+                let send = spans
+                    .iter()
+                    .map(|r| &r.span)
+                    .find(|s| s.span_id == publish.parent_span_id && s.name == "sink send")?
+                    .clone();
+                Some((publish, send))
+            },
+        )
+        .await;
+    assert_eq!(attr(&publish, "messaging.system").as_deref(), Some("nats"));
+    assert_eq!(attr(&publish, "retry").as_deref(), Some("0"));
+    assert_eq!(attr(&delivered, "sink").as_deref(), Some("broker"));
+    assert_eq!(attr(&delivered, "outcome").as_deref(), Some("delivered"));
+    let nats = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let _ = async_nats::jetstream::new(nats)
+        .delete_stream(topic.to_uppercase())
+        .await;
     assert!(
         collector
             .headers
