@@ -629,10 +629,28 @@ impl Worker {
 /// standard variables, which the exporter reads itself.
 fn build_exporter(protocol: Protocol) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
     let built = match protocol {
-        Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_protocol(opentelemetry_otlp::Protocol::Grpc)
-            .build(),
+        Protocol::Grpc => {
+            let builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_protocol(opentelemetry_otlp::Protocol::Grpc);
+            // gRPC over TLS trusts the system's roots, as HTTPS does (the exporter's default
+            // TLS configuration trusts none).
+            let endpoint = [
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
+            if endpoint.is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("https://")) {
+                use opentelemetry_otlp::WithTonicConfig;
+                use opentelemetry_otlp::tonic_types::transport::ClientTlsConfig;
+                builder
+                    .with_tls_config(ClientTlsConfig::new().with_enabled_roots())
+                    .build()
+            } else {
+                builder.build()
+            }
+        }
         Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)

@@ -198,21 +198,38 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Counts requests and their latency per route, method and status.
-async fn track_requests(request: Request, next: Next) -> Response {
-    let started = Instant::now();
+/// The matched route (`/api/logs/{id}`, or `unmatched`) and the method of a request.
+fn route_and_method(request: &Request) -> (String, String) {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().as_str().to_string();
-    let span = request_span(&request, &method, &route);
+    (route, request.method().as_str().to_string())
+}
+
+/// Runs the request inside its trace span (see [`request_span`]).
+async fn traced(request: Request, next: Next, method: &str, route: &str) -> Response {
+    let span = request_span(&request, method, route);
     let response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     if response.status().is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    drop(span);
+    response
+}
+
+/// Traces requests without counting them (OTLP/gRPC, whose outcome is in the trailers and
+/// which the HTTP metrics have never covered).
+pub(crate) async fn trace_requests(request: Request, next: Next) -> Response {
+    let (route, method) = route_and_method(&request);
+    traced(request, next, &method, &route).await
+}
+
+/// Counts requests and their latency per route, method and status, and traces them.
+async fn track_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let (route, method) = route_and_method(&request);
+    let response = traced(request, next, &method, &route).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("logging_aggregator_http_requests_total",
         "method" => method.clone(), "route" => route.clone(), "status" => status)

@@ -874,6 +874,7 @@ pub fn grpc_router(state: SharedState) -> axum::Router {
     let max_body = state.config.max_request_bytes;
     axum::Router::new()
         .route(GRPC_EXPORT, axum::routing::post(export_grpc))
+        .layer(axum::middleware::from_fn(super::trace_requests))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -9,12 +9,12 @@ pub mod listener;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::Instrument;
 
 use logging_common::validate::{EntryError, EntryLimits, FieldError, validate_log_entry};
 use logging_common::{Context, LogEntry, LogLevel, Timestamp};
 use parking_lot::Mutex;
 use serde::Serialize;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::index::LogIndex;
