@@ -33,15 +33,15 @@ use std::time::Duration;
 
 use logging_common::Timestamp;
 use rmpv::Value;
-use serde_json::Value as Json;
 use sha2::{Digest, Sha512};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
-use crate::api::SharedState;
 use crate::api::elastic::{Origin, document_entry};
+use crate::api::{SharedState, push_json};
 use crate::ingest::IngestError;
 
 /// Deepest MessagePack a message may nest.
@@ -118,7 +118,9 @@ async fn connection(
             force = false;
             while let Some(message) = next_message(&mut buffer)? {
                 patience = FIRST_PAUSE;
-                let ack = handle(state, message).await?;
+                // Each message is an ingest request of its own (a trace of its own).
+                let span = tracing::debug_span!("forward message", otel.kind = "server");
+                let ack = handle(state, message).instrument(span).await?;
                 if let Some(chunk) = ack {
                     let mut out = Vec::new();
                     let answer = Value::Map(vec![(Value::from("ack"), Value::from(chunk))]);
@@ -278,6 +280,17 @@ pub fn sha512_hex(parts: &[&[u8]]) -> String {
         .collect()
 }
 
+/// An event's time and record: `[time, record]`, or a record alone (no time).
+fn pair(event: &Value) -> (&Value, &Value) {
+    match event {
+        Value::Array(pair) if pair.len() >= 2 => (&pair[0], &pair[1]),
+        other => (&NIL, other),
+    }
+}
+
+/// What an event without a time or record stands for.
+static NIL: Value = Value::Nil;
+
 /// A string or binary value as text.
 fn text(value: &Value) -> Option<String> {
     match value {
@@ -311,11 +324,9 @@ async fn handle(state: &SharedState, message: Value) -> Result<Option<String>, S
     };
     let chunk = option_text("chunk");
     let limit = state.config.max_request_bytes;
-    let pair = |e: &Value| match e {
-        Value::Array(pair) if pair.len() >= 2 => (pair[0].clone(), pair[1].clone()),
-        other => (Value::Nil, other.clone()),
-    };
-    let events: Vec<(Value, Value)> = match &parts[1] {
+    // The events borrow from the message (or from the entries a packed stream held).
+    let mut packed_entries = Vec::new();
+    let events: Vec<(&Value, &Value)> = match &parts[1] {
         Value::Array(entries) => entries.iter().map(pair).collect(),
         Value::String(_) | Value::Binary(_) => {
             let packed = match &parts[1] {
@@ -340,21 +351,20 @@ async fn handle(state: &SharedState, message: Value) -> Result<Option<String>, S
                 }
                 None => packed,
             };
-            let mut events = Vec::new();
             while let Some(entry) = next_message(&mut buffer)? {
-                events.push(pair(&entry));
+                packed_entries.push(entry);
             }
             if !buffer.is_empty() {
                 return Err("the packed entries end in the middle of one".into());
             }
-            events
+            packed_entries.iter().map(pair).collect()
         }
-        time => vec![(time.clone(), parts.get(2).cloned().unwrap_or(Value::Nil))],
+        time => vec![(time, parts.get(2).unwrap_or(&NIL))],
     };
     let now = Timestamp::now();
     let mut raws = Vec::with_capacity(events.len());
     let mut refused = 0usize;
-    for (time, record) in &events {
+    for &(time, record) in &events {
         match entry(&tag, time, record, now) {
             Ok(raw) => raws.push(raw),
             Err(reason) => {
@@ -411,7 +421,9 @@ fn entry(tag: &str, time: &Value, record: &Value, now: Timestamp) -> Result<Stri
     if !matches!(record, Value::Map(_)) {
         return Err("the record is not a map".into());
     }
-    let document = serde_json::to_vec(&json_of(record)).map_err(|e| e.to_string())?;
+    let mut document = String::with_capacity(256);
+    write_json(&mut document, record);
+    let document = document.into_bytes();
     let origin = Origin {
         protocol: "forward",
         key: "tag",
@@ -420,28 +432,101 @@ fn entry(tag: &str, time: &Value, record: &Value, now: Timestamp) -> Result<Stri
     document_entry(&document, origin, None, at)
 }
 
-/// A MessagePack value as JSON: binary as (lossy) text, extensions as null.
-fn json_of(value: &Value) -> Json {
+/// A MessagePack value written as JSON text: binary as (lossy) text, extensions and numbers
+/// JSON cannot hold (NaN, infinities) as null; a map's keys as text, in their order (a
+/// repeated key once, with its first value).
+fn write_json(out: &mut String, value: &Value) {
     match value {
-        Value::Nil => Json::Null,
-        Value::Boolean(b) => Json::Bool(*b),
-        Value::Integer(i) => i
-            .as_i64()
-            .map(Json::from)
-            .or_else(|| i.as_u64().map(Json::from))
-            .unwrap_or(Json::Null),
-        Value::F32(f) => {
-            serde_json::Number::from_f64(f64::from(*f)).map_or(Json::Null, Json::Number)
+        Value::Nil | Value::Ext(_, _) => out.push_str("null"),
+        Value::Boolean(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Integer(i) => match (i.as_i64(), i.as_u64()) {
+            (Some(n), _) => out.push_str(&n.to_string()),
+            (None, Some(n)) => out.push_str(&n.to_string()),
+            (None, None) => out.push_str("null"),
+        },
+        Value::F32(f) => write_float(out, f64::from(*f)),
+        Value::F64(f) => write_float(out, *f),
+        Value::String(s) => match s.as_str() {
+            Some(text) => push_json(out, text),
+            None => push_json(out, &String::from_utf8_lossy(s.as_bytes())),
+        },
+        Value::Binary(b) => push_json(out, &String::from_utf8_lossy(b)),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(out, item);
+            }
+            out.push(']');
         }
-        Value::F64(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
-        Value::String(_) | Value::Binary(_) => text(value).map_or(Json::Null, Json::String),
-        Value::Array(items) => Json::Array(items.iter().map(json_of).collect()),
-        Value::Map(pairs) => Json::Object(
-            pairs
-                .iter()
-                .map(|(k, v)| (text(k).unwrap_or_else(|| k.to_string()), json_of(v)))
-                .collect(),
-        ),
-        Value::Ext(_, _) => Json::Null,
+        Value::Map(pairs) => {
+            // A key said twice is kept once (its first value), as a JSON object can hold it.
+            let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+            out.push('{');
+            for (k, v) in pairs {
+                let key = text(k).unwrap_or_else(|| k.to_string());
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
+                if seen.len() > 1 {
+                    out.push(',');
+                }
+                push_json(out, &key);
+                out.push(':');
+                write_json(out, v);
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn write_float(out: &mut String, f: f64) {
+    match serde_json::Number::from_f64(f) {
+        Some(n) => out.push_str(&n.to_string()),
+        None => out.push_str("null"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(value: &Value) -> serde_json::Value {
+        let mut out = String::new();
+        write_json(&mut out, value);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"))
+    }
+
+    #[test]
+    fn a_record_is_written_as_the_json_it_means() {
+        let record = Value::Map(vec![
+            (Value::from("log"), Value::from("line with \"quotes\"\n")),
+            (Value::from("n"), Value::from(-3)),
+            (Value::from("big"), Value::from(u64::MAX)),
+            (Value::from("ratio"), Value::F64(0.25)),
+            (Value::from("nan"), Value::F64(f64::NAN)),
+            (Value::from("raw"), Value::Binary(b"bytes \xff".to_vec())),
+            (Value::from("ext"), Value::Ext(5, vec![1, 2])),
+            (
+                Value::from(7),
+                Value::Array(vec![Value::Nil, Value::from(true)]),
+            ),
+            (Value::from("n"), Value::from("a repeated key")),
+        ]);
+        assert_eq!(
+            json(&record),
+            serde_json::json!({
+                "log": "line with \"quotes\"\n",
+                "n": -3,
+                "big": u64::MAX,
+                "ratio": 0.25,
+                "nan": null,
+                "raw": "bytes \u{fffd}",
+                "ext": null,
+                "7": [null, true],
+            })
+        );
     }
 }

@@ -15,6 +15,7 @@
 //! BENCH_PROTOCOL=bulk BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! BENCH_PROTOCOL=otlp BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
 //! BENCH_PROTOCOL=forward BENCH_LINES=1000000 cargo bench -p logging-tests --bench protocols
+//! BENCH_AGGREGATOR_ENV=NAME=value,NAME=value cargo bench …   # settings for the aggregator
 //! ```
 //!
 //! Prints the aggregator's CPU seconds per million lines until the entries are at rest (the
@@ -283,10 +284,11 @@ async fn main() {
     );
     let data_dir = root.path().join("aggregator");
     let forward_port = logging_tests::free_port().to_string();
-    let aggregator = AggregatorProcess::start(
-        &data_dir,
-        &[("LOG_LEVEL", "warn"), ("FORWARD_PORT", &forward_port)],
-    );
+    // Extra settings for the aggregator under test: BENCH_AGGREGATOR_ENV="NAME=value,NAME=value".
+    let extra = std::env::var("BENCH_AGGREGATOR_ENV").unwrap_or_default();
+    let mut env: Vec<(&str, &str)> = vec![("LOG_LEVEL", "warn"), ("FORWARD_PORT", &forward_port)];
+    env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    let aggregator = AggregatorProcess::start(&data_dir, &env);
     let pid = aggregator.child.id();
     let cpu_before = proc::cpu_seconds(pid);
     let started = Instant::now();
