@@ -296,9 +296,12 @@ pub fn init(
         .with_filter(traced);
     // The log layer also sees the traced spans (not their fields in the output), so that an
     // event can name the span it happened in.
+    // (The hint keeps every `trace` callsite, ours and our dependencies', disabled once and
+    // for all: a filter without one would have each asked at every call.)
     let our_spans = filter_fn(|meta| {
         meta.is_span() && TRACED_CRATES.iter().any(|c| meta.target().starts_with(c))
-    });
+    })
+    .with_max_level_hint(tracing::level_filters::LevelFilter::DEBUG);
     let dispatch = Arc::new(OnceLock::<WeakDispatch>::new());
     let logs = log_layer(json, log_filter.or(our_spans), Some(dispatch.clone()));
     let subscriber = Registry::default().with(spans).with(logs);

@@ -126,6 +126,50 @@ fn a_bad_setting_stops_the_binary_with_a_message_naming_it() {
         stderr.contains("LOKI_LABELS: \"service\" is set from each entry"),
         "{stderr}"
     );
+    // The OpenTelemetry variables are checked too, by both binaries, before anything runs.
+    for binary in ["logging-aggregator", "logging-agent"] {
+        for (variable, value, says) in [
+            (
+                "OTEL_TRACES_SAMPLER_ARG",
+                "1.5",
+                "OTEL_TRACES_SAMPLER_ARG: \"1.5\" is not a ratio between 0 and 1",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "thrift",
+                "OTEL_EXPORTER_OTLP_PROTOCOL: \"thrift\" is not a protocol",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "not a url",
+                "OTEL_EXPORTER_OTLP_ENDPOINT: invalid endpoint",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut command = std::process::Command::new(logging_tests::binary(binary));
+            command
+                .env_clear()
+                .env("DATA_DIR", dir.path())
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+                .env("OTEL_TRACES_SAMPLER", "traceidratio")
+                .env(variable, value);
+            if binary == "logging-agent" {
+                command
+                    .env("AGENT_DATA_DIR", dir.path())
+                    .env("AGGREGATOR_URL", "https://127.0.0.1:9")
+                    .env("TLS_CA", dir.path().join("ca.pem"))
+                    .env("TLS_CERT", dir.path().join("agent.pem"))
+                    .env("TLS_KEY", dir.path().join("agent-key.pem"));
+            }
+            let output = command.output().unwrap();
+            assert_eq!(output.status.code(), Some(2), "{binary} {variable}={value}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                stderr.contains(says),
+                "{binary} {variable}={value}: {stderr}"
+            );
+        }
+    }
 }
 
 #[test]
