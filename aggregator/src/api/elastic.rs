@@ -718,16 +718,14 @@ pub(crate) fn document_entry(
     // Written directly: the line's own fields (unless the document has the same key), the
     // document's other fields as they came, the Kubernetes facts and the index.
     let mut out = String::with_capacity(document.len() + 256);
-    out.push_str("{\"id\":\"");
-    out.push_str(&entry_id.hyphenated().to_string());
-    out.push_str("\",\"timestamp\":\"");
-    timestamp.write_rfc3339(&mut out);
-    out.push_str("\",\"level\":\"");
-    out.push_str(level.as_str());
-    out.push_str("\",\"service\":");
-    push_json(&mut out, &service);
-    out.push_str(",\"message\":");
-    push_json(&mut out, parsed.message.as_deref().unwrap_or(&message));
+    super::push_entry_head(
+        &mut out,
+        entry_id,
+        timestamp,
+        level,
+        &service,
+        parsed.message.as_deref().unwrap_or(&message),
+    );
     for (field, value) in &ids {
         out.push_str(",\"");
         out.push_str(field);

@@ -238,16 +238,14 @@ impl<'a> StreamFacts<'a> {
             .unwrap_or(LogLevel::Info);
 
         let mut out = String::with_capacity(entry.line.len() + 256);
-        out.push_str("{\"id\":\"");
-        out.push_str(&id.hyphenated().to_string());
-        out.push_str("\",\"timestamp\":\"");
-        timestamp.write_rfc3339(&mut out);
-        out.push_str("\",\"level\":\"");
-        out.push_str(level.as_str());
-        out.push_str("\",\"service\":");
-        push_json(&mut out, service);
-        out.push_str(",\"message\":");
-        push_json(&mut out, parsed.message.as_deref().unwrap_or(&entry.line));
+        super::push_entry_head(
+            &mut out,
+            id,
+            timestamp,
+            level,
+            service,
+            parsed.message.as_deref().unwrap_or(&entry.line),
+        );
         let mut ids: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, value) in [
             ("trace_id", &parsed.trace_id),

@@ -411,7 +411,35 @@ pub(super) fn decompressed_too_large(what: &str) -> ApiError {
 /// Appends `text` as a JSON string (quoted and escaped): how the handlers that write JSON out
 /// directly (the Loki, OTLP and Elasticsearch wire forms) put text into it.
 pub(crate) fn push_json(out: &mut String, text: &str) {
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
+    // SAFETY: serde_json writes a `str` as a JSON string: the input's own UTF-8, quotes and
+    // ASCII escapes, so the bytes appended keep `out` valid UTF-8 (and writing into a `Vec`
+    // cannot fail midway). Written in place: this runs for several fields of every entry.
+    let _ = serde_json::to_writer(unsafe { out.as_mut_vec() }, text);
+}
+
+/// Starts an entry's JSON as the protocol handlers write it: `{"id","timestamp","level",
+/// "service","message"`, to be followed by the entry's other fields and the closing brace.
+pub(crate) fn push_entry_head(
+    out: &mut String,
+    id: uuid::Uuid,
+    timestamp: logging_common::Timestamp,
+    level: logging_common::LogLevel,
+    service: &str,
+    message: &str,
+) {
+    out.push_str("{\"id\":\"");
+    out.push_str(
+        id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    out.push_str("\",\"timestamp\":\"");
+    timestamp.write_rfc3339(out);
+    out.push_str("\",\"level\":\"");
+    out.push_str(level.as_str());
+    out.push_str("\",\"service\":");
+    push_json(out, service);
+    out.push_str(",\"message\":");
+    push_json(out, message);
 }
 
 /// A JSON response from bytes we already hold as JSON.
@@ -429,3 +457,19 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// The state, for handlers that need no caller (health, metrics).
 pub type AppStateExtractor = State<SharedState>;
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Written in place, a string is the JSON string serde_json makes of it, after
+        /// whatever was already there.
+        #[test]
+        fn push_json_appends_the_json_string(before in ".{0,8}", text in any::<String>()) {
+            let mut out = before.clone();
+            super::push_json(&mut out, &text);
+            prop_assert_eq!(out, before + &serde_json::to_string(&text).unwrap());
+        }
+    }
+}

@@ -525,19 +525,14 @@ impl Shared {
             .unwrap_or("unknown_service");
 
         let mut out = String::with_capacity(body_text.len() * 2 + 256);
-        out.push_str("{\"id\":\"");
-        out.push_str(
-            id.hyphenated()
-                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        super::push_entry_head(
+            &mut out,
+            id,
+            timestamp,
+            level,
+            service,
+            parsed.message.as_deref().unwrap_or(&body_text),
         );
-        out.push_str("\",\"timestamp\":\"");
-        timestamp.write_rfc3339(&mut out);
-        out.push_str("\",\"level\":\"");
-        out.push_str(level.as_str());
-        out.push_str("\",\"service\":");
-        push_json(&mut out, service);
-        out.push_str(",\"message\":");
-        push_json(&mut out, parsed.message.as_deref().unwrap_or(&body_text));
         let (trace_id, span_id) = (hex(&record.trace_id), hex(&record.span_id));
         for (name, value) in [
             (
