@@ -94,7 +94,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.agent_data_dir.display()
         )
     })?;
-    let checkpoints = Arc::new(Checkpoints::load(&config.agent_data_dir)?);
+    let keyring = config.keyring()?;
+    let checkpoints = Arc::new(Checkpoints::load(&config.agent_data_dir, keyring.clone())?);
     let ship_state = Arc::new(ShipState::default());
     let node = config.node();
 
@@ -104,6 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         checkpoints: checkpoints.clone(),
         state: ship_state.clone(),
         dead_letter: config.agent_data_dir.join("dead-letter.ndjson"),
+        keyring: keyring.clone(),
     });
     let (batches, batch_queue) = mpsc::channel(4);
     let shipper = tokio::spawn(shipper.run(batch_queue));
@@ -120,6 +122,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             &spool_dir,
             config.agent_spool_max_bytes,
             checkpoints.clone(),
+            keyring.clone(),
         )?))
     } else {
         None
@@ -142,6 +145,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_line: config.max_log_size,
             rescan: Duration::from_millis(config.agent_rescan_interval_ms),
             spool_dir: spool.as_ref().map(|_| spool_dir.clone()),
+            spool_keyring: keyring.clone(),
             parsers: Arc::new(Parsers::new(&config.agent_parsers)?),
         },
         discovery,

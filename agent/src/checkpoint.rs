@@ -7,8 +7,10 @@
 //! never a torn mix.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use logging_common::crypto::{self, Keyring};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -53,16 +55,19 @@ struct State {
 pub struct Checkpoints {
     path: PathBuf,
     state: Mutex<State>,
+    /// Seals the file (`AGENT_ENCRYPTION_KEY_FILE`).
+    keyring: Option<Arc<Keyring>>,
 }
 
 impl Checkpoints {
     /// Loads `dir/checkpoints.json` (an unreadable file is reported and treated as empty:
-    /// re-sending is safe, skipping is not).
-    pub fn load(dir: &Path) -> std::io::Result<Checkpoints> {
+    /// re-sending is safe, skipping is not). A sealed file whose key is missing is an error
+    /// naming it: starting over would send every file again.
+    pub fn load(dir: &Path, keyring: Option<Arc<Keyring>>) -> std::io::Result<Checkpoints> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("checkpoints.json");
         let mut state = State::default();
-        match std::fs::read(&path) {
+        match crypto::read_file(&path, keyring.as_deref()) {
             Ok(bytes) => match serde_json::from_slice::<CheckpointFile>(&bytes) {
                 Ok(CheckpointFile::V1 { files, sockets }) => {
                     state.files = files.into_iter().map(|f| (f.id, f)).collect();
@@ -78,6 +83,7 @@ impl Checkpoints {
         Ok(Checkpoints {
             path,
             state: Mutex::new(state),
+            keyring,
         })
     }
 
@@ -139,10 +145,9 @@ impl Checkpoints {
         };
         let tmp = self.path.with_extension("json.tmp");
         let written = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
-            serde_json::to_writer(&mut file, &document).map_err(std::io::Error::other)?;
-            file.write_all(b"\n")?;
-            file.sync_all()?;
+            let mut bytes = serde_json::to_vec(&document).map_err(std::io::Error::other)?;
+            bytes.push(b'\n');
+            crypto::write_file(&tmp, &bytes, self.keyring.as_deref())?;
             std::fs::rename(&tmp, &self.path)?;
             if let Some(dir) = self.path.parent() {
                 std::fs::File::open(dir)?.sync_all()?;
@@ -171,7 +176,7 @@ mod tests {
     #[test]
     fn acknowledged_offsets_survive_a_reload_and_never_move_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Checkpoints::load(dir.path()).unwrap();
+        let store = Checkpoints::load(dir.path(), None).unwrap();
         let mark = |n, offset| {
             Mark::File(FileCheckpoint {
                 id: id(n),
@@ -189,14 +194,16 @@ mod tests {
         ]);
         store.acknowledge(&[mark(1, 80)]);
         store.persist().unwrap();
-        let reloaded = Checkpoints::load(dir.path()).unwrap();
+        let reloaded = Checkpoints::load(dir.path(), None).unwrap();
         assert_eq!(reloaded.file_offset(id(1)), Some(100));
         assert_eq!(reloaded.file_offset(id(2)), Some(50));
         assert_eq!(reloaded.socket_sequence("syslog-udp"), Some(9));
         reloaded.forget(id(2));
         reloaded.persist().unwrap();
         assert_eq!(
-            Checkpoints::load(dir.path()).unwrap().file_offset(id(2)),
+            Checkpoints::load(dir.path(), None)
+                .unwrap()
+                .file_offset(id(2)),
             None
         );
         let text = std::fs::read_to_string(dir.path().join("checkpoints.json")).unwrap();
@@ -207,7 +214,7 @@ mod tests {
     fn a_corrupt_file_means_starting_over_not_failing() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("checkpoints.json"), b"{torn").unwrap();
-        let store = Checkpoints::load(dir.path()).unwrap();
+        let store = Checkpoints::load(dir.path(), None).unwrap();
         assert!(store.files().is_empty());
     }
 }

@@ -2,6 +2,7 @@
 //! and the environment (environment wins), validated at start-up.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,9 @@ pub struct Config {
     pub agent_redact_patterns: Vec<String>,
     /// Most bytes the socket spool keeps on disk while the aggregator is unreachable.
     pub agent_spool_max_bytes: u64,
+    /// Encryption at rest of the spool, checkpoints and dead letters: a file of keys (32
+    /// random bytes in base64, one a line; the first encrypts, all decrypt). Unset = off.
+    pub agent_encryption_key_file: Option<PathBuf>,
     /// Milliseconds between rescans of the globs (new files are also seen through inotify).
     pub agent_rescan_interval_ms: u64,
     /// Parsers for formats no built-in rule knows, tried first on the files they select
@@ -87,6 +91,7 @@ impl Default for Config {
             max_log_size: 1_048_576,
             agent_redact_patterns: Vec::new(),
             agent_spool_max_bytes: 256 * 1024 * 1024,
+            agent_encryption_key_file: None,
             agent_rescan_interval_ms: 1000,
             agent_parsers: Vec::new(),
             log_level: "info".into(),
@@ -111,11 +116,25 @@ impl Config {
         Ok(config)
     }
 
+    /// The encryption keys, when `AGENT_ENCRYPTION_KEY_FILE` is set.
+    pub fn keyring(&self) -> Result<Option<Arc<logging_common::crypto::Keyring>>, InvalidSetting> {
+        let Some(path) = &self.agent_encryption_key_file else {
+            return Ok(None);
+        };
+        logging_common::crypto::Keyring::read(path)
+            .map(|keyring| Some(Arc::new(keyring)))
+            .map_err(|reason| InvalidSetting {
+                name: "AGENT_ENCRYPTION_KEY_FILE",
+                reason,
+            })
+    }
+
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         let invalid = |name, reason: &str| InvalidSetting {
             name,
             reason: reason.to_string(),
         };
+        self.keyring()?;
         if !self.aggregator_url.starts_with("https://")
             && !self.aggregator_url.starts_with("http://")
         {

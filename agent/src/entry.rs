@@ -41,6 +41,31 @@ pub struct SourceMeta {
     pub extra: Option<String>,
     /// The operator's parser for this source (`AGENT_PARSERS`), tried before the built-in rules.
     pub parser: Option<Arc<UserParser>>,
+    /// The keys its lines are sealed with: the socket spool's, with encryption at rest on.
+    pub sealed: Option<Arc<logging_common::crypto::Keyring>>,
+}
+
+/// A spooled message with its line opened; one that cannot be opened (damaged, or sealed
+/// with a key since removed) becomes an error entry saying so, in its place.
+fn open_spooled(keyring: &logging_common::crypto::Keyring, message: &Message) -> Message {
+    let body = match crate::spool::open_line(Some(keyring), &message.body) {
+        Ok(body) => body.into_owned(),
+        Err(reason) => {
+            tracing::error!(%reason, "a spooled message cannot be decrypted");
+            serde_json::to_vec(&serde_json::json!({
+                "level": "error",
+                "message": format!("a spooled message could not be decrypted: {reason}"),
+            }))
+            .unwrap_or_default()
+        }
+    };
+    Message {
+        start: message.start,
+        time: message.time,
+        stream: message.stream,
+        body,
+        truncated: message.truncated,
+    }
 }
 
 /// Turns messages into entry lines.
@@ -96,6 +121,14 @@ impl Encoder {
     /// as its message (redacted), cut so that the whole entry fits, its parsed fields left
     /// out and `context.truncated` set; so a long line arrives cut, never refused.
     pub fn encode(&self, meta: &SourceMeta, message: &Message, out: &mut Vec<u8>) {
+        let opened;
+        let message = match &meta.sealed {
+            Some(keyring) => {
+                opened = open_spooled(keyring, message);
+                &opened
+            }
+            None => message,
+        };
         let start = out.len();
         // One reading of the clock for every attempt: the lines must differ in their message only.
         let now = Timestamp::now();
@@ -288,6 +321,7 @@ mod tests {
             kubernetes: Some(r#"{"namespace":"shop","pod":"web-1","node":"node-1"}"#.into()),
             extra: None,
             parser: None,
+            sealed: None,
         };
         let message = Message {
             start: 42,
@@ -349,6 +383,7 @@ mod tests {
             kubernetes: Some(r#"{"namespace":"shop","pod":"web-1","node":"node-1"}"#.into()),
             extra: None,
             parser: None,
+            sealed: None,
         };
         for body in [
             format!(

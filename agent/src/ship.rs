@@ -108,6 +108,8 @@ pub struct Shipper {
     pub checkpoints: Arc<Checkpoints>,
     pub state: Arc<ShipState>,
     pub dead_letter: std::path::PathBuf,
+    /// Seals each append to the dead-letter file (`AGENT_ENCRYPTION_KEY_FILE`).
+    pub keyring: Option<Arc<logging_common::crypto::Keyring>>,
 }
 
 enum Outcome {
@@ -411,7 +413,10 @@ impl Shipper {
             .append(true)
             .open(&self.dead_letter)
             .and_then(|mut f| {
-                f.write_all(records)?;
+                match &self.keyring {
+                    Some(keyring) => f.write_all(&keyring.seal_record(records))?,
+                    None => f.write_all(records)?,
+                }
                 f.sync_all()
             });
         match written {

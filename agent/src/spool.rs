@@ -12,10 +12,35 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use logging_common::crypto::{self, Keyring};
 use parking_lot::Mutex;
 
 use crate::checkpoint::Checkpoints;
 use crate::tail::{FileId, FileKey, head_hash};
+
+/// How a sealed spool line begins: the base64 of the sealed format's magic.
+const SEALED_LINE: &[u8] = b"TFNTRUFMMQ";
+
+/// The plaintext of a spool line: a sealed one (base64 of a sealed record, so the spool stays
+/// a file of lines the tailer reads like any other) opened, any other as it is (written
+/// before encryption was turned on).
+pub fn open_line<'a>(
+    keyring: Option<&Keyring>,
+    line: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+    if !line.starts_with(SEALED_LINE) {
+        return Ok(std::borrow::Cow::Borrowed(line));
+    }
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
+    let sealed = BASE64
+        .decode(text)
+        .map_err(|e| format!("a sealed spool line is not base64: {e}"))?;
+    crypto::open(keyring, &sealed)
+        .map(|plain| std::borrow::Cow::Owned(plain.into_owned()))
+        .map_err(|e| format!("a spool line: {e}"))
+}
 
 /// A spool file is closed and a new one started past this size.
 const FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -32,6 +57,8 @@ pub struct Spool {
     max_bytes: u64,
     current: Mutex<Option<Current>>,
     checkpoints: Arc<Checkpoints>,
+    /// Seals each line (`AGENT_ENCRYPTION_KEY_FILE`); see [`open_line`].
+    keyring: Option<Arc<Keyring>>,
 }
 
 impl Spool {
@@ -39,6 +66,7 @@ impl Spool {
         dir: &Path,
         max_bytes: u64,
         checkpoints: Arc<Checkpoints>,
+        keyring: Option<Arc<Keyring>>,
     ) -> std::io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
         Ok(Spool {
@@ -46,6 +74,7 @@ impl Spool {
             max_bytes,
             current: Mutex::new(None),
             checkpoints,
+            keyring,
         })
     }
 
@@ -88,7 +117,13 @@ impl Spool {
             return Ok(());
         };
         let mut record = Vec::with_capacity(line.len() + 1);
-        record.extend_from_slice(line);
+        match &self.keyring {
+            Some(keyring) => {
+                let sealed = keyring.seal_record(line);
+                record.extend_from_slice(BASE64.encode(sealed).as_bytes());
+            }
+            None => record.extend_from_slice(line),
+        }
         record.push(b'\n');
         current.file.write_all(&record)?;
         current.bytes += record.len() as u64;
@@ -151,8 +186,8 @@ mod tests {
     #[test]
     fn acknowledged_files_go_and_a_full_spool_drops_its_oldest() {
         let dir = tempfile::tempdir().unwrap();
-        let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state")).unwrap());
-        let spool = Spool::new(&dir.path().join("spool"), 100, checkpoints.clone()).unwrap();
+        let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state"), None).unwrap());
+        let spool = Spool::new(&dir.path().join("spool"), 100, checkpoints.clone(), None).unwrap();
         spool.append(br#"{"msg":"one"}"#).unwrap();
         // Force a second file.
         spool.current.lock().as_mut().unwrap().bytes = FILE_BYTES;

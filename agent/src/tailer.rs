@@ -55,6 +55,8 @@ pub struct TailerOptions {
     pub rescan: Duration,
     /// Where socket input is spooled (its files are not "files" in the entries' context).
     pub spool_dir: Option<PathBuf>,
+    /// The keys the spool's lines are sealed with (`AGENT_ENCRYPTION_KEY_FILE`).
+    pub spool_keyring: Option<Arc<logging_common::crypto::Keyring>>,
     /// The operator's parsers (`AGENT_PARSERS`).
     pub parsers: Arc<Parsers>,
 }
@@ -81,6 +83,7 @@ pub struct Tailer {
 fn source_meta(
     node: &str,
     spool_dir: Option<&Path>,
+    spool_keyring: Option<&Arc<logging_common::crypto::Keyring>>,
     parsers: &Parsers,
     path: &Path,
     id: FileId,
@@ -97,6 +100,7 @@ fn source_meta(
                 serde_json::Value::String(node.to_string())
             )),
             parser: None,
+            sealed: spool_keyring.cloned(),
         };
     }
     let pod = pod_info(path);
@@ -117,6 +121,7 @@ fn source_meta(
                 kubernetes: Some(kubernetes.to_string()),
                 extra: None,
                 parser,
+                sealed: None,
             }
         }
         None => SourceMeta {
@@ -129,6 +134,7 @@ fn source_meta(
                 serde_json::Value::String(node.to_string())
             )),
             parser,
+            sealed: None,
         },
     }
 }
@@ -379,7 +385,17 @@ impl Tailer {
         let node = self.options.node.clone();
         let spool_dir = self.options.spool_dir.clone();
         let parsers = self.options.parsers.clone();
-        move |path: &Path, id: FileId| source_meta(&node, spool_dir.as_deref(), &parsers, path, id)
+        let keyring = self.options.spool_keyring.clone();
+        move |path: &Path, id: FileId| {
+            source_meta(
+                &node,
+                spool_dir.as_deref(),
+                keyring.as_ref(),
+                &parsers,
+                path,
+                id,
+            )
+        }
     }
 
     /// Reads every file once, as far as the in-flight limit allows. Returns bytes read.

@@ -311,12 +311,14 @@ impl Stores {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create DATA_DIR {}", config.data_dir.display()))?;
         restrict_dir(&config.data_dir);
+        let keyring = config.keyring()?;
         let index = Arc::new(
             LogIndex::open(
                 &config.data_dir.join("index"),
                 IndexOptions {
                     full_text: config.log_indexing_enabled,
                     compression: config.log_compression_enabled,
+                    keyring: keyring.clone(),
                 },
             )
             .context("cannot open the embedded index")?,
@@ -328,7 +330,8 @@ impl Stores {
                 config.database_max_overflow,
             )
             .await
-            .context("cannot open the relational store (DATABASE_URL)")?,
+            .context("cannot open the relational store (DATABASE_URL)")?
+            .with_keyring(keyring.clone()),
         );
         index.merge_hidden(db.deletions().await?);
         let dedup = {
@@ -341,6 +344,7 @@ impl Stores {
             config.wal_segment_bytes,
             index.committed_lsn(),
             Box::new(SharedDedup(dedup.clone())),
+            keyring.clone(),
         )
         .context("cannot open the write-ahead log")?;
         wal.set_disk_cap(config.wal_max_bytes);

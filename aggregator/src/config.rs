@@ -53,8 +53,12 @@ pub struct Config {
     pub metrics_update_interval: u64,
     /// Processing threads of the embedded index writer; 0 = one per core.
     pub log_processing_workers: usize,
-    /// Encryption at rest: not implemented; `true` is refused at start-up.
+    /// Encryption at rest of everything under `DATA_DIR` that holds log or audit content.
     pub log_encryption_enabled: bool,
+    /// The encryption keys (base64, one a line; the first encrypts, all decrypt).
+    pub log_encryption_key_file: Option<PathBuf>,
+    /// The same keys inline (comma-separated), when no file is given.
+    pub log_encryption_key: Option<String>,
     /// Loki sink: Loki's base URL (`/loki/api/v1/push` is appended); unset = no Loki sink.
     pub loki_url: Option<String>,
     /// Loki tenant (`X-Scope-OrgID`), for the Loki sink.
@@ -207,6 +211,8 @@ impl Default for Config {
             metrics_update_interval: 10,
             log_processing_workers: 0,
             log_encryption_enabled: false,
+            log_encryption_key_file: None,
+            log_encryption_key: None,
             loki_url: None,
             loki_tenant_id: None,
             loki_labels: Vec::new(),
@@ -335,15 +341,36 @@ impl Config {
         Ok(config)
     }
 
+    /// The encryption keys when encryption at rest is on.
+    pub fn keyring(
+        &self,
+    ) -> Result<Option<std::sync::Arc<logging_common::crypto::Keyring>>, InvalidSetting> {
+        use logging_common::crypto::Keyring;
+        if !self.log_encryption_enabled {
+            return Ok(None);
+        }
+        let keyring = match (&self.log_encryption_key_file, &self.log_encryption_key) {
+            (Some(path), _) => {
+                Keyring::read(path).map_err(|e| invalid("LOG_ENCRYPTION_KEY_FILE", e))?
+            }
+            (None, Some(keys)) => {
+                Keyring::parse(keys).map_err(|e| invalid("LOG_ENCRYPTION_KEY", e))?
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "LOG_ENCRYPTION_KEY_FILE",
+                    "LOG_ENCRYPTION_ENABLED=true needs a key: set LOG_ENCRYPTION_KEY_FILE (a file \
+                     of 32 random bytes in base64, e.g. from head -c 32 /dev/urandom | base64) \
+                     or LOG_ENCRYPTION_KEY",
+                ));
+            }
+        };
+        Ok(Some(std::sync::Arc::new(keyring)))
+    }
+
     /// Checks what the types alone cannot, with a message naming the setting.
     pub fn validate(&self) -> Result<(), InvalidSetting> {
-        if self.log_encryption_enabled {
-            return Err(invalid(
-                "LOG_ENCRYPTION_ENABLED",
-                "encryption at rest is not implemented; keep DATA_DIR on an encrypted volume \
-                 and set this to false",
-            ));
-        }
+        self.keyring()?;
         if let Some(url) = &self.broker_url {
             self.broker_settings(url)?;
         }

@@ -42,6 +42,12 @@ enum Command {
     /// API_TOKENS is unset), for containers without a shell:
     /// `kubectl exec logging-aggregator-0 -- logging-aggregator admin-token`.
     AdminToken,
+    /// Print the plaintext of a file the aggregator sealed (encryption at rest): a sink's
+    /// dead-letter file or the alert windows, with the keys of LOG_ENCRYPTION_KEY_FILE.
+    Decrypt {
+        /// The file.
+        file: PathBuf,
+    },
 }
 
 async fn wait_for_signal() {
@@ -57,6 +63,22 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
+}
+
+/// Writes the plaintext of `file` to stdout: one sealed whole, or records appended.
+fn decrypt(config: &Config, file: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use logging_common::crypto;
+    use std::io::Write;
+    let keyring = config.keyring()?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let plain = match crypto::open(keyring.as_deref(), &bytes) {
+        Ok(plain) => plain.into_owned(),
+        Err(_) => crypto::open_appended(keyring.as_deref(), &bytes)
+            .with_context(|| format!("cannot decrypt {}", file.display()))?,
+    };
+    std::io::stdout().write_all(&plain)?;
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,6 +129,9 @@ async fn run() -> anyhow::Result<()> {
             }
         }
         return Ok(());
+    }
+    if let Some(Command::Decrypt { file }) = &cli.command {
+        return decrypt(&config, file);
     }
     let _telemetry = match logging_common::telemetry::init(
         "logging-aggregator",

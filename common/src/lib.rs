@@ -3,6 +3,7 @@
 //! send, and the configuration loader.
 
 pub mod config;
+pub mod crypto;
 pub mod detect;
 pub mod id;
 pub mod level;

@@ -283,7 +283,8 @@ fn evaluator_alone(total: usize, rule_count: usize) {
     registry.replace(compiled);
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) =
-        logging_aggregator::wal::Wal::open(dir.path(), 64 << 20, 0, Box::new(AdmitAll)).unwrap();
+        logging_aggregator::wal::Wal::open(dir.path(), 64 << 20, 0, Box::new(AdmitAll), None)
+            .unwrap();
     let (output, _evaluations) = tokio::sync::mpsc::channel(16);
     let mut evaluator = Evaluator::new(
         wal.reader("alerts").unwrap(),

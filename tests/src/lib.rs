@@ -41,6 +41,15 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// SIGTERM and wait: the process stops gracefully.
+pub fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+}
+
 /// An aggregator process on its own data directory.
 pub struct AggregatorProcess {
     pub child: Child,
@@ -127,6 +136,24 @@ impl AggregatorProcess {
             .get(format!("{}/metrics", self.base))
             .bearer_auth(ADMIN_TOKEN);
         metric_sum(request, name).await
+    }
+
+    /// A GET on the operator API as admin, answered with JSON.
+    pub async fn get_json(&self, path_and_query: &str) -> serde_json::Value {
+        http_client()
+            .get(format!("{}{path_and_query}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the aggregator answers")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
+    /// SIGTERM and wait: a graceful stop (the store writes what it holds in memory).
+    pub fn stop_gracefully(&mut self) {
+        terminate(&mut self.child);
     }
 
     /// The entries the store holds (`/api/logs/stats`), 0 while it does not answer.

@@ -9,6 +9,7 @@ fn meta(_: &Path, id: FileId) -> SourceMeta {
         kubernetes: None,
         extra: None,
         parser: None,
+        sealed: None,
     }
 }
 

@@ -49,9 +49,9 @@ async fn wait_for(dir: &std::path::Path, count: usize) -> Vec<Value> {
 #[tokio::test]
 async fn syslog_over_udp_and_tcp_with_both_framings_is_spooled_as_entries() {
     let dir = tempfile::tempdir().unwrap();
-    let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state")).unwrap());
+    let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state"), None).unwrap());
     let spool_dir = dir.path().join("spool");
-    let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints).unwrap());
+    let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints, None).unwrap());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let max = 4096;
     let (_udp, udp_addr) = sockets::udp("127.0.0.1:0", spool.clone(), max, stopped.clone())
@@ -143,9 +143,9 @@ async fn syslog_over_udp_and_tcp_with_both_framings_is_spooled_as_entries() {
 #[tokio::test]
 async fn the_unix_socket_takes_ndjson_entries_and_raw_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state")).unwrap());
+    let checkpoints = Arc::new(Checkpoints::load(&dir.path().join("state"), None).unwrap());
     let spool_dir = dir.path().join("spool");
-    let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints).unwrap());
+    let spool = Arc::new(Spool::new(&spool_dir, 1 << 30, checkpoints, None).unwrap());
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let path = dir.path().join("agent.sock");
     let _unix = sockets::unix(&path, spool, 1 << 20, stopped).await.unwrap();

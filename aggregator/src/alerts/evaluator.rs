@@ -151,8 +151,15 @@ impl Evaluator {
 
     /// Loads the last snapshot and moves the WAL reader to the position it reflects.
     fn restore(&mut self) {
-        let Ok(bytes) = std::fs::read(&self.snapshot_path) else {
-            return;
+        let keyring = self.reader.keyring();
+        let bytes = match logging_common::crypto::read_file(&self.snapshot_path, keyring.as_deref())
+        {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+            Err(error) => {
+                tracing::warn!(%error, "alert windows: unreadable snapshot; starting with empty windows");
+                return;
+            }
         };
         match serde_json::from_slice::<Snapshot>(&bytes) {
             Ok(Snapshot::V1 { lsn, rules }) => {
@@ -264,12 +271,7 @@ impl Evaluator {
         };
         let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
         let tmp = self.snapshot_path.with_extension("json.tmp");
-        {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-        }
+        logging_common::crypto::write_file(&tmp, &bytes, self.reader.keyring().as_deref())?;
         std::fs::rename(&tmp, &self.snapshot_path)?;
         if let Some(dir) = self.snapshot_path.parent() {
             std::fs::File::open(dir)?.sync_all()?;

@@ -5,9 +5,13 @@
 //! the chain from the stored texts, so it never depends on how JSON is re-serialised, and any
 //! change to any stored field, or a removed or reordered entry, is found at its position.
 //!
+//! With encryption at rest, `old_values`, `new_values` and `metadata` are stored sealed
+//! (`sealed:` and base64); the chain covers the stored texts, so it verifies without the key.
+//!
 //! Appends take the chain head (`audit_chain`, one row) inside the transaction that inserts
 //! the entry: its row lock orders appends across aggregator replicas sharing PostgreSQL.
 
+use logging_common::crypto::{self, Keyring};
 use logging_common::validate::AuditEvent;
 use logging_common::{AuditEntry, Timestamp};
 use serde_json::{Map, Value};
@@ -102,9 +106,11 @@ impl StoredAudit {
             .collect()
     }
 
-    fn to_entry(&self) -> Result<AuditEntry, DbError> {
+    fn to_entry(&self, keyring: Option<&Keyring>) -> Result<AuditEntry, DbError> {
         let object = |text: &str| -> Result<Map<String, Value>, DbError> {
-            serde_json::from_str(text)
+            let text = open_text(keyring, text)
+                .map_err(|e| DbError::Corrupt(format!("audit {}: {e}", self.seq)))?;
+            serde_json::from_str(&text)
                 .map_err(|e| DbError::Corrupt(format!("audit {}: {e}", self.seq)))
         };
         Ok(AuditEntry {
@@ -126,6 +132,40 @@ impl StoredAudit {
             hash: self.hash.clone(),
         })
     }
+}
+
+/// How a sealed column text begins (encryption at rest): base64 of the sealed JSON follows.
+const SEALED_TEXT: &str = "sealed:";
+
+/// `text` sealed when there is a keyring. The chain hashes the stored text, so verifying it
+/// needs no key.
+fn seal_text(keyring: Option<&Keyring>, text: String) -> String {
+    use base64::Engine;
+    match keyring {
+        Some(keyring) => format!(
+            "{SEALED_TEXT}{}",
+            base64::engine::general_purpose::STANDARD.encode(keyring.seal(text.as_bytes()))
+        ),
+        None => text,
+    }
+}
+
+/// The plaintext of a stored column text.
+fn open_text<'a>(
+    keyring: Option<&Keyring>,
+    text: &'a str,
+) -> Result<std::borrow::Cow<'a, str>, String> {
+    use base64::Engine;
+    let Some(sealed) = text.strip_prefix(SEALED_TEXT) else {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(sealed)
+        .map_err(|e| format!("a sealed value is not base64: {e}"))?;
+    let plain = crypto::open(keyring, &bytes).map_err(|e| format!("a sealed value: {e}"))?;
+    String::from_utf8(plain.into_owned())
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| e.to_string())
 }
 
 /// The actor's identifier used by the `actor` filter: its `id`, `user_id`, `name`, `email`
@@ -188,7 +228,7 @@ impl Database {
     pub async fn record_audit(&self, event: AuditEvent) -> Result<(AuditEntry, bool), DbError> {
         let _serial = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await?;
-        let result = append(&mut tx, event).await?;
+        let result = append(&mut tx, event, self.keyring.as_deref()).await?;
         tx.commit().await?;
         Ok(result)
     }
@@ -213,7 +253,7 @@ impl Database {
         .bind(caller.token_id.clone())
         .execute(&mut *tx)
         .await?;
-        let (entry, _) = append(&mut tx, event).await?;
+        let (entry, _) = append(&mut tx, event, self.keyring.as_deref()).await?;
         tx.commit().await?;
         Ok(entry)
     }
@@ -225,7 +265,7 @@ impl Database {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| StoredAudit::from_row(&r)?.to_entry())
+        row.map(|r| StoredAudit::from_row(&r)?.to_entry(self.keyring.as_deref()))
             .transpose()
     }
 
@@ -283,7 +323,7 @@ impl Database {
         let rows = query.fetch_all(&self.pool).await?;
         let mut entries = rows
             .iter()
-            .map(|r| StoredAudit::from_row(r)?.to_entry())
+            .map(|r| StoredAudit::from_row(r)?.to_entry(self.keyring.as_deref()))
             .collect::<Result<Vec<_>, _>>()?;
         let next_seq = (entries.len() > limit).then(|| entries[limit - 1].sequence);
         entries.truncate(limit);
@@ -368,6 +408,7 @@ impl Database {
 async fn append(
     conn: &mut AnyConnection,
     event: AuditEvent,
+    keyring: Option<&Keyring>,
 ) -> Result<(AuditEntry, bool), DbError> {
     let id = event
         .id
@@ -379,7 +420,7 @@ async fn append(
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = existing {
-        return Ok((StoredAudit::from_row(&row)?.to_entry()?, false));
+        return Ok((StoredAudit::from_row(&row)?.to_entry(keyring)?, false));
     }
     // Taking the head row first locks it until commit.
     let head = sqlx::query("UPDATE audit_chain SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
@@ -397,9 +438,15 @@ async fn append(
         action: event.action,
         entity_type: event.entity_type,
         entity_id: event.entity_id,
-        old_values: event.old_values.as_ref().map(to_text),
-        new_values: event.new_values.as_ref().map(to_text),
-        metadata: to_text(&event.metadata),
+        old_values: event
+            .old_values
+            .as_ref()
+            .map(|v| seal_text(keyring, to_text(v))),
+        new_values: event
+            .new_values
+            .as_ref()
+            .map(|v| seal_text(keyring, to_text(v))),
+        metadata: seal_text(keyring, to_text(&event.metadata)),
         ip_address: event.ip_address,
         user_agent: event.user_agent,
         trace_id: event.trace_id,
@@ -435,5 +482,5 @@ async fn append(
         .bind(stored.hash.clone())
         .execute(&mut *conn)
         .await?;
-    Ok((stored.to_entry()?, true))
+    Ok((stored.to_entry(keyring)?, true))
 }

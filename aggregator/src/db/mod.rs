@@ -56,6 +56,8 @@ pub struct Database {
     /// Serialises audit appends within this process (SQLite has one writer anyway; with
     /// PostgreSQL the chain-head row lock serialises replicas too).
     audit_lock: tokio::sync::Mutex<()>,
+    /// Seals the audit trail's values (encryption at rest).
+    keyring: Option<std::sync::Arc<logging_common::crypto::Keyring>>,
 }
 
 fn migrator(engine: Engine) -> Migrator {
@@ -141,7 +143,18 @@ impl Database {
             pool,
             engine,
             audit_lock: tokio::sync::Mutex::new(()),
+            keyring: None,
         })
+    }
+
+    /// Seals the audit trail's `old_values`, `new_values` and `metadata` from now on, and
+    /// opens sealed ones.
+    pub fn with_keyring(
+        mut self,
+        keyring: Option<std::sync::Arc<logging_common::crypto::Keyring>>,
+    ) -> Database {
+        self.keyring = keyring;
+        self
     }
 
     pub fn engine(&self) -> Engine {

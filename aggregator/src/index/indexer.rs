@@ -496,9 +496,17 @@ fn flush(
         if open.rows() > 0 {
             blocks.push(&open.block);
         }
-        part::write(&partition.dir, partition.day, from, to, &blocks, options)?
+        part::write(
+            &partition.dir,
+            partition.day,
+            from,
+            to,
+            &blocks,
+            options,
+            partition.keyring.as_deref(),
+        )?
     };
-    let part = Arc::new(Part::open(&path)?);
+    let part = Arc::new(Part::open(&path, partition.keyring.as_deref())?);
     let mut state = partition.state.write();
     state.parts.push(part);
     state.parts.sort_by_key(|p| p.lsn_from);
@@ -560,8 +568,16 @@ fn merge(
     let to = run.iter().map(|p| p.lsn_to).max().unwrap_or(0);
     let (blocks, rows) = rebuild(run)?;
     let refs: Vec<&super::block::Block> = blocks.iter().collect();
-    let path = part::write(&partition.dir, partition.day, from, to, &refs, options)?;
-    let merged = Arc::new(Part::open(&path)?);
+    let path = part::write(
+        &partition.dir,
+        partition.day,
+        from,
+        to,
+        &refs,
+        options,
+        partition.keyring.as_deref(),
+    )?;
+    let merged = Arc::new(Part::open(&path, partition.keyring.as_deref())?);
     {
         let mut state = partition.state.write();
         state

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use logging_common::Timestamp;
+use logging_common::crypto::Keyring;
 use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -65,6 +66,8 @@ struct State {
 pub struct Partition {
     pub day: i64,
     pub dir: PathBuf,
+    /// The store's keys: its parts are sealed with them.
+    pub keyring: Option<Arc<Keyring>>,
     state: RwLock<State>,
 }
 
@@ -240,10 +243,12 @@ pub struct IndexStats {
 }
 
 /// How the store is set up.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct IndexOptions {
     pub full_text: bool,
     pub compression: bool,
+    /// Seals the parts it writes and opens sealed ones (encryption at rest).
+    pub keyring: Option<Arc<Keyring>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,10 +305,11 @@ impl LogIndex {
             if entry.path().join("meta.json").exists() {
                 return Err(IndexError::OldFormat(entry.path().display().to_string()));
             }
-            let parts = open_parts(&entry.path())?;
+            let parts = open_parts(&entry.path(), options.keyring.as_deref())?;
             let partition = Partition {
                 day,
                 dir: entry.path(),
+                keyring: options.keyring.clone(),
                 state: RwLock::new(State {
                     parts,
                     sealed: Vec::new(),
@@ -321,10 +327,6 @@ impl LogIndex {
             hidden: RwLock::new(HashMap::new()),
             searchable,
         })
-    }
-
-    pub fn options(&self) -> IndexOptions {
-        self.options
     }
 
     pub fn full_text(&self) -> bool {
@@ -348,10 +350,11 @@ impl LogIndex {
         }
         let dir = self.root.join(day_name(day));
         std::fs::create_dir_all(&dir)?;
-        let parts = open_parts(&dir)?;
+        let parts = open_parts(&dir, self.options.keyring.as_deref())?;
         let partition = Arc::new(Partition {
             day,
             dir,
+            keyring: self.options.keyring.clone(),
             state: RwLock::new(State {
                 parts,
                 sealed: Vec::new(),
@@ -885,7 +888,7 @@ impl LogIndex {
 
 /// Opens the parts of a partition directory: leftovers of an interrupted write (`.tmp`) and
 /// of an interrupted merge (a part inside another's range) are removed.
-fn open_parts(dir: &Path) -> Result<Vec<Arc<Part>>, IndexError> {
+fn open_parts(dir: &Path, keyring: Option<&Keyring>) -> Result<Vec<Arc<Part>>, IndexError> {
     let mut found: Vec<(u64, u64, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -906,7 +909,7 @@ fn open_parts(dir: &Path) -> Result<Vec<Arc<Part>>, IndexError> {
             let _ = std::fs::remove_file(&path);
             continue;
         }
-        parts.push(Arc::new(Part::open(&path)?));
+        parts.push(Arc::new(Part::open(&path, keyring)?));
     }
     parts.sort_by_key(|p| p.lsn_from);
     Ok(parts)

@@ -31,6 +31,7 @@ fn options() -> IndexOptions {
     IndexOptions {
         full_text: true,
         compression: true,
+        keyring: None,
     }
 }
 
@@ -79,7 +80,14 @@ fn all(index: &LogIndex) -> Vec<String> {
 async fn entries_land_in_the_partition_of_their_day_and_read_back_in_time_order() {
     let dir = tempfile::tempdir().unwrap();
     let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
-    let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let (wal, _) = Wal::open(
+        &dir.path().join("wal"),
+        1 << 20,
+        0,
+        Box::new(AdmitAll),
+        None,
+    )
+    .unwrap();
     let day = 86_400 * 1_000_000_000;
     let base = Timestamp::parse("2026-11-20T12:00:00Z").unwrap();
     let entries = vec![
@@ -116,7 +124,14 @@ async fn a_replay_from_an_older_cursor_indexes_nothing_twice() {
     let base = Timestamp::parse("2026-11-20T12:00:00Z").unwrap();
     {
         let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
-        let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+        let (wal, _) = Wal::open(
+            &dir.path().join("wal"),
+            1 << 20,
+            0,
+            Box::new(AdmitAll),
+            None,
+        )
+        .unwrap();
         for n in 0..10 {
             wal.append(Batch::new(&[entry(n, base.saturating_add_nanos(n as i64))]))
                 .await
@@ -138,6 +153,7 @@ async fn a_replay_from_an_older_cursor_indexes_nothing_twice() {
         1 << 20,
         index.committed_lsn(),
         Box::new(AdmitAll),
+        None,
     )
     .unwrap();
     assert_eq!(recovered.records, 10);
@@ -163,7 +179,7 @@ async fn flushed_in_rounds(
     per_round: u64,
 ) -> (Arc<LogIndex>, Arc<Wal>) {
     let index = Arc::new(LogIndex::open(&dir.join("index"), options()).unwrap());
-    let (wal, _) = Wal::open(&dir.join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let (wal, _) = Wal::open(&dir.join("wal"), 1 << 20, 0, Box::new(AdmitAll), None).unwrap();
     let wal = Arc::new(wal);
     for round in 0..rounds {
         let batch: Vec<LogEntry> = (0..per_round)
@@ -229,13 +245,46 @@ fn rich_entry(n: u64, ts: Timestamp) -> LogEntry {
 /// read back after a restart.
 #[tokio::test]
 async fn search_finds_any_field_in_memory_and_on_disk_alike() {
+    search_cases(None).await;
+}
+
+/// The same with encryption at rest: sealed parts answer exactly as plaintext ones, and
+/// cannot be opened without their key.
+#[tokio::test]
+async fn sealed_parts_answer_alike_and_need_their_key() {
+    let keys =
+        logging_common::crypto::Keyring::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
+    let dir = search_cases(Some(Arc::new(keys.unwrap()))).await;
+    let error = match LogIndex::open(&dir.path().join("index"), options()) {
+        Ok(_) => panic!("sealed parts opened without the key"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains(".part") && error.contains("no encryption key is set"),
+        "{error}"
+    );
+}
+
+async fn search_cases(keyring: Option<Arc<logging_common::crypto::Keyring>>) -> tempfile::TempDir {
+    let sealed = keyring.is_some();
+    let options = || IndexOptions {
+        keyring: keyring.clone(),
+        ..options()
+    };
     let dir = tempfile::tempdir().unwrap();
     let base = Timestamp::parse("2026-11-20T12:00:00Z").unwrap();
     let entries: Vec<LogEntry> = (0..40)
         .map(|n| rich_entry(n, base.saturating_add_nanos(n as i64 * 1_000_000)))
         .collect();
     let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
-    let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let (wal, _) = Wal::open(
+        &dir.path().join("wal"),
+        1 << 20,
+        0,
+        Box::new(AdmitAll),
+        None,
+    )
+    .unwrap();
     wal.append(Batch::new(&entries)).await.unwrap();
     let wal = Arc::new(wal);
     let trace = format!("{:032x}", 0xabcdef_u128 + 5);
@@ -312,7 +361,13 @@ async fn search_finds_any_field_in_memory_and_on_disk_alike() {
     // Flushed to a part, and read back by a new process.
     drop(index);
     let index = LogIndex::open(&dir.path().join("index"), options()).unwrap();
-    assert_eq!(index.partition(base.day()).unwrap().parts().len(), 1);
+    let parts = index.partition(base.day()).unwrap().parts();
+    assert_eq!(parts.len(), 1);
+    let on_disk = std::fs::read(&parts[0].path).unwrap();
+    assert_eq!(on_disk.starts_with(logging_common::crypto::MAGIC), sealed);
+    if sealed {
+        assert!(!on_disk.windows(8).any(|w| w == b"declined"));
+    }
     check(&index, "on disk");
     // Highlights point at the words, whichever part of the message they are in.
     let filter = LogFilter {
@@ -335,6 +390,7 @@ async fn search_finds_any_field_in_memory_and_on_disk_alike() {
         .map(|[s, e]| &highlight.fragment[*s..*e])
         .collect();
     assert_eq!(marked, vec!["4007", "declined"]);
+    dir
 }
 
 /// A damaged part is refused by name; a half-written one (never renamed) is not seen; a
@@ -367,6 +423,7 @@ async fn damaged_half_written_and_half_merged_parts_are_handled() {
                 bloom: true,
                 threads: 1,
             },
+            None,
         )
         .unwrap()
     };
@@ -556,9 +613,10 @@ fn a_part_keeps_each_template_once_and_every_block_reads_back_through_it() {
             bloom: true,
             threads: 2,
         },
+        None,
     )
     .unwrap();
-    let part = Arc::new(super::part::Part::open(&path).unwrap());
+    let part = Arc::new(super::part::Part::open(&path, None).unwrap());
     assert_eq!(part.templates().unwrap().infos.len(), distinct.len());
     for (b, lines) in blocks.iter().enumerate() {
         let view = super::scan::View::disk(&part, b);
@@ -650,7 +708,14 @@ async fn counts_kept_per_block_answer_exactly_what_the_rows_say() {
         })
         .collect();
     let index = Arc::new(LogIndex::open(&dir.path().join("index"), options()).unwrap());
-    let (wal, _) = Wal::open(&dir.path().join("wal"), 1 << 20, 0, Box::new(AdmitAll)).unwrap();
+    let (wal, _) = Wal::open(
+        &dir.path().join("wal"),
+        1 << 20,
+        0,
+        Box::new(AdmitAll),
+        None,
+    )
+    .unwrap();
     let wal = Arc::new(wal);
     // Three parts of a thousand entries.
     for chunk in entries.chunks(1000) {

@@ -95,6 +95,7 @@ pub fn spawn<S: Sink>(
     };
     let mut runner = Runner {
         sink,
+        keyring: reader.keyring(),
         reader,
         dead_letter,
         statuses,
@@ -123,6 +124,8 @@ struct Runner<S: Sink> {
     sink: S,
     reader: WalReader,
     dead_letter: PathBuf,
+    /// Seals each append to the dead-letter file (encryption at rest).
+    keyring: Option<Arc<logging_common::crypto::Keyring>>,
     statuses: SinkStatuses,
     slot: usize,
     stop: Arc<AtomicBool>,
@@ -331,7 +334,10 @@ impl<S: Sink> Runner<S> {
             .append(true)
             .open(&self.dead_letter)
             .and_then(|mut file| {
-                file.write_all(&out)?;
+                match &self.keyring {
+                    Some(keyring) => file.write_all(&keyring.seal_record(&out))?,
+                    None => file.write_all(&out)?,
+                }
                 file.sync_data()
             });
         if let Err(error) = written {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use logging_common::LogEntry;
+use logging_common::crypto::Keyring;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -222,6 +223,8 @@ impl State {
 
 struct Shared {
     dir: PathBuf,
+    /// Seals every record's payload when encryption at rest is on.
+    keyring: Option<Arc<Keyring>>,
     state: Mutex<State>,
     appended: Condvar,
     /// Everything before this LSN is durable.
@@ -288,6 +291,7 @@ impl Wal {
         segment_bytes: u64,
         min_start: u64,
         admission: Box<dyn Admission>,
+        keyring: Option<Arc<Keyring>>,
     ) -> Result<(Wal, Recovered), WalError> {
         std::fs::create_dir_all(dir.join("cursors"))?;
         let cursors = read_cursors(&dir.join("cursors"))?;
@@ -304,7 +308,7 @@ impl Wal {
         let mut end = 0u64;
         let last = segments.len().saturating_sub(1);
         for (i, (start, path)) in segments.iter().enumerate() {
-            let mut reader = SegmentReader::open(path, *start, *start)?;
+            let mut reader = SegmentReader::open(path, *start, *start, keyring.clone())?;
             loop {
                 match reader.next_record()? {
                     ReadOutcome::Record(raw) => {
@@ -372,6 +376,7 @@ impl Wal {
         let weak = sender.downgrade();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
+            keyring,
             state: Mutex::new(State {
                 segments,
                 recent: VecDeque::new(),
@@ -678,10 +683,14 @@ impl Writer {
                 start = end;
             }
             let record = (!new_ids.is_empty()).then(|| {
-                encode_record(buf, lsn, new_ids.len() as u32, &payload);
+                let stored = match &self.shared.keyring {
+                    Some(keyring) => std::borrow::Cow::Owned(keyring.seal(&payload)),
+                    None => std::borrow::Cow::Borrowed(&payload[..]),
+                };
+                encode_record(buf, lsn, new_ids.len() as u32, &stored);
                 Record {
                     lsn,
-                    end: lsn + record_len(payload.len()),
+                    end: lsn + record_len(stored.len()),
                     count: new_ids.len() as u32,
                     payload: Bytes::from(payload),
                 }
@@ -788,6 +797,11 @@ pub struct WalReader {
 }
 
 impl WalReader {
+    /// The keys the WAL seals with: what its consumers seal their own files with.
+    pub fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.shared.keyring.clone()
+    }
+
     /// The LSN of the next record this reader will return.
     pub fn position(&self) -> u64 {
         self.next
@@ -880,7 +894,11 @@ impl WalReader {
             let reusable =
                 matches!(&self.disk, Some((s, r)) if *s == *start && r.lsn() == self.next);
             if !reusable {
-                self.disk = Some((*start, SegmentReader::open(path, *start, self.next)?));
+                let keyring = self.shared.keyring.clone();
+                self.disk = Some((
+                    *start,
+                    SegmentReader::open(path, *start, self.next, keyring)?,
+                ));
             }
             let Some((_, reader)) = self.disk.as_mut() else {
                 break;

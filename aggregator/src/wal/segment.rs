@@ -14,10 +14,18 @@
 //! The CRC covers the first 16 header bytes and the payload, so a torn write (a crash in the
 //! middle of a group commit, before anything in it was acknowledged) is recognised and cut off
 //! when the WAL is opened.
+//!
+//! With encryption at rest the payload is sealed ([`logging_common::crypto`]: its own salt,
+//! the key's id) and the header, which holds no content, stays as it is; lengths and LSNs
+//! count the sealed bytes. A payload that passes its CRC but cannot be opened (a missing or
+//! wrong key) is an error naming the segment, never a torn tail to cut off.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use logging_common::crypto::{self, Keyring};
 
 pub const HEADER_LEN: usize = 20;
 /// No record is larger than this; a header claiming more is corrupt.
@@ -47,12 +55,15 @@ pub fn record_len(payload_len: usize) -> u64 {
 pub struct RawRecord {
     pub lsn: u64,
     pub count: u32,
+    /// The entries, opened when they were sealed.
     pub payload: Vec<u8>,
+    /// The payload's length on disk.
+    pub stored_len: usize,
 }
 
 impl RawRecord {
     pub fn end(&self) -> u64 {
-        self.lsn + record_len(self.payload.len())
+        self.lsn + record_len(self.stored_len)
     }
 }
 
@@ -94,20 +105,29 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 /// Reads one segment's records in order.
 pub struct SegmentReader {
     file: BufReader<File>,
+    path: PathBuf,
     start: u64,
     pos: u64,
+    keyring: Option<Arc<Keyring>>,
 }
 
 impl SegmentReader {
     /// Opens the segment that begins at `start`, positioned at `lsn`.
-    pub fn open(path: &Path, start: u64, lsn: u64) -> io::Result<SegmentReader> {
+    pub fn open(
+        path: &Path,
+        start: u64,
+        lsn: u64,
+        keyring: Option<Arc<Keyring>>,
+    ) -> io::Result<SegmentReader> {
         let mut file = File::open(path)?;
         let offset = lsn.saturating_sub(start);
         file.seek(SeekFrom::Start(offset))?;
         Ok(SegmentReader {
             file: BufReader::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
             start,
             pos: offset,
+            keyring,
         })
     }
 
@@ -161,11 +181,24 @@ impl SegmentReader {
                 reason: "checksum mismatch",
             });
         }
+        let payload = if crypto::is_sealed(&payload) {
+            crypto::open(self.keyring.as_deref(), &payload)
+                .map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("WAL segment {} at LSN {lsn}: {e}", self.path.display()),
+                    )
+                })?
+                .into_owned()
+        } else {
+            payload
+        };
         self.pos += record_len(len);
         Ok(ReadOutcome::Record(RawRecord {
             lsn,
             count,
             payload,
+            stored_len: len,
         }))
     }
 }
@@ -307,7 +340,7 @@ mod tests {
         bytes.extend_from_slice(&torn[..torn.len() - 3]);
         File::create(&path).unwrap().write_all(&bytes).unwrap();
 
-        let mut reader = SegmentReader::open(&path, 100, 100).unwrap();
+        let mut reader = SegmentReader::open(&path, 100, 100, None).unwrap();
         let ReadOutcome::Record(a) = reader.next_record().unwrap() else {
             panic!()
         };
@@ -326,7 +359,7 @@ mod tests {
         ));
 
         // Seeking straight to the second record works: LSNs are byte positions.
-        let mut reader = SegmentReader::open(&path, 100, second).unwrap();
+        let mut reader = SegmentReader::open(&path, 100, second, None).unwrap();
         let ReadOutcome::Record(b) = reader.next_record().unwrap() else {
             panic!()
         };
@@ -342,7 +375,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         File::create(&path).unwrap().write_all(&bytes).unwrap();
-        let mut reader = SegmentReader::open(&path, 0, 0).unwrap();
+        let mut reader = SegmentReader::open(&path, 0, 0, None).unwrap();
         assert!(matches!(
             reader.next_record().unwrap(),
             ReadOutcome::Invalid {

@@ -41,7 +41,7 @@ fn entry(n: u64) -> LogEntry {
 }
 
 fn open(dir: &Path, segment_bytes: u64) -> (Wal, Recovered) {
-    Wal::open(dir, segment_bytes, 0, Box::<SeenIds>::default()).unwrap()
+    Wal::open(dir, segment_bytes, 0, Box::<SeenIds>::default(), None).unwrap()
 }
 
 fn messages(records: &[Arc<Record>]) -> Vec<String> {
@@ -347,4 +347,57 @@ async fn every_acknowledged_entry_survives_losing_what_was_not_synced() {
         lost.len()
     );
     assert_eq!(acknowledged.len(), 1600);
+}
+
+#[tokio::test]
+async fn sealed_records_hold_no_plaintext_and_need_their_key_to_open() {
+    use logging_common::crypto::Keyring;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keyring::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+    let keyring = Some(Arc::new(keys));
+    let open_sealed = |keyring: Option<Arc<Keyring>>| {
+        Wal::open(dir.path(), 1 << 20, 0, Box::<SeenIds>::default(), keyring)
+    };
+    let (wal, _) = open_sealed(keyring.clone()).unwrap();
+    let appended = wal.append(Batch::new(&[entry(1), entry(2)])).await.unwrap();
+    let mut reader = wal.reader("index").unwrap();
+    assert_eq!(
+        messages(&drain(&mut reader)),
+        ["message number 1", "message number 2"]
+    );
+    drop(reader);
+    drop(wal);
+    let on_disk: Vec<u8> = list_segments(dir.path())
+        .unwrap()
+        .iter()
+        .flat_map(|(_, path)| std::fs::read(path).unwrap())
+        .collect();
+    assert!(on_disk.len() as u64 >= appended.visible_after);
+    assert!(!on_disk.windows(7).any(|w| w == b"message"));
+
+    // Reopened with the key, the records read back from disk (not from memory).
+    let (wal, recovered) = open_sealed(keyring).unwrap();
+    assert_eq!(recovered.records, 1);
+    assert_eq!(recovered.truncated_bytes, 0);
+    let mut reader = wal.reader("index").unwrap();
+    assert_eq!(messages(&drain(&mut reader)).len(), 2);
+    drop(reader);
+    drop(wal);
+    // Without it, the WAL is refused naming the segment, and nothing is cut off.
+    let error = open_sealed(None)
+        .err()
+        .expect("opened without the key")
+        .to_string();
+    assert!(
+        error.contains(".wal") && error.contains("no encryption key is set"),
+        "{error}"
+    );
+    assert_eq!(
+        list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+            .sum::<u64>(),
+        on_disk.len() as u64
+    );
 }

@@ -3,6 +3,7 @@
 mod agent;
 mod config;
 mod durability;
+mod encryption;
 mod hostile;
 mod manifests;
 mod tracing;

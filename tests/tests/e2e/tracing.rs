@@ -343,15 +343,6 @@ async fn wait_stored(aggregator: &AggregatorProcess, count: u64) {
     }
 }
 
-/// SIGTERM and wait: the process stops gracefully, exporting what its queue holds.
-fn stop_gracefully(child: &mut std::process::Child) {
-    // SAFETY: kill(2) on a child we started and have not reaped.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let _ = child.wait();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_joins_the_agents_batch_the_ingest_and_the_alert_it_fired() {
     let collector = Collector::default();
@@ -780,8 +771,8 @@ async fn sampling_ratio_zero_exports_nothing() {
         .unwrap();
     assert_eq!(response.status(), 200);
     // A graceful stop exports whatever is queued: with ratio 0 that is nothing.
-    stop_gracefully(&mut agent.child);
-    stop_gracefully(&mut aggregator.child);
+    logging_tests::terminate(&mut agent.child);
+    logging_tests::terminate(&mut aggregator.child);
     assert!(
         collector.spans().is_empty(),
         "ratio 0 exported {:?}",
