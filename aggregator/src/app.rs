@@ -300,6 +300,8 @@ impl Plan {
 /// handed to dedup and replayed by the indexer.
 struct Stores {
     index: Arc<LogIndex>,
+    /// `ARCHIVE_URL`'s archive, when set.
+    archive: Option<Arc<crate::archive::Archive>>,
     db: Arc<Database>,
     dedup: Arc<parking_lot::Mutex<Dedup>>,
     wal: Arc<Wal>,
@@ -323,6 +325,26 @@ impl Stores {
             )
             .context("cannot open the embedded index")?,
         );
+        // Before the indexer runs: retention must know that archiving is on.
+        let archive = match &config.archive_url {
+            Some(_) => {
+                let archive = crate::archive::Archive::new(config, index.clone())
+                    .context("cannot set up the archive (ARCHIVE_URL)")?;
+                // What it holds, so retention and the first answers know; an archive that
+                // does not answer soon is read again by the first round instead.
+                match tokio::time::timeout(Duration::from_secs(5), archive.load()).await {
+                    Ok(Ok(days)) => tracing::info!(days, "archive listed"),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cannot list the archive yet; retrying in the background")
+                    }
+                    Err(_) => tracing::warn!(
+                        "the archive did not answer within 5 s; retrying in the background"
+                    ),
+                }
+                Some(Arc::new(archive))
+            }
+            None => None,
+        };
         let db = Arc::new(
             Database::connect(
                 &config.database_url(),
@@ -359,6 +381,7 @@ impl Stores {
         dedup.lock().add_unapplied(&recovered.unapplied);
         Ok(Stores {
             index,
+            archive,
             db,
             dedup,
             wal: Arc::new(wal),
@@ -577,6 +600,7 @@ async fn api_state(
         sinks: consumers.sink_statuses.clone(),
         proxies,
         client_setup: Default::default(),
+        archive: stores.archive.clone(),
     }))
 }
 
@@ -705,6 +729,9 @@ async fn background_tasks(
         tokio::spawn(sync_deletions(state.clone(), shutdown.subscribe())),
         tokio::spawn(purge_expired_deletions(state.clone(), shutdown.subscribe())),
     ];
+    if let Some(archive) = &stores.archive {
+        background.push(tokio::spawn(archive.clone().run(shutdown.subscribe())));
+    }
     if let Some(publisher) = broker
         && config.audit_log_enabled
     {

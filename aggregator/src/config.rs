@@ -33,6 +33,15 @@ pub struct Config {
     pub database_max_overflow: u32,
     /// Entries older than this many days are dropped, a whole day partition at a time.
     pub log_retention_days: u32,
+    /// Where day partitions are archived: `s3://bucket/prefix` (AWS_* variables) or
+    /// `file:///path`; unset = no archive.
+    pub archive_url: Option<String>,
+    /// Days after which a day partition is archived (and then dropped locally).
+    pub archive_after_days: u32,
+    /// Days the archive keeps a day; 0 = for ever.
+    pub archive_retention_days: u32,
+    /// Seconds between archive rounds.
+    pub archive_interval: u64,
     /// Largest accepted entry, in bytes of its JSON.
     pub max_log_size: usize,
     /// Compress the embedded store's documents (zstd).
@@ -200,6 +209,10 @@ impl Default for Config {
             database_pool_size: 10,
             database_max_overflow: 20,
             log_retention_days: 30,
+            archive_url: None,
+            archive_after_days: 7,
+            archive_retention_days: 0,
+            archive_interval: 3600,
             max_log_size: 1_048_576,
             log_compression_enabled: true,
             log_indexing_enabled: true,
@@ -430,6 +443,28 @@ impl Config {
             .map_err(|reason| invalid("TRUSTED_PROXIES", reason))?;
         if self.log_retention_days == 0 {
             return Err(invalid("LOG_RETENTION_DAYS", "must be at least 1"));
+        }
+        if let Some(url) = &self.archive_url {
+            crate::archive::Location::parse(url).map_err(|e| invalid("ARCHIVE_URL", e))?;
+            if self.archive_after_days >= self.log_retention_days {
+                return Err(invalid(
+                    "ARCHIVE_AFTER_DAYS",
+                    format!(
+                        "must be less than LOG_RETENTION_DAYS ({}): a day is archived before \
+                         retention would drop it",
+                        self.log_retention_days
+                    ),
+                ));
+            }
+            if self.archive_after_days == 0 {
+                return Err(invalid(
+                    "ARCHIVE_AFTER_DAYS",
+                    "must be at least 1 (today's partition still takes entries)",
+                ));
+            }
+            if self.archive_interval == 0 {
+                return Err(invalid("ARCHIVE_INTERVAL", "must be at least 1 second"));
+            }
         }
         if self.index_refresh_interval_ms == 0 {
             return Err(invalid("INDEX_REFRESH_INTERVAL_MS", "must be at least 1"));

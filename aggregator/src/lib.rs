@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod archive;
 pub mod auth;
 pub mod broker;
 pub mod certs;

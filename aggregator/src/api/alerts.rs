@@ -7,19 +7,17 @@ use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use logging_common::Timestamp;
-use logging_common::validate::AuditEvent;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::client::client_details;
 use super::params::Params;
-use super::{Admin, Body, Reader, SharedState, json as json_reply};
+use super::{Admin, Body, Reader, SharedState, Who, audit, json as json_reply};
 use crate::alerts::manager::{Command, CommandError};
 use crate::alerts::rules::{Rule, RuleSource, parse_spec};
 use crate::alerts::{AlertRecord, Alerting};
 use crate::auth::Caller;
-use crate::db::{AlertFilter, deletion_actor, is_unique_violation};
+use crate::db::{AlertFilter, is_unique_violation};
 use crate::error::ApiError;
 
 const CURSOR_VERSION: u8 = 1;
@@ -172,53 +170,6 @@ async fn command(
         Ok(Err(CommandError::Db(error))) => Err(db_error(error)),
         Err(_) => Err(ApiError::unavailable("the alert manager is stopping")),
     }
-}
-
-/// Who asked for an action, for the audit trail.
-struct Who<'a> {
-    caller: &'a Caller,
-    headers: &'a HeaderMap,
-    peer: std::net::SocketAddr,
-}
-
-/// Records an operator action in the audit trail (when it is enabled).
-async fn audit(
-    state: &SharedState,
-    who: Who<'_>,
-    action: &str,
-    entity_type: &str,
-    entity_id: String,
-    old_values: Option<Value>,
-    new_values: Option<Value>,
-) -> Result<(), ApiError> {
-    if !state.config.audit_log_enabled {
-        return Ok(());
-    }
-    let object = |v: Option<Value>| match v {
-        Some(Value::Object(map)) => Some(map),
-        _ => None,
-    };
-    let (ip, user_agent) = client_details(&state.proxies, who.peer.ip(), who.headers);
-    let event = AuditEvent {
-        id: None,
-        timestamp: None,
-        actor: deletion_actor(who.caller),
-        action: action.into(),
-        entity_type: entity_type.into(),
-        entity_id,
-        old_values: object(old_values),
-        new_values: object(new_values),
-        metadata: Map::new(),
-        ip_address: Some(ip),
-        user_agent,
-        trace_id: None,
-    };
-    state
-        .db
-        .record_audit(event)
-        .await
-        .map_err(|e| ApiError::internal("cannot record the action in the audit trail", e))?;
-    Ok(())
 }
 
 /// What an operator does to an alert.

@@ -177,7 +177,8 @@ pub async fn analytics(
             .then_with(|| a.service.cmp(&b.service))
     });
     let total: u64 = level_totals.iter().sum();
-    let caveats = fruit.caveats;
+    let mut caveats = fruit.caveats;
+    caveats.extend(super::logs::archive_caveats(&state, Some(start), Some(end)));
     metrics::histogram!("logging_aggregator_query_duration_seconds", "kind" => "analytics")
         .record(started.elapsed().as_secs_f64());
     let mut body = serde_json::json!({

@@ -315,6 +315,7 @@ async fn run_search(
     } else {
         "; full-text `q` is served by /api/search"
     })?;
+    let caveats = archive_caveats(state, filter.start, filter.end);
     let request = ListRequest {
         filter,
         limit,
@@ -323,11 +324,29 @@ async fn run_search(
         with_total: with_text,
         highlight,
     };
-    let listing = state.reads.list(&state.index, request).await?;
+    let mut listing = state.reads.list(&state.index, request).await?;
+    listing.caveats.extend(caveats);
     metrics::histogram!("logging_aggregator_query_duration_seconds",
         "kind" => if with_text { "search" } else { "list" })
     .record(started.elapsed().as_secs_f64());
     Ok(page_response(listing, order, with_text, started.elapsed()))
+}
+
+/// What an answer over `[start, end)` lacks because the archive holds it (archived days that
+/// are not restored).
+pub(super) fn archive_caveats(
+    state: &SharedState,
+    start: Option<logging_common::Timestamp>,
+    end: Option<logging_common::Timestamp>,
+) -> Vec<crate::read::Caveat> {
+    let Some(archive) = &state.archive else {
+        return Vec::new();
+    };
+    archive
+        .caveats(start.map(|s| s.as_nanos()), end.map(|e| e.as_nanos()))
+        .into_iter()
+        .map(|reason| crate::read::Caveat::new("archive", reason))
+        .collect()
 }
 
 /// `GET /api/logs`: filtered listing, newest first by default, with a cursor.

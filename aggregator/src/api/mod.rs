@@ -3,6 +3,7 @@
 
 mod alerts;
 mod analytics;
+mod archive;
 mod audit;
 pub mod client;
 pub mod elastic;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub proxies: client::TrustedProxies,
     /// What Elasticsearch clients install before they send (templates, ILM policies).
     pub client_setup: elastic::ClientSetup,
+    /// The archive (`ARCHIVE_URL`), when set.
+    pub archive: Option<Arc<crate::archive::Archive>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -71,6 +74,11 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/logs/{id}", get(logs::get_one).delete(logs::delete))
         .route("/api/search", get(logs::search))
         .route("/api/analytics", get(analytics::analytics))
+        .route("/api/archive", get(archive::list))
+        .route(
+            "/api/archive/{day}/restore",
+            post(archive::restore).delete(archive::unrestore),
+        )
         .route("/api/audit", get(audit::list).post(audit::create))
         .route("/api/audit/verify", get(audit::verify))
         .route("/api/audit/{id}", get(audit::get_one))
@@ -457,6 +465,53 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// The state, for handlers that need no caller (health, metrics).
 pub type AppStateExtractor = State<SharedState>;
+
+/// Who asked for an action, for the audit trail.
+pub(crate) struct Who<'a> {
+    pub caller: &'a Caller,
+    pub headers: &'a axum::http::HeaderMap,
+    pub peer: std::net::SocketAddr,
+}
+
+/// Records an operator action in the audit trail (when it is enabled).
+pub(crate) async fn audit(
+    state: &SharedState,
+    who: Who<'_>,
+    action: &str,
+    entity_type: &str,
+    entity_id: String,
+    old_values: Option<serde_json::Value>,
+    new_values: Option<serde_json::Value>,
+) -> Result<(), ApiError> {
+    if !state.config.audit_log_enabled {
+        return Ok(());
+    }
+    let object = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::Object(map)) => Some(map),
+        _ => None,
+    };
+    let (ip, user_agent) = client::client_details(&state.proxies, who.peer.ip(), who.headers);
+    let event = logging_common::validate::AuditEvent {
+        id: None,
+        timestamp: None,
+        actor: crate::db::deletion_actor(who.caller),
+        action: action.into(),
+        entity_type: entity_type.into(),
+        entity_id,
+        old_values: object(old_values),
+        new_values: object(new_values),
+        metadata: serde_json::Map::new(),
+        ip_address: Some(ip),
+        user_agent,
+        trace_id: None,
+    };
+    state
+        .db
+        .record_audit(event)
+        .await
+        .map_err(|e| ApiError::internal("cannot record the action in the audit trail", e))?;
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

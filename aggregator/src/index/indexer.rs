@@ -168,6 +168,7 @@ impl Indexer {
                     self.wal.retire_consumed();
                 }
             }
+            self.apply_archive_changes();
             let now = Instant::now();
             if now >= next_retention {
                 self.enforce_retention();
@@ -368,9 +369,11 @@ impl Indexer {
                 continue;
             };
             let parts = partition.parts();
+            // Parts restored from the archive stay as they are: dropping the restore removes
+            // exactly them.
             let small: Vec<Arc<Part>> = parts
                 .iter()
-                .filter(|p| p.rows() < SMALL_PART_ROWS)
+                .filter(|p| p.rows() < SMALL_PART_ROWS && !p.archived)
                 .cloned()
                 .collect();
             if small.len() < MERGE_PARTS {
@@ -393,12 +396,46 @@ impl Indexer {
         }
     }
 
+    /// Applies what the archive asked for (see [`super::archived`]).
+    fn apply_archive_changes(&mut self) {
+        use super::archived::ArchiveChange;
+        for request in self.index.take_archive_changes() {
+            let result = match &request.change {
+                ArchiveChange::Archived { day, parts } => {
+                    let writing = self.writers.get(day).is_some_and(|w| w.rows > 0);
+                    let removed = self.index.remove_archived(*day, parts, writing);
+                    if self.index.partition(*day).is_none() {
+                        self.writers.remove(day);
+                    }
+                    removed
+                }
+                ArchiveChange::Restored { day, parts } => self.index.add_restored(*day, parts),
+                ArchiveChange::Unrestored { day } => {
+                    let removed = self.index.remove_restored(*day);
+                    if self.index.partition(*day).is_none() {
+                        self.writers.remove(day);
+                    }
+                    removed
+                }
+            };
+            if let Err(error) = &result {
+                tracing::error!(change = ?request.change, %error, "cannot apply an archive change");
+            }
+            let _ = request.reply.send(result);
+        }
+    }
+
     fn enforce_retention(&mut self) {
         let cutoff = Timestamp::now().saturating_add_nanos(
             -(i64::from(self.options.retention_days) * 86_400 * 1_000_000_000),
         );
         let oldest_kept = cutoff.day();
         for day in self.index.days().into_iter().filter(|d| *d < oldest_kept) {
+            if !self.index.may_expire(day) {
+                tracing::warn!(day = %super::day_name(day),
+                    "past LOG_RETENTION_DAYS but not yet in the archive; kept until it is");
+                continue;
+            }
             self.writers.remove(&day);
             match self.index.drop_partition(day) {
                 Ok(()) => {

@@ -12,6 +12,7 @@
 //! skips every record before the end of its last part, and the WAL cursor never passes the
 //! oldest entry still only in memory.
 
+pub mod archived;
 pub mod block;
 pub mod bloom;
 pub mod indexer;
@@ -104,6 +105,38 @@ impl Partition {
         read(&snapshot, &guard)
     }
 
+    /// Whether it holds nothing, in parts or in memory.
+    pub fn is_empty(&self) -> bool {
+        self.state.read().parts.is_empty() && self.memtable_rows() == 0
+    }
+
+    /// Adds parts (restored from the archive), in WAL order with the others.
+    pub fn add_parts(&self, parts: Vec<Arc<Part>>) {
+        let mut state = self.state.write();
+        state.parts.extend(parts);
+        state.parts.sort_by_key(|p| p.lsn_from);
+    }
+
+    /// Removes the parts `remove` picks, and their files; returns how many.
+    pub fn remove_parts(&self, remove: impl Fn(&Part) -> bool) -> Result<usize, IndexError> {
+        let gone: Vec<Arc<Part>> = {
+            let mut state = self.state.write();
+            let (gone, kept) = std::mem::take(&mut state.parts)
+                .into_iter()
+                .partition(|p| remove(p));
+            state.parts = kept;
+            gone
+        };
+        for part in &gone {
+            // Readers still holding the part keep its file open until they finish.
+            std::fs::remove_file(&part.path)?;
+        }
+        if !gone.is_empty() {
+            crate::wal::sync_dir(&self.dir)?;
+        }
+        Ok(gone.len())
+    }
+
     /// Rows in memory, not yet in a part.
     pub fn memtable_rows(&self) -> usize {
         let state = self.state.read();
@@ -133,7 +166,7 @@ pub fn day_name(day: i64) -> String {
     s
 }
 
-fn parse_day_name(name: &str) -> Option<i64> {
+pub fn parse_day_name(name: &str) -> Option<i64> {
     if name.len() != 10 {
         return None;
     }
@@ -279,6 +312,10 @@ pub struct LogIndex {
     /// Soft-deleted ids, by the day partition that holds them.
     hidden: RwLock<HashMap<i64, Vec<Uuid>>>,
     searchable: watch::Sender<u64>,
+    /// What the archive asks the indexer to change ([`archived`]).
+    archive_changes: parking_lot::Mutex<Vec<archived::ChangeRequest>>,
+    /// With archiving on, the days the archive holds (retention waits for them).
+    archived_days: RwLock<Option<std::collections::BTreeSet<i64>>>,
 }
 
 /// Which blocks of a partition a read looks at, in the order it looks.
@@ -326,6 +363,8 @@ impl LogIndex {
             partitions: RwLock::new(partitions),
             hidden: RwLock::new(HashMap::new()),
             searchable,
+            archive_changes: parking_lot::Mutex::new(Vec::new()),
+            archived_days: RwLock::new(None),
         })
     }
 
@@ -375,6 +414,11 @@ impl LogIndex {
             std::fs::remove_dir_all(&partition.dir)?;
         }
         Ok(())
+    }
+
+    /// The directory of `day`'s partition (whether it exists or not).
+    pub fn day_dir(&self, day: i64) -> PathBuf {
+        self.root.join(day_name(day))
     }
 
     pub fn days(&self) -> Vec<i64> {
@@ -902,6 +946,7 @@ fn open_parts(dir: &Path, keyring: Option<&Keyring>) -> Result<Vec<Arc<Part>>, I
         }
     }
     found.sort_by_key(|(from, to, _)| (*from, std::cmp::Reverse(*to)));
+    let restored = archived::read_restored(dir);
     let mut parts: Vec<Arc<Part>> = Vec::new();
     for (from, to, path) in found {
         if parts.iter().any(|p| p.lsn_from <= from && to <= p.lsn_to) {
@@ -909,7 +954,9 @@ fn open_parts(dir: &Path, keyring: Option<&Keyring>) -> Result<Vec<Arc<Part>>, I
             let _ = std::fs::remove_file(&path);
             continue;
         }
-        parts.push(Arc::new(Part::open(&path, keyring)?));
+        let mut part = Part::open(&path, keyring)?;
+        part.archived = restored.contains(archived::file_name(&part));
+        parts.push(Arc::new(part));
     }
     parts.sort_by_key(|p| p.lsn_from);
     Ok(parts)
@@ -1426,9 +1473,27 @@ fn bounds(filter: &LogFilter, page: &Page) -> (Option<i64>, Option<i64>) {
 
 /// The stored (compact) form of an entry, expanded to every field as the API returns it.
 pub(crate) fn api_json(stored: Vec<u8>) -> Vec<u8> {
+    let archived = stored.ends_with(ARCHIVED);
     match serde_json::from_slice::<logging_common::LogEntry>(&stored) {
-        Ok(entry) => entry.to_api_json(),
+        Ok(entry) => {
+            let mut json = entry.to_api_json();
+            if archived {
+                mark_archived(&mut json);
+            }
+            json
+        }
         Err(_) => stored,
+    }
+}
+
+/// How the line of an entry restored from the archive ends.
+const ARCHIVED: &[u8] = b",\"archived\":true}";
+
+/// Marks an entry's JSON object as restored from the archive.
+pub(crate) fn mark_archived(json: &mut Vec<u8>) {
+    if json.last() == Some(&b'}') && !json.ends_with(ARCHIVED) {
+        json.pop();
+        json.extend_from_slice(ARCHIVED);
     }
 }
 

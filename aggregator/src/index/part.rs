@@ -132,6 +132,9 @@ pub struct Part {
     pub bytes: u64,
     /// Unique among the parts this process opened.
     pub id: u64,
+    /// Brought back from the archive (`POST /api/archive/{day}/restore`): read-only, never
+    /// merged, its entries answered with `"archived":true`.
+    pub archived: bool,
     templates_frame: Frame,
     /// The dictionary, prepared, while the cache keeps it; and while a reader holds it.
     templates: Mutex<Option<Arc<TemplateSet>>>,
@@ -439,6 +442,7 @@ impl Part {
             lsn_to: footer.lsn_to,
             bytes,
             id: NEXT_PART_ID.fetch_add(1, Ordering::Relaxed),
+            archived: false,
             templates_frame: footer.templates,
             templates: Mutex::new(None),
             in_use: Mutex::new(std::sync::Weak::new()),

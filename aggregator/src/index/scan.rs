@@ -540,8 +540,19 @@ impl<'a> View<'a> {
             .unwrap_or_default()
     }
 
-    /// The stored lines of `rows` (ascending), in that order.
+    /// The stored lines of `rows` (ascending), in that order; those of a part restored from
+    /// the archive say `"archived":true`.
     pub fn lines(&self, rows: &[usize]) -> Result<Vec<Vec<u8>>, BlockError> {
+        let mut lines = self.stored_lines(rows)?;
+        if self.disk.is_some_and(|(part, _)| part.archived) {
+            for line in &mut lines {
+                super::mark_archived(line);
+            }
+        }
+        Ok(lines)
+    }
+
+    fn stored_lines(&self, rows: &[usize]) -> Result<Vec<Vec<u8>>, BlockError> {
         let templates = self.templates()?;
         let template = self.template()?;
         let ts = self.ts()?;

@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod alerts;
+mod archive;
 mod audit;
 mod broker;
 mod elastic_bulk;
