@@ -601,6 +601,7 @@ async fn api_state(
         proxies,
         client_setup: Default::default(),
         archive: stores.archive.clone(),
+        query_cache: Arc::new(crate::api::cache::QueryCache::new(config.query_cache_bytes)),
     }))
 }
 

@@ -42,6 +42,8 @@ pub struct Config {
     pub archive_retention_days: u32,
     /// Seconds between archive rounds.
     pub archive_interval: u64,
+    /// Memory for cached analytics answers over past days; 0 = no cache.
+    pub query_cache_bytes: usize,
     /// Largest accepted entry, in bytes of its JSON.
     pub max_log_size: usize,
     /// Compress the embedded store's documents (zstd).
@@ -213,6 +215,7 @@ impl Default for Config {
             archive_after_days: 7,
             archive_retention_days: 0,
             archive_interval: 3600,
+            query_cache_bytes: 64 << 20,
             max_log_size: 1_048_576,
             log_compression_enabled: true,
             log_indexing_enabled: true,

@@ -5,6 +5,7 @@ mod alerts;
 mod analytics;
 mod archive;
 mod audit;
+pub mod cache;
 pub mod client;
 pub mod elastic;
 pub mod health;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub client_setup: elastic::ClientSetup,
     /// The archive (`ARCHIVE_URL`), when set.
     pub archive: Option<Arc<crate::archive::Archive>>,
+    /// Answers over past days (`QUERY_CACHE_BYTES`).
+    pub query_cache: Arc<cache::QueryCache>,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -66,8 +66,11 @@ impl LogIndex {
 
     /// Records that the archive holds `day`.
     pub fn mark_archived(&self, day: i64) {
-        if let Some(days) = self.archived_days.write().as_mut() {
-            days.insert(day);
+        if let Some(days) = self.archived_days.write().as_mut()
+            && days.insert(day)
+        {
+            // Answers over it now carry a caveat.
+            self.changed();
         }
     }
 
@@ -102,6 +105,7 @@ impl LogIndex {
         }
         let names: HashSet<&str> = names.iter().map(String::as_str).collect();
         let removed = partition.remove_parts(|p| !p.archived && names.contains(file_name(p)))?;
+        self.changed();
         if partition.is_empty() {
             self.drop_partition(day)?;
         }
@@ -127,6 +131,7 @@ impl LogIndex {
             opened.push(Arc::new(part));
         }
         partition.add_parts(opened);
+        self.changed();
         Ok(names.len())
     }
 
@@ -136,6 +141,7 @@ impl LogIndex {
             return Ok(0);
         };
         let removed = partition.remove_parts(|p| p.archived)?;
+        self.changed();
         let listed = partition.dir.join(RESTORED_FILE);
         if listed.exists() {
             std::fs::remove_file(&listed)?;

@@ -253,6 +253,9 @@ impl Indexer {
                 drop(open);
                 drop(state);
             }
+            partition
+                .changes
+                .fetch_add(added as u64, std::sync::atomic::Ordering::AcqRel);
             let writer = self.writer(*day)?;
             if added > 0 {
                 let now = Instant::now();

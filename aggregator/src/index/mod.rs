@@ -27,6 +27,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use logging_common::Timestamp;
 use logging_common::crypto::Keyring;
@@ -70,6 +71,9 @@ pub struct Partition {
     /// The store's keys: its parts are sealed with them.
     pub keyring: Option<Arc<Keyring>>,
     state: RwLock<State>,
+    /// Rows added to it since the start: with [`LogIndex::generation`], what tells a cached
+    /// answer over this day that it is stale.
+    pub changes: AtomicU64,
 }
 
 /// A consistent view of a partition: what a read scans.
@@ -316,6 +320,9 @@ pub struct LogIndex {
     archive_changes: parking_lot::Mutex<Vec<archived::ChangeRequest>>,
     /// With archiving on, the days the archive holds (retention waits for them).
     archived_days: RwLock<Option<std::collections::BTreeSet<i64>>>,
+    /// Bumped by every change that is not rows added to a partition: a day created, dropped,
+    /// restored or archived, an entry hidden.
+    epoch: AtomicU64,
 }
 
 /// Which blocks of a partition a read looks at, in the order it looks.
@@ -352,6 +359,7 @@ impl LogIndex {
                     sealed: Vec::new(),
                     open: Arc::new(RwLock::new(BlockBuilder::default())),
                 }),
+                changes: AtomicU64::new(0),
             };
             max_lsn = max_lsn.max(partition.committed_lsn());
             partitions.insert(day, Arc::new(partition));
@@ -365,6 +373,7 @@ impl LogIndex {
             searchable,
             archive_changes: parking_lot::Mutex::new(Vec::new()),
             archived_days: RwLock::new(None),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -399,13 +408,16 @@ impl LogIndex {
                 sealed: Vec::new(),
                 open: Arc::new(RwLock::new(BlockBuilder::default())),
             }),
+            changes: AtomicU64::new(0),
         });
         self.partitions.write().insert(day, partition.clone());
+        self.changed();
         Ok(partition)
     }
 
     /// Removes a whole day (retention).
     pub fn drop_partition(&self, day: i64) -> Result<(), IndexError> {
+        self.changed();
         let removed = self.partitions.write().remove(&day);
         self.hidden.write().remove(&day);
         if let Some(partition) = removed {
@@ -446,6 +458,25 @@ impl LogIndex {
         let _ = rx.wait_for(|searchable| *searchable > lsn).await;
     }
 
+    // --- what a cached answer depends on ---
+
+    /// Records a change that is not rows added (see `epoch`).
+    pub fn changed(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// What answers over `[start, end)` depend on: the same pair later means the same
+    /// answer. Both halves only grow, so any change makes a different pair.
+    pub fn generation(&self, start: Timestamp, end: Timestamp) -> (u64, u64) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let rows = self
+            .partitions_between(Some(start.as_nanos()), Some(end.as_nanos()))
+            .iter()
+            .map(|p| p.changes.load(Ordering::Acquire))
+            .sum();
+        (epoch, rows)
+    }
+
     // --- soft deletes ---
 
     /// Adds the soft-deleted ids of the relational store (at start-up, and periodically when
@@ -461,11 +492,15 @@ impl LogIndex {
                 added += 1;
             }
         }
+        if added > 0 {
+            self.changed();
+        }
         added
     }
 
     /// Hides an entry from every read, at once.
     pub fn hide(&self, id: Uuid, day: i64) {
+        self.changed();
         let mut hidden = self.hidden.write();
         let ids = hidden.entry(day).or_default();
         if !ids.contains(&id) {

@@ -189,9 +189,85 @@ pub fn urlencode(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
+/// The query cache's counter of `outcome` (hit or miss).
+async fn cache_count(app: &TestApp, outcome: &str) -> u64 {
+    let label = format!("logging_aggregator_query_cache_requests_total{{outcome=\"{outcome}\"}}");
+    app.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&label)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Analytics over a past day is answered from the cache until the day changes: a late entry
+/// for it, or a delete, makes the next answer a fresh one.
+async fn analytics_over_past_days_is_cached_until_they_change(db: Db) {
+    let app = TestApp::start(db).await;
+    let now = logging_common::Timestamp::now();
+    let day = now.day() - 2;
+    let at = |n: i64| {
+        let noon = day * 86_400 + 43_200 + n;
+        entry(
+            "ledger",
+            "error",
+            &format!("late posting {n}"),
+            now.as_nanos() / 1_000_000_000 - noon,
+        )
+    };
+    app.ingest((0..20).map(at).collect()).await;
+    let bound = |d: i64| logging_common::Timestamp::from_nanos(d * 86_400_000_000_000).to_rfc3339();
+    let path = format!(
+        "/api/analytics?start={}&end={}&interval=1h",
+        bound(day),
+        bound(day + 1)
+    );
+    let without_took = |mut body: Value| {
+        body.as_object_mut().unwrap().remove("took_ms");
+        body
+    };
+    let first = without_took(app.get_json(&path).await);
+    assert_eq!(first["total"], 20);
+    let hits = cache_count(&app, "hit").await;
+    let second = without_took(app.get_json(&path).await);
+    assert_eq!(second, first);
+    assert_eq!(
+        cache_count(&app, "hit").await,
+        hits + 1,
+        "answered from the cache"
+    );
+    // A late entry for that day: a fresh answer.
+    let ids = app.ingest(vec![at(100)]).await;
+    assert_eq!(app.get_json(&path).await["total"], 21);
+    assert_eq!(cache_count(&app, "hit").await, hits + 1);
+    // A delete: fresh again.
+    let deleted = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/logs/{}", ids[0]),
+            Some(crate::support::ADMIN),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+    assert_eq!(app.get_json(&path).await["total"], 20);
+    assert_eq!(app.get_json(&path).await["total"], 20);
+    assert_eq!(cache_count(&app, "hit").await, hits + 2);
+    // A range reaching today is never cached.
+    let misses = cache_count(&app, "miss").await;
+    app.get_json(&format!("/api/analytics?start={}", bound(day)))
+        .await;
+    app.get_json(&format!("/api/analytics?start={}", bound(day)))
+        .await;
+    assert_eq!(cache_count(&app, "hit").await, hits + 2);
+    assert_eq!(cache_count(&app, "miss").await, misses);
+    app.stop().await;
+}
+
 on_both_databases!(
     search_supports_terms_phrases_boolean_operators_and_filters,
     a_malformed_query_is_a_400_naming_q,
     analytics_counts_rates_patterns_and_percentiles,
     stats_report_volume_services_and_lag,
+    analytics_over_past_days_is_cached_until_they_change,
 );
