@@ -328,12 +328,22 @@ impl Archive {
             return;
         }
         let today = Timestamp::now().as_nanos().div_euclid(NANOS_PER_DAY);
-        let due: Vec<i64> = self
+        let oldest_kept = (self.retention_days > 0).then(|| today - i64::from(self.retention_days));
+        let mut due: Vec<i64> = self
             .index
             .days()
             .into_iter()
             .filter(|d| *d <= today - i64::from(self.after_days))
             .collect();
+        // A day already past ARCHIVE_RETENTION_DAYS would leave the archive as it arrives:
+        // it is not archived, and local retention may drop it.
+        due.retain(|day| match oldest_kept {
+            Some(oldest) if *day < oldest => {
+                self.index.mark_archived(*day);
+                false
+            }
+            _ => true,
+        });
         for day in due {
             match self.archive_day(day).await {
                 Ok(0) => {}
@@ -348,8 +358,7 @@ impl Archive {
                 }
             }
         }
-        if self.retention_days > 0 {
-            let oldest_kept = today - i64::from(self.retention_days);
+        if let Some(oldest_kept) = oldest_kept {
             let expired: Vec<i64> = self
                 .days
                 .read()

@@ -465,6 +465,18 @@ impl Config {
                     "must be at least 1 (today's partition still takes entries)",
                 ));
             }
+            if self.archive_retention_days != 0
+                && self.archive_retention_days <= self.archive_after_days
+            {
+                return Err(invalid(
+                    "ARCHIVE_RETENTION_DAYS",
+                    format!(
+                        "must be 0 (for ever) or more than ARCHIVE_AFTER_DAYS ({}): a day would \
+                         leave the archive as soon as it arrives",
+                        self.archive_after_days
+                    ),
+                ));
+            }
             if self.archive_interval == 0 {
                 return Err(invalid("ARCHIVE_INTERVAL", "must be at least 1 second"));
             }

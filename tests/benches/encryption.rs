@@ -6,7 +6,7 @@
 //! ```text
 //! cargo build --release -p logging-aggregator -p logging-agent
 //! cargo bench -p logging-tests --bench encryption
-//! BENCH_LINES=1000000 BENCH_ROUNDS=3 cargo bench -p logging-tests --bench encryption
+//! BENCH_LINES=1000000 BENCH_ROUNDS=3 BENCH_SAMPLES=30 cargo bench -p logging-tests --bench encryption
 //! ```
 //!
 //! Prints per run, and as medians with the ratio on/off: the aggregator's CPU seconds per
@@ -78,7 +78,7 @@ async fn run(
     for path in &paths {
         let url = format!("{}{path}", aggregator.base);
         let mut samples = Vec::new();
-        for _ in 0..30 {
+        for _ in 0..sample_count() {
             let asked = Instant::now();
             let response = client
                 .get(&url)
@@ -103,6 +103,14 @@ async fn run(
     drop(aggregator);
     let _ = std::fs::remove_dir_all(&dir);
     Figures { cpu, disk, queries }
+}
+
+/// How many times each query is asked (`BENCH_SAMPLES`, 30).
+fn sample_count() -> usize {
+    std::env::var("BENCH_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -293,6 +293,38 @@ async fn an_upload_cut_short_keeps_the_day_here_and_lists_no_half_bundle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_keeps_a_day_for_archive_retention_days() {
+    let archive = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", archive.path().display());
+    let mut app = TestApp::start_with(Db::Sqlite, archiving(&url)).await;
+    let old: Vec<Value> = (0..20)
+        .map(|n| old_entry("info", &format!("payout {n} {MARKER}"), 4, n))
+        .collect();
+    app.ingest(old).await;
+    let (day, _, _) = day_of(4);
+    wait_until("the day archived", async || {
+        app.get_json("/api/archive").await["days"][0]["entries"] == 20
+    })
+    .await;
+    // Kept for three days: the four-day-old bundle goes, manifest first.
+    let three_days = archiving(&url);
+    app.restart(move |config| {
+        three_days(config);
+        config.archive_retention_days = 3;
+    })
+    .await;
+    wait_until("the day expired from the archive", async || {
+        app.get_json("/api/archive").await["days"] == json!([])
+    })
+    .await;
+    let left: Vec<_> = std::fs::read_dir(archive.path().join(&day))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_archive_url_is_refused_naming_it() {
     for (url, after, reason) in [
         (
@@ -307,18 +339,20 @@ async fn a_bad_archive_url_is_refused_naming_it() {
             30,
             "must be less than LOG_RETENTION_DAYS",
         ),
+        ("file:///tmp/archive", 5, "more than ARCHIVE_AFTER_DAYS"),
     ] {
         let config = logging_aggregator::config::Config {
             archive_url: Some(url.into()),
             archive_after_days: after,
+            archive_retention_days: if after == 5 { 5 } else { 0 },
             ..logging_aggregator::config::Config::default()
         };
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains(reason), "{url}: {error}");
-        let name = if after == 30 {
-            "ARCHIVE_AFTER_DAYS"
-        } else {
-            "ARCHIVE_URL"
+        let name = match after {
+            30 => "ARCHIVE_AFTER_DAYS",
+            5 => "ARCHIVE_RETENTION_DAYS",
+            _ => "ARCHIVE_URL",
         };
         assert!(error.contains(name), "{url}: {error}");
     }
