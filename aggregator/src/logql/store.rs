@@ -109,6 +109,9 @@ struct Stored<'a> {
     user_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     environment: Option<Cow<'a, str>>,
+    /// Restored from the archive.
+    #[serde(default)]
+    archived: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -145,6 +148,9 @@ pub fn entry_row(ts: i64, json: &[u8], extra: &[String]) -> Option<Row> {
     put("detected_level", &stored.level);
     if let Some(environment) = &stored.environment {
         put("environment", environment);
+    }
+    if stored.archived {
+        put("archived", "true");
     }
     let context = stored.context.filter(|c| c.get().trim() != "null");
     if let Some(context) = context {

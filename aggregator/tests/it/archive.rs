@@ -166,6 +166,16 @@ async fn archive_and_restore(url: String) {
     assert_eq!(one["archived"], true, "{one}");
     let listed = app.get_json("/api/archive").await;
     assert_eq!(listed["days"][0]["restored"], true);
+    // Loki's query API too: the restored entries' streams carry archived="true".
+    let loki = app
+        .get_json(&format!(
+            "/loki/api/v1/query_range?query=%7Bservice_name%3D%22billing%22%7D&start={}&end={}&limit=5",
+            crate::search::urlencode(&start),
+            crate::search::urlencode(&end)
+        ))
+        .await;
+    let stream = &loki["data"]["result"][0]["stream"];
+    assert_eq!(stream["archived"], "true", "{loki}");
     let audit = app.get_json("/api/audit?action=archive.restored").await;
     assert_eq!(audit["items"][0]["entity_id"], day.as_str(), "{audit}");
 
