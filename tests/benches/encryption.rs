@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 #[path = "common/cri.rs"]
 mod cri;
+#[path = "common/rounds.rs"]
+mod rounds;
 #[path = "common/store.rs"]
 mod store;
 
@@ -78,7 +80,7 @@ async fn run(
     for path in &paths {
         let url = format!("{}{path}", aggregator.base);
         let mut samples = Vec::new();
-        for _ in 0..sample_count() {
+        for _ in 0..rounds::setting("BENCH_SAMPLES", 30) {
             let asked = Instant::now();
             let response = client
                 .get(&url)
@@ -105,40 +107,12 @@ async fn run(
     Figures { cpu, disk, queries }
 }
 
-/// How many times each query is asked (`BENCH_SAMPLES`, 30).
-fn sample_count() -> usize {
-    std::env::var("BENCH_SAMPLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let lines: usize = std::env::var("BENCH_LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let lines = rounds::setting("BENCH_LINES", 1_000_000);
+    let rounds = rounds::setting("BENCH_ROUNDS", 3);
     let root = tempfile::tempdir().unwrap();
-    let dir = root
-        .path()
-        .join("var/log/pods/shop_web-7d4b9c5f6-x2k9p_0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6/web");
-    std::fs::create_dir_all(&dir).unwrap();
-    let written = cri::write(&dir.join("0.log"), lines, 42);
+    let written = rounds::write_pod_log(root.path(), lines);
     println!(
         "encryption at rest: {lines} CRI lines ({:.1} MB), {rounds} rounds of off / on; query p50 in ms: {}",
         written.bytes as f64 / 1e6,
@@ -176,10 +150,10 @@ async fn main() {
     }
     let summary = |runs: &[Figures]| {
         (
-            median(runs.iter().map(|f| f.cpu).collect()),
-            median(runs.iter().map(|f| f.disk).collect()),
+            rounds::median(runs.iter().map(|f| f.cpu).collect()),
+            rounds::median(runs.iter().map(|f| f.disk).collect()),
             (0..QUERY_NAMES.len())
-                .map(|q| median(runs.iter().map(|f| f.queries[q]).collect()))
+                .map(|q| rounds::median(runs.iter().map(|f| f.queries[q]).collect()))
                 .collect::<Vec<f64>>(),
         )
     };

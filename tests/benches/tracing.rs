@@ -24,6 +24,8 @@ use logging_tests::{AgentProcess, AggregatorProcess, proc};
 #[allow(dead_code)]
 #[path = "common/cri.rs"]
 mod cri;
+#[path = "common/rounds.rs"]
+mod rounds;
 
 /// A collector that takes every export and throws it away, counting the requests.
 async fn discarding_collector(exports: Arc<AtomicU64>) -> String {
@@ -83,32 +85,12 @@ async fn run(
     (server / millions, agent_cpu / millions)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let lines: usize = std::env::var("BENCH_LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let lines = rounds::setting("BENCH_LINES", 1_000_000);
+    let rounds = rounds::setting("BENCH_ROUNDS", 3);
     let root = tempfile::tempdir().unwrap();
-    let dir = root
-        .path()
-        .join("var/log/pods/shop_web-7d4b9c5f6-x2k9p_0e7b3c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6/web");
-    std::fs::create_dir_all(&dir).unwrap();
-    let written = cri::write(&dir.join("0.log"), lines, 42);
+    let written = rounds::write_pod_log(root.path(), lines);
     let exports = Arc::new(AtomicU64::new(0));
     let endpoint = discarding_collector(exports.clone()).await;
     println!(
@@ -143,10 +125,10 @@ async fn main() {
             .await,
         );
     }
-    let server_off = median(off_runs.iter().map(|r| r.0).collect());
-    let server_on = median(on_runs.iter().map(|r| r.0).collect());
-    let agent_off = median(off_runs.iter().map(|r| r.1).collect());
-    let agent_on = median(on_runs.iter().map(|r| r.1).collect());
+    let server_off = rounds::median(off_runs.iter().map(|r| r.0).collect());
+    let server_on = rounds::median(on_runs.iter().map(|r| r.0).collect());
+    let agent_off = rounds::median(off_runs.iter().map(|r| r.1).collect());
+    let agent_on = rounds::median(on_runs.iter().map(|r| r.1).collect());
     println!();
     println!(
         "aggregator ingest, median CPU-s per million: off {server_off:.2}, on {server_on:.2} = {:.3}x (bar: ≤ 1.03x)",
