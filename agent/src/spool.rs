@@ -12,34 +12,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use logging_common::crypto::{self, Keyring};
 use parking_lot::Mutex;
 
 use crate::checkpoint::Checkpoints;
 use crate::tail::{FileId, FileKey, head_hash};
 
-/// How a sealed spool line begins: the base64 of the sealed format's magic.
-const SEALED_LINE: &[u8] = b"TFNTRUFMMQ";
-
-/// The plaintext of a spool line: a sealed one (base64 of a sealed record, so the spool stays
-/// a file of lines the tailer reads like any other) opened, any other as it is (written
-/// before encryption was turned on).
+/// The plaintext of a spool line: a sealed one (sealed text, so the spool stays a file of
+/// lines the tailer reads like any other) opened, any other as it is (written before
+/// encryption was turned on).
 pub fn open_line<'a>(
     keyring: Option<&Keyring>,
     line: &'a [u8],
 ) -> Result<std::borrow::Cow<'a, [u8]>, String> {
-    if !line.starts_with(SEALED_LINE) {
-        return Ok(std::borrow::Cow::Borrowed(line));
-    }
     let text = line.strip_suffix(b"\n").unwrap_or(line);
-    let sealed = BASE64
-        .decode(text)
-        .map_err(|e| format!("a sealed spool line is not base64: {e}"))?;
-    crypto::open(keyring, &sealed)
-        .map(|plain| std::borrow::Cow::Owned(plain.into_owned()))
-        .map_err(|e| format!("a spool line: {e}"))
+    crypto::open_text(keyring, text).map_err(|e| format!("a spool line: {e}"))
 }
 
 /// A spool file is closed and a new one started past this size.
@@ -119,8 +106,7 @@ impl Spool {
         let mut record = Vec::with_capacity(line.len() + 1);
         match &self.keyring {
             Some(keyring) => {
-                let sealed = keyring.seal_record(line);
-                record.extend_from_slice(BASE64.encode(sealed).as_bytes());
+                record.extend_from_slice(keyring.seal_text(line).as_bytes());
             }
             None => record.extend_from_slice(line),
         }

@@ -166,14 +166,25 @@ impl Keyring {
         out
     }
 
-    /// `plaintext` (not empty) sealed as one chunk its own size: self-delimiting, so records
-    /// appended to a file one after another are read back in turn ([`open_appended`]).
+    /// `plaintext` sealed as records of one chunk each, each chunk its own size (at most
+    /// [`CHUNK`]): self-delimiting, so records appended to a file one after another are read
+    /// back in turn ([`open_appended`]). Nothing is written for nothing.
     pub fn seal_record(&self, plaintext: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
-        let mut writer = self.writer(&mut out, plaintext.len().max(1));
-        writer.write_all(plaintext).expect("writing to a Vec");
-        writer.finish().expect("writing to a Vec");
+        let pieces = plaintext.len().div_ceil(CHUNK);
+        let mut out = Vec::with_capacity(plaintext.len() + pieces * (HEADER_LEN + TAG_LEN));
+        for piece in plaintext.chunks(CHUNK) {
+            let mut writer = self.writer(&mut out, piece.len());
+            writer.write_all(piece).expect("writing to a Vec");
+            writer.finish().expect("writing to a Vec");
+        }
         out
+    }
+
+    /// `plaintext` sealed ([`Keyring::seal_record`]) and written in base64, for places that
+    /// hold text: a spool line, a database column. [`open_text`] reads it back.
+    pub fn seal_text(&self, plaintext: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.seal_record(plaintext))
     }
 
     /// A writer that seals what it is given into `inner`, in chunks of `chunk` bytes;
@@ -253,6 +264,25 @@ pub fn open_appended(keyring: Option<&Keyring>, mut bytes: &[u8]) -> Result<Vec<
         bytes = &bytes[len..];
     }
     Ok(out)
+}
+
+/// How sealed text ([`Keyring::seal_text`]) begins: the base64 of the magic.
+const SEALED_TEXT: &[u8] = b"TFNTRUFMMQ";
+
+/// The plaintext of text [`Keyring::seal_text`] wrote; other text (written before
+/// encryption was turned on) comes back as it is. The error says what is wrong; the caller
+/// names where the text was.
+pub fn open_text<'a>(keyring: Option<&Keyring>, text: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
+    use base64::Engine;
+    if !text.starts_with(SEALED_TEXT) {
+        return Ok(Cow::Borrowed(text));
+    }
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("sealed text that is not base64: {e}"))?;
+    open_appended(keyring, &sealed)
+        .map(Cow::Owned)
+        .map_err(|e| format!("sealed text: {e}"))
 }
 
 /// The size of `plaintext_len` bytes once sealed in chunks of `chunk`.
@@ -611,6 +641,52 @@ mod tests {
         assert_eq!(open_appended(Some(&ring), &file).unwrap(), expected);
         assert!(open_appended(Some(&ring), &file[..file.len() - 1]).is_err());
         assert!(open_appended(None, &file).is_err());
+        assert!(ring.seal_record(b"").is_empty());
+    }
+
+    #[test]
+    fn text_round_trips_and_plain_text_passes() {
+        let ring = Keyring::parse(KEY_A).unwrap();
+        let text = ring.seal_text(b"{\"note\":\"secret\"}");
+        assert!(!text.contains("secret"));
+        assert_eq!(
+            &*open_text(Some(&ring), text.as_bytes()).unwrap(),
+            b"{\"note\":\"secret\"}"
+        );
+        assert_eq!(
+            &*open_text(None, b"{\"plain\":1}").unwrap(),
+            b"{\"plain\":1}"
+        );
+        assert!(
+            open_text(None, text.as_bytes())
+                .unwrap_err()
+                .contains("no encryption key")
+        );
+        assert!(open_text(Some(&ring), b"TFNTRUFMMQ!!").is_err());
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_not_followed() {
+        let ring = Keyring::parse(KEY_A).unwrap();
+        let mut sealed = ring.seal(b"x");
+        // A chunk size past the bound, and zero.
+        for chunk in [u32::MAX, (MAX_CHUNK + 1) as u32, 0] {
+            sealed[32..36].copy_from_slice(&chunk.to_le_bytes());
+            assert!(open(Some(&ring), &sealed).is_err(), "{chunk}");
+            assert!(open_appended(Some(&ring), &sealed).is_err(), "{chunk}");
+        }
+        // Only a header, or less.
+        assert!(open(Some(&ring), &sealed[..HEADER_LEN]).is_err());
+        assert!(open(Some(&ring), &sealed[..12]).is_err());
+    }
+
+    #[test]
+    fn a_large_record_is_several_records_each_readable() {
+        let ring = Keyring::parse(KEY_A).unwrap();
+        let plain: Vec<u8> = (0..CHUNK * 3 + 5).map(|i| (i % 251) as u8).collect();
+        let sealed = ring.seal_record(&plain);
+        assert_eq!(sealed.len(), plain.len() + 4 * (HEADER_LEN + TAG_LEN));
+        assert_eq!(open_appended(Some(&ring), &sealed).unwrap(), plain);
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! the chain from the stored texts, so it never depends on how JSON is re-serialised, and any
 //! change to any stored field, or a removed or reordered entry, is found at its position.
 //!
-//! With encryption at rest, `old_values`, `new_values` and `metadata` are stored sealed
-//! (`sealed:` and base64); the chain covers the stored texts, so it verifies without the key.
+//! With encryption at rest, `old_values`, `new_values` and `metadata` are stored as sealed
+//! text (`crypto::Keyring::seal_text`, base64); the chain covers the stored texts, so it verifies without the key.
 //!
 //! Appends take the chain head (`audit_chain`, one row) inside the transaction that inserts
 //! the entry: its row lock orders appends across aggregator replicas sharing PostgreSQL.
@@ -134,18 +134,11 @@ impl StoredAudit {
     }
 }
 
-/// How a sealed column text begins (encryption at rest): base64 of the sealed JSON follows.
-const SEALED_TEXT: &str = "sealed:";
-
 /// `text` sealed when there is a keyring. The chain hashes the stored text, so verifying it
 /// needs no key.
 fn seal_text(keyring: Option<&Keyring>, text: String) -> String {
-    use base64::Engine;
     match keyring {
-        Some(keyring) => format!(
-            "{SEALED_TEXT}{}",
-            base64::engine::general_purpose::STANDARD.encode(keyring.seal(text.as_bytes()))
-        ),
+        Some(keyring) => keyring.seal_text(text.as_bytes()),
         None => text,
     }
 }
@@ -155,17 +148,12 @@ fn open_text<'a>(
     keyring: Option<&Keyring>,
     text: &'a str,
 ) -> Result<std::borrow::Cow<'a, str>, String> {
-    use base64::Engine;
-    let Some(sealed) = text.strip_prefix(SEALED_TEXT) else {
-        return Ok(std::borrow::Cow::Borrowed(text));
-    };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(sealed)
-        .map_err(|e| format!("a sealed value is not base64: {e}"))?;
-    let plain = crypto::open(keyring, &bytes).map_err(|e| format!("a sealed value: {e}"))?;
-    String::from_utf8(plain.into_owned())
-        .map(std::borrow::Cow::Owned)
-        .map_err(|e| e.to_string())
+    match crypto::open_text(keyring, text.as_bytes())? {
+        std::borrow::Cow::Borrowed(_) => Ok(std::borrow::Cow::Borrowed(text)),
+        std::borrow::Cow::Owned(plain) => String::from_utf8(plain)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// The actor's identifier used by the `actor` filter: its `id`, `user_id`, `name`, `email`
