@@ -41,6 +41,8 @@ use crate::index::{LogIndex, day_name};
 const NANOS_PER_DAY: i64 = 86_400_000_000_000;
 /// The manifest's format.
 const FORMAT_VERSION: u32 = 1;
+/// No manifest is larger than this (a day's parts are tens, not millions).
+const MAX_MANIFEST: u64 = 16 << 20;
 /// Parts larger than this go up in a multipart upload, in pieces of this size.
 const UPLOAD_PIECE: usize = 8 << 20;
 
@@ -292,6 +294,13 @@ impl Archive {
 
     async fn read_manifest(&self, day: i64) -> Result<Option<Manifest>, ArchiveError> {
         let bytes = match self.store.get(&self.day_path(day, "manifest.json")).await {
+            // A manifest lists a day's parts: anything near this size is not one.
+            Ok(found) if found.meta.size > MAX_MANIFEST => {
+                return Err(ArchiveError::Check(format!(
+                    "the manifest is {} bytes, more than a manifest can be",
+                    found.meta.size
+                )));
+            }
             Ok(found) => found.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(error) => return Err(error.into()),
@@ -518,7 +527,15 @@ impl Archive {
             let target = dir.join(&part.name);
             if !tokio::fs::try_exists(&target).await? {
                 let path = self.day_path(day, &part.name);
-                let bytes = self.store.get(&path).await?.bytes().await?;
+                let found = self.store.get(&path).await?;
+                // Checked before it is read: memory is bounded by what the manifest says.
+                if found.meta.size != part.bytes {
+                    return Err(ArchiveError::Check(format!(
+                        "{path} is {} bytes, its manifest says {}",
+                        found.meta.size, part.bytes
+                    )));
+                }
+                let bytes = found.bytes().await?;
                 if bytes.len() as u64 != part.bytes || hex(&Sha256::digest(&bytes)) != part.sha256 {
                     return Err(ArchiveError::Check(format!(
                         "{path} does not match its manifest"

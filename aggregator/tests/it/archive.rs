@@ -451,3 +451,43 @@ async fn a_day_archived_to_s3_comes_back_with_the_same_answers() {
         "{listing}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_altered_in_the_archive_is_not_restored() {
+    let archive = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", archive.path().display());
+    let app = TestApp::start_with(Db::Sqlite, archiving(&url)).await;
+    let old: Vec<Value> = (0..20)
+        .map(|n| old_entry("info", &format!("chargeback {n} {MARKER}"), 2, n))
+        .collect();
+    app.ingest(old).await;
+    let (day, start, end) = day_of(2);
+    wait_until("the day archived", async || {
+        app.get_json("/api/archive").await["days"][0]["entries"] == 20
+    })
+    .await;
+    // Grown by a byte: refused before it is read.
+    let part = std::fs::read_dir(archive.path().join(&day))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes.push(0);
+    std::fs::write(&part, &bytes).unwrap();
+    let restore = format!("/api/archive/{day}/restore");
+    let refused = status(&app, Method::POST, &restore, ADMIN).await;
+    assert_eq!(refused, StatusCode::INTERNAL_SERVER_ERROR);
+    // Same size, one byte changed: refused by its SHA-256.
+    bytes.pop();
+    bytes[100] ^= 1;
+    std::fs::write(&part, &bytes).unwrap();
+    let refused = status(&app, Method::POST, &restore, ADMIN).await;
+    assert_eq!(refused, StatusCode::INTERNAL_SERVER_ERROR);
+    let found = app
+        .get_json(&format!("/api/search?q={MARKER}&start={start}&end={end}"))
+        .await;
+    assert_eq!(found["total"], 0, "nothing of it was opened");
+    app.stop().await;
+}
